@@ -1,0 +1,218 @@
+"""The encoded tensor and its self-describing, versioned, checksummed byte format.
+
+Byte layout (little-endian), version 1::
+
+    header   "HQCT" u8 version, u8 lattice, u8 dtype, u8 scale dtype, u8 ndim, u8 log2(tile),
+             u8 log2(block), u8 flags, u32 × ndim shape, u32 seed, u32 key, f32 alpha,
+             per stream: u32 n, u32 unary bytes, u32 remainder bytes, u32 escapes
+    payload  scales (rows × scale dtype), then per stream: ks (NB × u8), offsets (NB × i32),
+             unary bytes, remainder bytes, escapes (E × i32)
+    crc32    u32 over everything before it
+
+``EncodedTensor.total_bits`` is exactly ``8 * len(to_bytes())``: every stored bit counts in the rate.
+"""
+from __future__ import annotations
+
+import math
+import struct
+import zlib
+from dataclasses import dataclass, field
+
+import torch
+
+from .config import FORMAT_VERSION, SCALE_DTYPES
+from .errors import HQFormatError
+from .rice import RiceStream, _num_blocks
+from .strip import NUM_STREAMS, stream_lengths
+
+MAGIC = b"HQCT"
+LATTICE_IDS = {"e8": 0, "d4": 1, "a2": 2, "z": 3}
+DTYPE_IDS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
+SCALE_IDS = {"float16": 0, "bfloat16": 1, "float32": 2}
+FLAG_FITS_INT8 = 1
+_FIXED = struct.Struct("<4sBBBBBBBB")
+_TAIL = struct.Struct("<IIf")
+_STREAM = struct.Struct("<IIII")
+_MAX_NDIM = 8
+
+
+def _inv(d: dict):
+    return {v: k for k, v in d.items()}
+
+
+@dataclass
+class EncodedTensor:
+    """A tensor encoded by :func:`hq_diffusion.codec.encode`.
+
+    Shapes (R = rows = numel / n, n = last dimension of ``shape``, n_pad = ``n`` padded to the tile):
+        scales: (R,) in ``scale_dtype`` — the RMS of each rotated row.
+        streams: Rice-coded symbol streams (see :mod:`strip` and :mod:`rice`).
+    The lattice integers ``Y`` (R, n_pad) reconstruct the rotated row as ``p(Y) / alpha * scale``.
+    """
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    lattice: str
+    tile: int
+    block: int
+    seed: int
+    key: int
+    alpha: float
+    scale_dtype: str
+    scales: torch.Tensor
+    streams: list[RiceStream]
+    fits_int8: bool
+    version: int = FORMAT_VERSION
+    meta: dict = field(default_factory=dict)  # not serialized: encode-time statistics
+
+    # ---- derived sizes -------------------------------------------------------------------------
+    @property
+    def n(self) -> int:
+        return self.shape[-1] if len(self.shape) else 1
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def rows(self) -> int:
+        return self.numel // self.n
+
+    @property
+    def n_pad(self) -> int:
+        return -(-self.n // self.tile) * self.tile
+
+    @property
+    def codes_shape(self) -> tuple[int, ...]:
+        return (*self.shape[:-1], self.n_pad) if len(self.shape) else (self.n_pad,)
+
+    @property
+    def total_bits(self) -> int:
+        """Every stored bit: header, scales, block headers, payload, checksum."""
+        return 8 * self.serialized_size
+
+    @property
+    def bps(self) -> float:
+        return self.total_bits / self.numel
+
+    @property
+    def serialized_size(self) -> int:
+        size = _FIXED.size + 4 * len(self.shape) + _TAIL.size + _STREAM.size * len(self.streams)
+        size += self.scales.numel() * self.scales.element_size()
+        size += sum(s.nbytes for s in self.streams)
+        return size + 4
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held in memory by the tensors of this object (scales and streams)."""
+        return self.scales.numel() * self.scales.element_size() + sum(s.nbytes for s in self.streams)
+
+    def to(self, device) -> "EncodedTensor":
+        streams = [RiceStream(s.n, s.block, *(t.to(device) for t in s.tensors().values())) for s in self.streams]
+        return EncodedTensor(self.shape, self.dtype, self.lattice, self.tile, self.block, self.seed, self.key,
+                             self.alpha, self.scale_dtype, self.scales.to(device), streams, self.fits_int8,
+                             self.version, dict(self.meta))
+
+    # ---- serialization -------------------------------------------------------------------------
+    def to_bytes(self) -> bytes:
+        flags = FLAG_FITS_INT8 if self.fits_int8 else 0
+        parts = [
+            _FIXED.pack(MAGIC, self.version, LATTICE_IDS[self.lattice], DTYPE_IDS[self.dtype],
+                        SCALE_IDS[self.scale_dtype], len(self.shape), self.tile.bit_length() - 1,
+                        self.block.bit_length() - 1, flags),
+            struct.pack(f"<{len(self.shape)}I", *self.shape),
+            _TAIL.pack(self.seed, self.key, self.alpha),
+        ]
+        for s in self.streams:
+            parts.append(_STREAM.pack(s.n, s.unary.numel(), s.rem.numel(), s.escapes.numel()))
+        parts.append(_tensor_bytes(self.scales))
+        for s in self.streams:
+            parts += [_tensor_bytes(s.ks), _tensor_bytes(s.offsets), _tensor_bytes(s.unary),
+                      _tensor_bytes(s.rem), _tensor_bytes(s.escapes)]
+        body = b"".join(parts)
+        return body + struct.pack("<I", zlib.crc32(body) & 0xFFFFFFFF)
+
+    @classmethod
+    def from_bytes(cls, blob: bytes | bytearray | memoryview) -> "EncodedTensor":
+        """Parse and validate a blob. Raises :class:`HQFormatError` on any corruption or version mismatch."""
+        blob = bytes(blob)
+        if len(blob) < _FIXED.size + _TAIL.size + 4:
+            raise HQFormatError(f"blob of {len(blob)} bytes is too short to be an encoded tensor")
+        magic, version, lat, dt, sdt, ndim, ltile, lblock, flags = _FIXED.unpack_from(blob, 0)
+        if magic != MAGIC:
+            raise HQFormatError(f"bad magic {magic!r}: not an hq-diffusion encoded tensor")
+        if version != FORMAT_VERSION:
+            raise HQFormatError(f"encoded tensor has format version {version}; this build reads {FORMAT_VERSION}")
+        body, (crc,) = blob[:-4], struct.unpack("<I", blob[-4:])
+        if zlib.crc32(body) & 0xFFFFFFFF != crc:
+            raise HQFormatError("checksum mismatch: the encoded tensor is corrupt or truncated")
+        try:
+            lattice = _inv(LATTICE_IDS)[lat]
+            dtype = _inv(DTYPE_IDS)[dt]
+            scale_dtype = _inv(SCALE_IDS)[sdt]
+        except KeyError:
+            raise HQFormatError("unknown lattice, dtype or scale dtype id in header") from None
+        if ndim > _MAX_NDIM or not (3 <= ltile <= 11) or not (3 <= lblock <= 20) or flags & ~FLAG_FITS_INT8:
+            raise HQFormatError("header field out of range")
+        off = _FIXED.size
+        shape = struct.unpack_from(f"<{ndim}I", blob, off)
+        off += 4 * ndim
+        if any(d == 0 for d in shape):
+            raise HQFormatError(f"empty shape {shape}")
+        seed, key, alpha = _TAIL.unpack_from(blob, off)
+        off += _TAIL.size
+        if not (math.isfinite(alpha) and alpha > 0):
+            raise HQFormatError(f"invalid alpha {alpha}")
+        tile, block = 1 << ltile, 1 << lblock
+        n = shape[-1] if ndim else 1
+        numel = math.prod(shape)
+        n_pad = -(-n // tile) * tile
+        rows = numel // n
+        expect_n = stream_lengths(lattice, rows * n_pad)
+        stream_heads = []
+        for i in range(NUM_STREAMS[lattice]):
+            if off + _STREAM.size > len(body):
+                raise HQFormatError("truncated stream header")
+            sn, ub, rb, ne = _STREAM.unpack_from(blob, off)
+            off += _STREAM.size
+            if sn != expect_n[i]:
+                raise HQFormatError(f"stream {i} has {sn} symbols, expected {expect_n[i]}")
+            stream_heads.append((sn, ub, rb, ne))
+        scale_t = SCALE_DTYPES[scale_dtype]
+        reader = _Reader(body, off)
+        scales = reader.take(rows, scale_t)
+        streams = []
+        for sn, ub, rb, ne in stream_heads:
+            nb = _num_blocks(sn, block)
+            ks = reader.take(nb, torch.uint8)
+            offs = reader.take(nb, torch.int32)
+            unary = reader.take(ub, torch.uint8)
+            rem = reader.take(rb, torch.uint8)
+            esc = reader.take(ne, torch.int32)
+            streams.append(RiceStream(sn, block, ks, offs, unary, rem, esc))
+        if reader.off != len(body):
+            raise HQFormatError(f"{len(body) - reader.off} unexpected trailing bytes")
+        if not torch.isfinite(scales.float()).all() or (scales.float() < 0).any():
+            raise HQFormatError("row scales must be finite and non-negative")
+        return cls(tuple(shape), dtype, lattice, tile, block, seed, key, float(alpha), scale_dtype, scales,
+                   streams, bool(flags & FLAG_FITS_INT8), version)
+
+
+class _Reader:
+    def __init__(self, buf: bytes, off: int):
+        self.buf, self.off = buf, off
+
+    def take(self, count: int, dtype: torch.dtype) -> torch.Tensor:
+        size = count * torch.empty(0, dtype=dtype).element_size()
+        if self.off + size > len(self.buf):
+            raise HQFormatError("encoded tensor is truncated")
+        raw = bytearray(self.buf[self.off:self.off + size])
+        self.off += size
+        if count == 0:
+            return torch.empty(0, dtype=dtype)
+        return torch.frombuffer(raw, dtype=torch.uint8).view(dtype).clone()
+
+
+def _tensor_bytes(t: torch.Tensor) -> bytes:
+    t = t.detach().contiguous().cpu()
+    return t.view(torch.uint8).numpy().tobytes() if t.numel() else b""

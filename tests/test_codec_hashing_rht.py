@@ -1,0 +1,79 @@
+"""RHT signs (counter-based hash) and the transform itself, against brute-force references."""
+import math
+import random
+
+import pytest
+import torch
+
+from hq_diffusion.codec import hashing
+from hq_diffusion.codec.rht import excess_kurtosis, fwht, inverse_rht, plan_tiles, rht
+
+
+def test_mix32_matches_python_reference():
+    rng = random.Random(0)
+    xs = [0, 1, 2**31 - 1, 2**31, 2**32 - 1] + [rng.randrange(2**32) for _ in range(2000)]
+    got = hashing.mix32(torch.tensor(xs, dtype=torch.int64)).tolist()
+    assert got == [hashing.mix32_int(x) for x in xs]
+
+
+def test_signs_deterministic_and_key_dependent():
+    a = hashing.rht_signs(4096, seed=1, key="blocks.0.attn.to_q")
+    assert torch.equal(a, hashing.rht_signs(4096, seed=1, key="blocks.0.attn.to_q"))
+    assert set(a.unique().tolist()) == {-1.0, 1.0}
+    assert abs(float(a.mean())) < 0.05
+    b = hashing.rht_signs(4096, seed=1, key="blocks.0.attn.to_k")
+    c = hashing.rht_signs(4096, seed=2, key="blocks.0.attn.to_q")
+    assert (a != b).float().mean() > 0.4 and (a != c).float().mean() > 0.4
+    # a prefix of a longer vector is the shorter vector: signs depend on the column only
+    assert torch.equal(hashing.rht_signs(100, 1, 7), hashing.rht_signs(4096, 1, 7)[:100])
+
+
+def _sylvester(h):
+    m = torch.ones(1, 1, dtype=torch.float64)
+    while m.shape[0] < h:
+        m = torch.cat([torch.cat([m, m], 1), torch.cat([m, -m], 1)], 0)
+    return m
+
+
+@pytest.mark.parametrize("h", [8, 64, 256, 512, 2048])
+def test_rht_matches_dense_matrix(h):
+    n = 2 * h
+    x = torch.randn(5, n, dtype=torch.float64)
+    d = hashing.rht_signs(n, 3, "k").double()
+    dense = torch.block_diag(*[_sylvester(h)] * 2) / math.sqrt(h)
+    ref = (x * d) @ dense.T
+    got = rht(x.float(), 3, "k", h).double()
+    assert torch.allclose(got, ref, atol=1e-4 * math.sqrt(h))
+    back = inverse_rht(got.float(), 3, "k", h).double()
+    assert torch.allclose(back, x, atol=1e-4)
+
+
+def test_fwht_is_orthogonal_up_to_scale():
+    x = torch.randn(3, 1024)
+    y = fwht(x, 1024) / 32.0
+    assert torch.allclose(y.norm(dim=1), x.norm(dim=1), rtol=1e-5)
+
+
+@pytest.mark.parametrize("n,tile,expect", [
+    (4096, 256, (256, 4096)), (3072, 256, (256, 3072)), (5120, 256, (256, 5120)), (96, 256, (32, 96)),
+    (1000, 256, (256, 1024)), (7, 256, (8, 8)), (1, 256, (8, 8)), (24, 256, (32, 32)), (4096, 128, (128, 4096)),
+    (2048 * 3, 2048, (2048, 6144)),
+])
+def test_plan_tiles(n, tile, expect):
+    assert plan_tiles(n, tile) == expect
+
+
+def test_plan_tiles_rejects_bad_input():
+    with pytest.raises(ValueError):
+        plan_tiles(0, 256)
+    with pytest.raises(ValueError):
+        plan_tiles(10, 100)
+
+
+def test_rht_kills_outlier_columns():
+    g = torch.Generator().manual_seed(0)
+    w = torch.distributions.StudentT(4.0).sample((512, 2048))
+    w[:, torch.randperm(2048, generator=g)[:20]] *= 10
+    before = excess_kurtosis(w)
+    after = excess_kurtosis(rht(w, 0, 0, 256))
+    assert before > 100 and after < 2.0  # a scale mixture across tiles keeps a little
