@@ -1,0 +1,54 @@
+"""Torch references of the matmul-side operations that the Triton kernels implement.
+
+Legend: M tokens, K = n_pad (padded contraction length), N output features.
+
+Each function here is the exact specification of a kernel in ``hq_diffusion.kernels`` with the same
+signature; the kernels are tested against these.
+"""
+from __future__ import annotations
+
+import torch
+
+from .rht import pad_last, rht
+
+
+def rht_quant_int8_ref(x: torch.Tensor, seed: int, key: int | str, tile: int, n_pad: int,
+                       gain: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate activations and quantize them per token to int8.
+
+    Args:
+        x: (M, n) float (bf16/fp16/fp32) activations; ``n ≤ n_pad``.
+        seed, key, tile: the RHT of the weight they multiply (same signs, same tile).
+        n_pad: padded contraction length K, a multiple of ``tile``.
+        gain: optional float32 (K,) per-column factor applied after the rotation (√3 on the first axis of
+            every A2 pair, so the lattice integers can be used as an integer matrix).
+    Returns:
+        xq: int8 (M, K), ``round(x_rot / s)`` clamped to ±127; xs: float32 (M,), ``s = max|x_rot| / 127``
+        (1 for an all-zero token).
+    """
+    xr = rht(pad_last(x.to(torch.float32), n_pad), seed, key, tile)
+    if gain is not None:
+        xr = xr * gain
+    amax = xr.abs().amax(-1)
+    xs = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    xq = torch.round(xr / xs.unsqueeze(-1)).clamp_(-127, 127).to(torch.int8)
+    return xq, xs
+
+
+def int8_gemm_dequant_ref(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor,
+                          bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """``out = (xq @ wqᵀ) · xs[:, None] · ws[None, :] + bias`` with an exact integer accumulation.
+
+    Args:
+        xq: int8 (M, K); xs: float32 (M,) token scales.
+        wq: int8 (N, K) lattice integers; ws: float32 (N,) row scale / α.
+        bias: optional (N,) any float dtype.
+    Returns:
+        (M, N) in ``out_dtype``. The int32 accumulator is computed exactly (float64 products are exact
+        below 2**53, far above 127·127·K for any K here).
+    """
+    acc = xq.to(torch.float64) @ wq.to(torch.float64).T
+    out = acc.to(torch.float32) * xs.to(torch.float32).unsqueeze(1) * ws.to(torch.float32).unsqueeze(0)
+    if bias is not None:
+        out = out + bias.to(torch.float32)
+    return out.to(out_dtype)
