@@ -20,7 +20,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+
+from ._np import CHUNK, seq_sum, to_numpy, to_torch
 
 SQRT3 = math.sqrt(3.0)
 
@@ -49,15 +52,115 @@ def lattice_info(name: str) -> LatticeInfo:
         raise ValueError(f"unknown lattice {name!r}; choose one of {sorted(LATTICES)}") from None
 
 
-def _fix_sum_mod4(v: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """For vectors (last axis) whose coordinate sum is ≡ 2 (mod 4), move the coordinate with the largest
-    rounding error by ±2 toward the input. v: (..., n) float32; y: (..., n) float32 integers."""
-    err = v - y
-    bad = (torch.remainder(y.sum(-1), 4.0) != 0).unsqueeze(-1)
-    idx = err.abs().argmax(-1, keepdim=True)
-    e = err.gather(-1, idx)
-    step = torch.where(e >= 0, 2.0, -2.0)
-    return y.scatter_add(-1, idx, torch.where(bad, step, torch.zeros_like(step)))
+def _first_argmax(a: np.ndarray) -> np.ndarray:
+    """Index of the first maximum along axis 0 (``torch.argmax`` semantics). a: float32 (n, C) without
+    NaN → int64 (C,). Counts the leading entries that differ from the maximum."""
+    m = np.maximum(a[0], a[1])
+    for j in range(2, len(a)):
+        np.maximum(m, a[j], out=m)
+    ne = (a != m).view(np.uint8)
+    run = ne[0].copy()
+    idx = run.copy()
+    for j in range(1, len(a) - 1):
+        run &= ne[j]
+        idx += run
+    return idx.astype(np.int64)
+
+
+def _fix_sum_mod4(vt: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Conway–Sloane fix-up of one candidate, on a chunk in transposed layout.
+
+    For vectors whose coordinate sum is ≡ 2 (mod 4), the coordinate with the largest rounding error
+    (the first one on ties, like ``torch.argmax``) moves by ±2 toward the input (+2 when its error is
+    ≥ 0). vt: float32 (n, C) input, one vector per column; y: float32 (n, C) candidate integers.
+    Returns ``(err, flat, step)``: float32 (n, C) ``vt − y``; int64 (C,) index into ``y.ravel()`` of
+    the coordinate to move; float32 (C,) the move: ±2, or 0 for vectors already ≡ 0 (mod 4).
+    ``y`` is not modified.
+    """
+    c = y.shape[1]
+    err = vt - y
+    flat = _first_argmax(np.abs(err))
+    flat *= c
+    flat += np.arange(c)
+    step = (err.ravel()[flat] >= 0) * np.float32(4.0)
+    step -= np.float32(2.0)
+    # Σy summed as torch sums it (left to right in float32), then the same mod-4 test.
+    q = seq_sum(y)
+    q *= np.float32(0.25)
+    step *= np.rint(q) != q
+    return err, flat, step
+
+
+def _round_even_np(v: np.ndarray) -> np.ndarray:
+    """2·round(v/2), round half to even (float32 in, float32 out)."""
+    y = v * np.float32(0.5)
+    np.rint(y, out=y)
+    y *= np.float32(2.0)
+    return y
+
+
+def _round_odd_np(v: np.ndarray) -> np.ndarray:
+    """2·round((v − 1)/2) + 1, round half to even (float32 in, float32 out)."""
+    y = v - np.float32(1.0)
+    y *= np.float32(0.5)
+    np.rint(y, out=y)
+    y *= np.float32(2.0)
+    y += np.float32(1.0)
+    return y
+
+
+def _e8_chunk(vt: np.ndarray) -> np.ndarray:
+    """Nearest 2·E8 points of a chunk. vt: float32 (8, C), one vector per column → float32 (8, C).
+
+    Both candidates (all even, all odd) are fixed to Σ ≡ 0 (mod 4); the odd one wins only when its
+    squared distance is strictly smaller. Distances are float32 sums of float32 squares added left to
+    right, exactly as the former torch code computed them, so float ties resolve the same way."""
+    cands, dists, moves = [], [], []
+    vflat = vt.ravel()
+    for y in (_round_even_np(vt), _round_odd_np(vt)):
+        sq, flat, step = _fix_sum_mod4(vt, y)
+        sq *= sq
+        moved = vflat[flat] - (y.ravel()[flat] + step)  # = the plain error where step == 0
+        sq.ravel()[flat] = moved * moved
+        cands.append(y)
+        dists.append(seq_sum(sq))
+        moves.append((flat, step))
+    odd = dists[1] < dists[0]
+    y = np.where(odd, cands[1], cands[0])
+    flat = np.where(odd, moves[1][0], moves[0][0])
+    y.ravel()[flat] += np.where(odd, moves[1][1], moves[0][1])
+    return y
+
+
+def _d4_chunk(vt: np.ndarray) -> np.ndarray:
+    """Nearest 2·D4 points of a chunk. vt: float32 (4, C) → float32 (4, C)."""
+    y = _round_even_np(vt)
+    _, flat, step = _fix_sum_mod4(vt, y)
+    y.ravel()[flat] += step
+    return y
+
+
+def _nearest_chunked(v: torch.Tensor, dim: int, chunk_fn) -> torch.Tensor:
+    """Run ``chunk_fn`` (float32 (dim, C) → float32 (dim, C)) over the vectors of ``v`` in cache-sized
+    chunks, transposed so that every per-coordinate step is a contiguous row operation.
+    v: (..., dim·k) float → int32, same shape and device."""
+    shp, dev = v.shape, v.device
+    vn = to_numpy(v.reshape(-1, dim).to(torch.float32))
+    out = np.empty(vn.shape, dtype=np.int32)
+    for s in range(0, vn.shape[0], CHUNK):
+        yt = chunk_fn(np.ascontiguousarray(vn[s:s + CHUNK].T))
+        out[s:s + CHUNK] = yt.T
+    return to_torch(out, dev).reshape(shp)
+
+
+def nearest_e8(v: torch.Tensor) -> torch.Tensor:
+    """Nearest point of 2·E8. v: (..., 8k) float32 (already scaled by α). Returns int32, same shape."""
+    return _nearest_chunked(v, 8, _e8_chunk)
+
+
+def nearest_d4(v: torch.Tensor) -> torch.Tensor:
+    """Nearest point of 2·D4. v: (..., 4k) float32. Returns int32, same shape."""
+    return _nearest_chunked(v, 4, _d4_chunk)
 
 
 def _round_even(v: torch.Tensor) -> torch.Tensor:
@@ -66,25 +169,6 @@ def _round_even(v: torch.Tensor) -> torch.Tensor:
 
 def _round_odd(v: torch.Tensor) -> torch.Tensor:
     return 2.0 * torch.round((v - 1.0) * 0.5) + 1.0
-
-
-def nearest_e8(v: torch.Tensor) -> torch.Tensor:
-    """Nearest point of 2·E8. v: (..., 8k) float32 (already scaled by α). Returns int32, same shape."""
-    shp = v.shape
-    v = v.reshape(-1, 8).to(torch.float32)
-    ye = _fix_sum_mod4(v, _round_even(v))
-    yo = _fix_sum_mod4(v, _round_odd(v))
-    de = (v - ye).square().sum(-1, keepdim=True)
-    do = (v - yo).square().sum(-1, keepdim=True)
-    y = torch.where(do < de, yo, ye)
-    return y.to(torch.int32).reshape(shp)
-
-
-def nearest_d4(v: torch.Tensor) -> torch.Tensor:
-    """Nearest point of 2·D4. v: (..., 4k) float32. Returns int32, same shape."""
-    shp = v.shape
-    v = v.reshape(-1, 4).to(torch.float32)
-    return _fix_sum_mod4(v, _round_even(v)).to(torch.int32).reshape(shp)
 
 
 def nearest_a2(v: torch.Tensor) -> torch.Tensor:

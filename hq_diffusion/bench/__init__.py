@@ -1,0 +1,1 @@
+"""Benchmarks behind `hq-diffusion bench ...` (each module has `main(argv) -> int`)."""

@@ -1,0 +1,49 @@
+"""``hq-diffusion bench speed``: codec throughput on this machine (median of N runs).
+
+Throughput is MB/s of bf16 input (2 bytes per weight). Also the ratio of one decode to one ``F.linear``
+of the same matrix with 512 tokens, the cost a weight-only path pays per forward on the CPU.
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+
+from hq_diffusion.codec import CodecConfig, decode, encode
+
+from ._common import emit, header, median_time, table
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="hq-diffusion bench speed", description=__doc__.splitlines()[0])
+    p.add_argument("--rows", type=int, default=4096)
+    p.add_argument("--cols", type=int, default=4096)
+    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--lattices", default="e8")
+    p.add_argument("--bps", type=float, default=4.0)
+    p.add_argument("--out")
+    a = p.parse_args(argv)
+    w = torch.randn(a.rows, a.cols, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    mb = w.numel() * 2 / 1e6
+    x = torch.randn(512, a.cols, dtype=torch.bfloat16)
+    t_lin = median_time(lambda: F.linear(x, w), a.repeat)
+    rows = []
+    for lat in a.lattices.split(","):
+        cfg = CodecConfig(bps=a.bps, lattice=lat)
+        t_enc = median_time(lambda: encode(w, cfg), a.repeat, warmup=1)
+        q = encode(w, cfg)
+        t_codes = median_time(lambda: decode(q, out="codes"), a.repeat)
+        t_w = median_time(lambda: decode(q), a.repeat)
+        rows.append([lat.upper(), f"{q.bps:.3f}", mb / t_enc, mb / t_codes, mb / t_w, f"{t_codes / t_lin:.2f}×"])
+    cmd = f"hq-diffusion bench speed --rows {a.rows} --cols {a.cols} --repeat {a.repeat} --lattices {a.lattices}"
+    text = header(f"Codec speed, {a.rows}×{a.cols} bf16, median of {a.repeat}", cmd)
+    text += f"\nOne F.linear with 512 bf16 tokens: {t_lin * 1e3:.1f} ms.\n\n"
+    text += table(["lattice", "total bps", "encode MB/s", "decode→codes MB/s", "decode→bf16 weight MB/s",
+                   "decode→codes / F.linear(512 tok)"], rows)
+    emit(text, a.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,46 @@
+"""Internal numpy helpers for the CPU paths of the codec (lattice search, stripping, Rice coding).
+
+The codec's public API takes and returns torch tensors. Integer and small-axis work is much faster in
+numpy on CPU (vectorized shifts, ``unpackbits``, ``flatnonzero``, cache-friendly chunked loops), so the
+hot paths convert with :func:`to_numpy` (zero copy for a contiguous CPU tensor), compute in numpy and
+wrap the result with :func:`to_torch` (zero copy), moving to and from the tensor's device around it.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+# Vectors per chunk in the chunked loops: small enough that a chunk's temporaries (a few (dim, CHUNK)
+# float32 arrays) stay in the L2 cache, large enough that numpy's per-call overhead is amortized.
+CHUNK = 16384
+
+
+def to_numpy(t: torch.Tensor) -> np.ndarray:
+    """CPU numpy view of ``t`` (zero copy when ``t`` is a contiguous CPU tensor, else one copy)."""
+    return t.detach().to("cpu").contiguous().numpy()
+
+
+def to_torch(a: np.ndarray, device: torch.device | str | None = None) -> torch.Tensor:
+    """Wrap a numpy array as a tensor (zero copy) and move it to ``device`` (default: stay on CPU)."""
+    t = torch.from_numpy(np.ascontiguousarray(a))
+    if device is not None and torch.device(device).type != "cpu":
+        t = t.to(device)
+    return t
+
+
+def seq_sum(rows: np.ndarray) -> np.ndarray:
+    """Left-to-right sum over the first axis: ``((r₀ + r₁) + r₂) + …`` — the order torch's CPU
+    ``sum(-1)`` uses for a contiguous ``(M, n)`` float32 tensor with a small last dim, so float results
+    are bit-identical to it. rows: (n, C) → (C,) in the rows' dtype."""
+    acc = rows[0] + rows[1] if len(rows) > 1 else rows[0].copy()
+    for r in rows[2:]:
+        acc += r
+    return acc
+
+
+def xor_rows(rows: np.ndarray) -> np.ndarray:
+    """XOR over the first axis of an integer array (n, C) → (C,)."""
+    acc = rows[0] ^ rows[1] if len(rows) > 1 else rows[0].copy()
+    for r in rows[2:]:
+        acc ^= r
+    return acc
