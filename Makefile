@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-slow bench app clean
+.PHONY: install browser demo test test-slow bench app clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -22,14 +22,26 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/hq-diffusion demo
 
-test: $(STAMP)
-	$(BIN)/python -m pytest -q
+# Headless Chromium + ChromeDriver for the browser tests (Debian packages; needs root, as in CI).
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	else echo "note: chromium/chromedriver not installed and not root: browser tests will be skipped"; fi
+
+test: $(STAMP) browser
+	$(BIN)/pytest -q
 
 test-slow: $(STAMP)
-	$(BIN)/python -m pytest -q -m slow
+	$(BIN)/pytest -q -m slow
 
 bench: $(STAMP)
 	$(BIN)/hq-diffusion bench rd
+	$(BIN)/hq-diffusion bench speed
+	$(BIN)/hq-diffusion bench tails
+
+app: $(STAMP)
+	$(BIN)/hq-diffusion app
 
 clean:
 	rm -rf $(VENV) build *.egg-info
