@@ -1,0 +1,177 @@
+"""hq-diffusion as a diffusers quantization backend (``quant_method="hq_diffusion"``).
+
+Importing this module registers :class:`HQDiffusersQuantizer` and :class:`HQCheckpointConfig` in
+``diffusers.quantizers.auto.AUTO_QUANTIZER_MAPPING`` / ``AUTO_QUANTIZATION_CONFIG_MAPPING`` (diffusers 0.42
+has no public registry; those module-level dicts are what ``ModelMixin.from_pretrained`` consults). Then:
+
+- ``SomeTransformer.from_pretrained(saved_dir)`` loads a directory written by
+  :func:`~hq_diffusion.integrations.serialization.save_quantized` (its ``config.json`` carries
+  ``quantization_config``): the model is built on ``meta``, the quantized ``nn.Linear`` are swapped for empty
+  :class:`~hq_diffusion.nn.linear.HQLinear` at their packed shapes before the weights load, and every tensor
+  of the file is checked against the CRC32 table of its metadata first. ``DiffusionPipeline.from_pretrained``
+  of a saved pipeline goes through the same path for its quantized components.
+- ``SomeTransformer.from_pretrained(bf16_dir, quantization_config=HQConfig(...))`` loads the float weights
+  as usual and quantizes after loading (:func:`~hq_diffusion.integrations.quantize.quantize`).
+- A model loaded either way, or quantized by ``hq_diffusion.quantize`` / loaded by ``load_quantized`` (both
+  call :func:`attach_quantizer`), can be written back with diffusers' ``save_pretrained`` — also inside
+  ``pipe.save_pretrained`` — as an hq-diffusion checkpoint (same config.json and safetensors metadata as
+  ``save_quantized``, but not written atomically).
+
+:func:`~hq_diffusion.integrations.serialization.load_quantized` remains the primary path (it also rebuilds
+pipelines and reports errors as :class:`~hq_diffusion.codec.HQFormatError` naming the file; through diffusers,
+a truncated file fails inside diffusers' own reader with diffusers' message).
+"""
+from __future__ import annotations
+
+import copy
+import json
+
+from diffusers.quantizers import auto as _auto
+from diffusers.quantizers.base import DiffusersQuantizer
+from diffusers.quantizers.quantization_config import QuantizationConfigMixin
+
+from ..codec import HQFormatError
+from .config import HQConfig, QuantMethod
+from .quantize import STATE_ATTR, HQState, apply_kv, quantize
+from .serialization import (METADATA_KEY, check_quantization_config, quantization_config,
+                            read_checkpoint_metadata, read_verified_tensors, swap_in_empty_hqlinears, tensor_crc32)
+
+
+class HQCheckpointConfig(QuantizationConfigMixin):
+    """The ``quantization_config`` of a saved hq-diffusion component, as diffusers handles it.
+
+    Attributes:
+        quant_method: ``"hq_diffusion"``.
+        hq_config: the :class:`HQConfig` the component was quantized with.
+        checkpoint: the full JSON ``quantization_config`` (layers' metadata, skipped layers, K/V config).
+    """
+
+    def __init__(self, checkpoint: dict):
+        self.quant_method = QuantMethod.HQ_DIFFUSION
+        self.hq_config = check_quantization_config(checkpoint, "quantization_config", with_checksums=False)
+        self.checkpoint = copy.deepcopy(checkpoint)
+
+    @classmethod
+    def from_dict(cls, config_dict, return_unused_kwargs=False, **kwargs):
+        cfg = cls(config_dict)
+        return (cfg, kwargs) if return_unused_kwargs else cfg
+
+    def to_dict(self) -> dict:
+        return copy.deepcopy(self.checkpoint)
+
+    def to_json_string(self, use_diff: bool = True) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+
+class HQDiffusersQuantizer(DiffusersQuantizer):
+    """diffusers quantizer for ``quant_method="hq_diffusion"`` (see the module docstring)."""
+
+    requires_calibration = False
+    required_packages = None
+
+    def __init__(self, quantization_config, **kwargs):
+        super().__init__(quantization_config, **kwargs)
+        if isinstance(quantization_config, HQConfig):
+            if self.pre_quantized:
+                raise ValueError("an HQConfig asks to quantize float weights, but this checkpoint is already "
+                                 "quantized")
+            self.hq_config = quantization_config
+            self.checkpoint = None
+        elif isinstance(quantization_config, HQCheckpointConfig):
+            self.hq_config = quantization_config.hq_config
+            self.checkpoint = quantization_config.checkpoint
+            self.pre_quantized = True
+        else:
+            raise TypeError(f"expected an HQConfig or HQCheckpointConfig, got {type(quantization_config).__name__}")
+
+    # ---- environment ------------------------------------------------------------------------------------
+    def validate_environment(self, *args, **kwargs):
+        device_map = kwargs.get("device_map")
+        if isinstance(device_map, dict) and "disk" in device_map.values():
+            raise ValueError("hq_diffusion does not support offloading quantized layers to disk "
+                             "(device_map values 'disk')")
+
+    @property
+    def supports_parallel_loading(self) -> bool:
+        return False
+
+    # ---- loading ------------------------------------------------------------------------------------------
+    def maybe_update_loaded_keys(self, loaded_keys, checkpoint_files):
+        """Verify each checkpoint file (metadata equal to config.json, every tensor's CRC32) before loading."""
+        if not self.pre_quantized:
+            return loaded_keys
+        want = self.checkpoint
+        seen = set()
+        for f in checkpoint_files or []:
+            if not str(f).endswith(".safetensors"):
+                raise HQFormatError(f"{f}: hq_diffusion checkpoints are safetensors files")
+            qc, _ = read_checkpoint_metadata(f)
+            if {k: v for k, v in qc.items() if k != "checksums"} != want:
+                raise HQFormatError(f"{f}: metadata disagrees with the quantization_config of config.json")
+            tensors = read_verified_tensors(f, qc["checksums"], require_all=False)
+            seen |= set(tensors)
+            del tensors
+        if checkpoint_files and seen != set(qc["checksums"]):
+            missing = sorted(set(qc["checksums"]) - seen)[:5]
+            raise HQFormatError(f"{checkpoint_files[0]}: tensors listed in the checksum table are missing: {missing}")
+        return loaded_keys
+
+    def _process_model_before_weight_loading(self, model, **kwargs):
+        if self.pre_quantized:
+            swap_in_empty_hqlinears(model, self.checkpoint["layers"], "config.json quantization_config")
+        return model
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        if self.pre_quantized:
+            state = HQState(config=self.hq_config, skipped=dict(self.checkpoint["skipped"]))
+            setattr(model, STATE_ATTR, state)
+            if self.checkpoint["kv"] is not None:
+                apply_kv(model, state, kv_dict=self.checkpoint["kv"])
+        else:
+            quantize(model, config=self.hq_config, progress=False)
+            self.checkpoint = quantization_config(model)
+            self.pre_quantized = True
+        # what diffusers' save_pretrained will write to config.json
+        self.quantization_config = HQCheckpointConfig(self.checkpoint)
+        model.register_to_config(quantization_config=self.quantization_config)
+        return model
+
+    # ---- saving -------------------------------------------------------------------------------------------
+    def get_state_dict_and_metadata(self, state_dict, safe_serialization=False):
+        if not safe_serialization:
+            raise ValueError("hq_diffusion checkpoints are saved with safetensors only (safe_serialization=True)")
+        checksums = {k: tensor_crc32(v) for k, v in state_dict.items()}
+        return state_dict, {METADATA_KEY: json.dumps({**self.checkpoint, "checksums": checksums}, sort_keys=True)}
+
+    @property
+    def is_serializable(self):
+        return True
+
+    @property
+    def is_trainable(self):
+        return False
+
+    @property
+    def is_compileable(self) -> bool:
+        return False
+
+
+def attach_quantizer(model) -> None:
+    """Give a diffusers model quantized by ``quantize`` or loaded by ``load_quantized`` the ``hf_quantizer`` and
+    ``config.quantization_config`` that diffusers' ``save_pretrained`` needs to write an hq-diffusion checkpoint.
+
+    (``model.is_quantized`` is left unset: unlike diffusers' other backends, a dtype cast of the model is safe,
+    since the quantized weights are integer buffers.)"""
+    q = HQDiffusersQuantizer(HQCheckpointConfig(quantization_config(model)), pre_quantized=True)
+    model.register_to_config(quantization_config=q.quantization_config)
+    model.hf_quantizer = q
+
+
+def register() -> None:
+    """(Re-)register the backend under ``quant_method="hq_diffusion"``."""
+    key = QuantMethod.HQ_DIFFUSION.value
+    _auto.AUTO_QUANTIZER_MAPPING[key] = HQDiffusersQuantizer
+    _auto.AUTO_QUANTIZATION_CONFIG_MAPPING[key] = HQCheckpointConfig
+
+
+register()
