@@ -52,3 +52,59 @@ def int8_gemm_dequant_ref(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, 
     if bias is not None:
         out = out + bias.to(torch.float32)
     return out.to(out_dtype)
+
+
+# ---- references of the decode-side kernels ----------------------------------------------------------------
+
+
+def rht_ref(x: torch.Tensor, seed: int, key: int | str, tile: int) -> torch.Tensor:
+    """Forward RHT of ``x`` (..., K), K a multiple of ``tile``, in float32 math, returned in ``x.dtype``."""
+    return rht(x, seed, key, tile).to(x.dtype)
+
+
+def row_dequant_scale(q) -> torch.Tensor:
+    """Per-row factor from lattice integers to the rotated weight: float32 (R,) ``scale / α``.
+
+    Exactly the float32 arithmetic of :func:`hq_diffusion.codec.decode` (``scales.float() / alpha``)."""
+    return q.scales.to(torch.float32) / q.alpha
+
+
+def int8_operand_gain(q) -> torch.Tensor | None:
+    """Per-column factor the activations need so the lattice integers work as an integer matrix:
+    float32 (K,) (√3 on the first axis of every A2 pair), or None when all ones."""
+    from .lattice import axis_gain
+
+    return axis_gain(q.lattice, q.n_pad, q.scales.device)
+
+
+def decode_ref(q, out: str = "codes", out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """Decode an :class:`EncodedTensor` in the rotated basis (the spec of ``kernels.decode``).
+
+    Args:
+        q: the encoded tensor; R rows, K = ``q.n_pad``.
+        out: ``"codes"`` — the lattice integers, shape ``q.codes_shape``, int8 when ``q.fits_int8`` (else
+            int16/int32, like :func:`~hq_diffusion.codec.decode`); ``"rotated"`` — ``p(Y) / α · scale`` computed
+            in float32 and returned in ``out_dtype``.
+    """
+    from .core import decode
+
+    if out not in ("codes", "rotated"):
+        raise ValueError(f"out must be 'codes' or 'rotated', got {out!r}")
+    y = decode(q, out=out)
+    return y if out == "codes" else y.to(out_dtype)
+
+
+def fused_decode_gemm_ref(xq: torch.Tensor, xs: torch.Tensor, q, bias: torch.Tensor | None = None,
+                          out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """Decode-then-GEMM: ``int8_gemm_dequant_ref(xq, xs, codes(q), scale/α, bias)``.
+
+    Args:
+        xq: int8 (M, K) rotated, quantized activations (K = ``q.n_pad``); xs: float32 (M,) token scales.
+        q: encoded 2-D weight (N, n) whose lattice integers fit int8.
+    Returns:
+        (M, N) in ``out_dtype``.
+    """
+    if not q.fits_int8:
+        raise ValueError("the int8 GEMM needs lattice integers that fit int8 (q.fits_int8 is False)")
+    wq = decode_ref(q, "codes").reshape(q.rows, q.n_pad)
+    return int8_gemm_dequant_ref(xq, xs, wq, row_dequant_scale(q), bias, out_dtype)
