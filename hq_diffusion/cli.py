@@ -21,6 +21,7 @@ BENCHES = {
     "kernels": ("hq_diffusion.bench.kernels", "main", "Triton kernel throughput (GPU)"),
     "kv": ("hq_diffusion.bench.kv", "main", "K/V bias-correction variants: bias and attention SNR"),
     "e2e": ("hq_diffusion.bench.e2e", "main", "tiny LTX pipeline: hq-diffusion vs a 4-bit peer"),
+    "app-load": ("hq_diffusion.bench.app_load", "main", "8 concurrent /generate calls against a local app"),
 }
 
 
@@ -42,7 +43,7 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, _, help_) in COMMANDS.items():
         sub.add_parser(name, help=help_, add_help=False)
-    bench = sub.add_parser("bench", help="benchmarks (rd, speed, tails, kernels, kv, e2e)", add_help=False)
+    bench = sub.add_parser("bench", help="benchmarks (rd, speed, tails, kernels, kv, e2e, app-load)", add_help=False)
     bench.add_argument("which", nargs="?", choices=sorted(BENCHES))
     if not argv or argv[0] in ("-h", "--help"):
         parser.print_help()

@@ -1,0 +1,549 @@
+"""The app's back end: load pipelines, quantize copies, generate bf16 and quantized outputs, measure them.
+
+No Gradio here; :class:`Engine` is driven by the UI (``app/ui.py``), by tests and by the load benchmark.
+
+Concurrency: every pipeline call and every quantization runs under one lock (a DiT saturates the device;
+diffusers pipelines keep per-call state on the pipeline and scheduler objects), while metrics and video
+encoding of finished generations run outside it, so several requests overlap. The caches live under the
+same lock.
+
+Caches:
+    * bf16 results, LRU of ``settings.result_cache_size``, keyed by (model, prompt, negative prompt, seed,
+      frames, height, width, steps);
+    * quantized pipelines, LRU of ``settings.quant_cache_size``, keyed by (model, quantization settings).
+      Each is a fresh copy of the bf16 pipeline: the transformer and the scheduler are deep-copied, the other
+      components (VAE, text encoders, tokenizers) are shared, so the bf16 pipeline is never modified.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import inspect
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+from .config import TINY_KINDS, VIDEO_KINDS, AppSettings, GenerationRequest, QuantSettings, is_tiny
+
+__all__ = ["Engine", "GenerationResult", "PIPELINE_CLASSES", "resolve_kind", "to_uint8", "write_video", "error_gain",
+           "frames_digest"]
+
+log = logging.getLogger(__name__)
+
+#: diffusers pipeline classes a local directory may hold -> ``hq_diffusion.models`` pipeline kind.
+PIPELINE_CLASSES: dict[str, str] = {
+    "LTXPipeline": "ltx",
+    "LTX2Pipeline": "ltx2",
+    "PixArtSigmaPipeline": "pixart",
+    "PixArtAlphaPipeline": "pixart",
+    "FluxPipeline": "flux",
+}
+
+# ``DEFAULT_CALL_KWARGS`` keys tuned for the tiny pipelines; a local checkpoint uses its own ``__call__``
+# defaults for them (steps, size and frames always come from the request).
+_TINY_TUNED_KEYS = (
+    "frame_rate", "guidance_scale", "audio_guidance_scale", "stg_scale", "audio_stg_scale", "modality_scale",
+    "audio_modality_scale", "spatio_temporal_guidance_blocks", "max_sequence_length", "use_resolution_binning",
+)
+_TINY_FPS = 8.0  # playback rate of the tiny models' few frames
+_DISPLAY_MIN_HEIGHT = 256  # small frames are nearest-upscaled to at least this height for display
+_ERROR_GAINS = (64, 32, 16, 8, 4)  # error-map amplification, the largest that keeps the 99th percentile visible
+_KEEP_RESULT_DIRS = 32
+
+
+def resolve_kind(model: str) -> str:
+    """Pipeline kind (``"ltx"``, ``"ltx2"``, ``"pixart"``, ``"flux"``) of a tiny model key or a local
+    diffusers pipeline directory. Raises ValueError naming what is wrong with the directory."""
+    if is_tiny(model):
+        return TINY_KINDS[model]
+    index = os.path.join(model, "model_index.json")
+    if not os.path.isfile(index):
+        raise ValueError(f"{model} is not a diffusers pipeline directory (no model_index.json)")
+    try:
+        with open(index, encoding="utf-8") as fh:
+            cls = json.load(fh).get("_class_name")
+    except (OSError, ValueError, AttributeError) as e:
+        raise ValueError(f"{model}: cannot read model_index.json: {e}") from None
+    if cls not in PIPELINE_CLASSES:
+        raise ValueError(f"{model}: pipeline class {cls!r} is not supported; supported: "
+                         f"{', '.join(PIPELINE_CLASSES)}")
+    return PIPELINE_CLASSES[cls]
+
+
+def to_uint8(x: np.ndarray) -> np.ndarray:
+    """float frames in [0, 1] -> uint8, ``clip(round(x * 255), 0, 255)``."""
+    return np.clip(np.round(np.asarray(x, dtype=np.float32) * 255.0), 0, 255).astype(np.uint8)
+
+
+def write_video(path: str, frames: np.ndarray, fps: float, min_height: int = _DISPLAY_MIN_HEIGHT) -> str:
+    """Write uint8 ``frames`` (F, H, W, 3) as a browser-playable H.264 mp4 (yuv420p, faststart).
+
+    Frames lower than ``min_height`` are upscaled by an integer nearest-neighbour factor (pixels stay
+    sharp instead of being blurred by the browser); odd sizes are padded by one edge pixel."""
+    import imageio.v2 as iio
+
+    f, h, w, _ = frames.shape
+    s = max(1, math.ceil(min_height / h))
+    if s > 1:
+        frames = np.repeat(np.repeat(frames, s, axis=1), s, axis=2)
+    ph, pw = frames.shape[1] + frames.shape[1] % 2, frames.shape[2] + frames.shape[2] % 2
+    if (ph, pw) != frames.shape[1:3]:
+        frames = np.pad(frames, ((0, 0), (0, ph - frames.shape[1]), (0, pw - frames.shape[2]), (0, 0)),
+                        mode="edge")
+    tmp = path + ".part.mp4"
+    writer = iio.get_writer(tmp, format="FFMPEG", mode="I", fps=fps, codec="libx264", pixelformat="yuv420p",
+                            macro_block_size=1, quality=8, ffmpeg_log_level="error",
+                            ffmpeg_params=["-movflags", "+faststart"])
+    try:
+        for frame in frames:
+            writer.append_data(np.ascontiguousarray(frame))
+    finally:
+        writer.close()
+    os.replace(tmp, path)
+    return path
+
+
+def error_gain(ref: np.ndarray, quant: np.ndarray) -> int:
+    """Amplification of the error-map video: the largest of 64, 32, 16, 8, 4 that maps the 99th percentile of
+    the per-pixel error (mean |ref - quant| over RGB) to at most 192 of 255 (4 for very different frames, so a
+    4-bit real checkpoint and a near-lossless tiny model both show where the error is)."""
+    err = np.abs(ref.astype(np.int16) - quant.astype(np.int16)).mean(axis=-1)
+    p99 = float(np.percentile(err, 99))
+    for g in _ERROR_GAINS:
+        if p99 * g <= 192:
+            return g
+    return _ERROR_GAINS[-1]
+
+
+def frames_digest(a: np.ndarray) -> str:
+    """SHA-256 of an array's shape, dtype and bytes (identical frames <=> identical digest)."""
+    h = hashlib.sha256()
+    h.update(repr((a.shape, str(a.dtype))).encode())
+    h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
+def _jsonable(obj: Any) -> Any:
+    from hq_diffusion.eval.report import to_jsonable
+
+    return to_jsonable(obj)
+
+
+def _mean(values) -> float | None:
+    from hq_diffusion.eval.metrics import summarize
+
+    return summarize(values)["mean"]
+
+
+@dataclass
+class _Loaded:
+    pipe: Any
+    kind: str
+    fps: float
+    call_defaults: dict
+
+
+@dataclass
+class _Bf16:
+    frames: np.ndarray  # uint8 (F, H, W, 3)
+    audio: np.ndarray | None
+    audio_rate: int | None
+    seconds: float
+
+
+@dataclass
+class _Quantized:
+    pipe: Any
+    seconds: float  # time spent quantizing
+
+
+@dataclass
+class GenerationResult:
+    """What one request produced. Videos are mp4 paths (H.264) inside the engine's work directory."""
+
+    request: GenerationRequest
+    kind: str
+    bf16_video: str
+    quant_video: str
+    error_video: str
+    psnr: np.ndarray  # (F,) dB, +inf for identical frames
+    ssim: np.ndarray  # (F,)
+    lpips: np.ndarray | None  # (F,), None when unavailable
+    lpips_reason: str | None
+    audio_snr_db: float | None
+    error_gain: int  # the error-map video shows mean |bf16 - quantized| over RGB times this, inferno colours
+    compression: dict
+    timings: dict
+    digests: dict
+    shape: tuple[int, int, int]  # (frames, height, width) of the outputs
+
+    def metrics(self) -> dict:
+        """JSON-safe metrics (what the ``/generate`` API returns as JSON): +inf is written ``"inf"``."""
+        req = asdict(self.request)
+        return _jsonable({
+            "model": self.request.model,
+            "pipeline": self.kind,
+            "request": req,
+            "output": {"frames": self.shape[0], "height": self.shape[1], "width": self.shape[2]},
+            "per_frame": {
+                "psnr": self.psnr,
+                "ssim": self.ssim,
+                "lpips": self.lpips,
+            },
+            "means": {
+                "psnr": _mean(self.psnr),
+                "ssim": _mean(self.ssim),
+                "lpips": None if self.lpips is None else _mean(self.lpips),
+            },
+            "psnr_all_frames_identical": bool(np.all(np.isposinf(self.psnr))),
+            "lpips": {"available": self.lpips is not None, "reason": self.lpips_reason},
+            "audio_snr_db": self.audio_snr_db,
+            "error_map_gain": self.error_gain,
+            "compression": self.compression,
+            "timings": self.timings,
+            "digests": self.digests,
+        })
+
+
+def _compression(summary: dict, kv_enabled: bool) -> dict:
+    """The compression card's numbers from ``QuantSummary.to_dict()``."""
+    out = {
+        "weights": {
+            "bytes_bf16": summary.get("bytes_bf16"),
+            "bytes_quantized": summary.get("bytes_quantized"),
+            "ratio": summary.get("ratio"),
+            "bits_per_weight": summary.get("weighted_bps"),
+            "layers_quantized": len(summary.get("layers") or []),
+            "layers_kept": len(summary.get("skipped") or []),
+            "bytes_kept": summary.get("bytes_skipped"),
+        },
+        "kv": {"enabled": kv_enabled},
+    }
+    kv = summary.get("kv") or {}
+    infos = [v.get("summary") for v in kv.values() if isinstance(v, dict) and v.get("summary")]
+    if kv_enabled and infos:
+        # one quantized component (the transformer) in practice; weight several by their scalars
+        scalars = sum(i.get("scalars") or 0 for i in infos)
+        bits = sum((i.get("bits_per_scalar") or 0) * (i.get("scalars") or 0) for i in infos)
+        out["kv"].update({
+            "bits_per_scalar": bits / scalars if scalars else None,
+            "bytes_fp16": sum(i.get("bytes_fp16") or 0 for i in infos),
+            "bytes_quantized": sum(i.get("bytes_quantized") or 0 for i in infos),
+            "compression": (16.0 * scalars / bits) if bits else None,
+            "attention_modules": sum(i.get("modules") or 0 for i in infos),
+            "note": infos[0].get("note"),
+        })
+    return out
+
+
+def _default_quantize(pipe, **kwargs):
+    import hq_diffusion
+
+    return hq_diffusion.quantize(pipe, **kwargs)
+
+
+def _default_summary(pipe) -> dict:
+    import hq_diffusion
+
+    return hq_diffusion.summary(pipe).to_dict()
+
+
+class Engine:
+    """Pipelines, caches and one generation at a time.
+
+    Args:
+        settings: the app settings.
+        quantize_fn: ``fn(pipe, **QuantSettings.quantize_kwargs(), progress=False) -> pipe`` that quantizes
+            ``pipe`` in place; defaults to :func:`hq_diffusion.quantize`.
+        summary_fn: ``fn(pipe) -> dict`` like ``hq_diffusion.summary(pipe).to_dict()`` (the default).
+        workdir: where result videos are written (default: a new temporary directory, removed by
+            :meth:`close`).
+        lpips: an ``hq_diffusion.eval.metrics.LPIPSMetric`` (default: built on first use; when its backbone
+            weights are missing, results say why LPIPS is unavailable).
+    """
+
+    def __init__(self, settings: AppSettings, *, quantize_fn: Callable | None = None,
+                 summary_fn: Callable | None = None, workdir: str | None = None, lpips=None):
+        self.settings = settings
+        self._quantize_fn = quantize_fn or _default_quantize
+        self._summary_fn = summary_fn or _default_summary
+        self._own_workdir = workdir is None
+        self.workdir = workdir or tempfile.mkdtemp(prefix="hq-diffusion-app-")
+        os.makedirs(self.workdir, exist_ok=True)
+        self._lpips = lpips
+        self._lpips_lock = threading.Lock()
+        self._model_lock = threading.Lock()  # one pipeline call / quantization at a time
+        self._loaded: dict[str, _Loaded] = {}
+        self._bf16: OrderedDict[tuple, _Bf16] = OrderedDict()
+        self._quant: OrderedDict[tuple, _Quantized] = OrderedDict()
+        self._dirs_lock = threading.Lock()
+        self._result_dirs: list[str] = []
+        self._counter = 0
+        self.stats = {"bf16_generations": 0, "bf16_cache_hits": 0, "quantizations": 0,
+                      "quant_cache_hits": 0, "quant_generations": 0}
+        self._kinds: dict[str, str] = {}
+
+    # ---- models -------------------------------------------------------------------------------------------
+
+    def kind(self, model: str) -> str | None:
+        """Pipeline kind of one of ``settings.models`` (None for anything else). Reads model_index.json once."""
+        if model not in self.settings.models:
+            return None
+        if model not in self._kinds:
+            self._kinds[model] = resolve_kind(model)
+        return self._kinds[model]
+
+    def _device(self, model: str) -> str:
+        if is_tiny(model):
+            return "cpu"
+        if self.settings.device:
+            return self.settings.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def _load(self, model: str) -> _Loaded:
+        """The bf16 pipeline of ``model`` (loaded once; caller holds the model lock)."""
+        if model in self._loaded:
+            return self._loaded[model]
+        import torch
+
+        kind = self.kind(model)
+        if is_tiny(model):
+            from hq_diffusion.models import tiny_pipeline
+
+            pipe = tiny_pipeline(kind, seed=self.settings.tiny_seed, dtype=torch.bfloat16)
+            defaults: dict = {}
+            fps = _TINY_FPS
+        else:
+            import warnings
+
+            import diffusers
+
+            with warnings.catch_warnings():  # newer diffusers prefer dtype= over torch_dtype=
+                warnings.filterwarnings("ignore", message=".*torch_dtype.*deprecated", category=FutureWarning)
+                pipe = diffusers.DiffusionPipeline.from_pretrained(model, torch_dtype=torch.bfloat16)
+            pipe.set_progress_bar_config(disable=True)
+            pipe = pipe.to(self._device(model))
+            params = inspect.signature(type(pipe).__call__).parameters
+            defaults = {k: params[k].default for k in _TINY_TUNED_KEYS
+                        if k in params and params[k].default is not inspect.Parameter.empty}
+            fps = float(defaults.get("frame_rate") or 24.0)
+        if self.settings.fps is not None:
+            fps = float(self.settings.fps)
+        self._loaded[model] = _Loaded(pipe=pipe, kind=kind, fps=fps, call_defaults=defaults)
+        return self._loaded[model]
+
+    def preload(self, model: str | None = None) -> None:
+        """Load ``model`` (default: the default model) now, e.g. in a background thread at start-up."""
+        model = model or self.settings.default_model
+        with self._model_lock:
+            self._load(model)
+
+    @staticmethod
+    def _fresh_copy(pipe):
+        """A new pipeline object sharing ``pipe``'s components except a deep copy of the transformer and
+        the scheduler, so quantizing (and running) the copy never touches ``pipe``."""
+        components = dict(pipe.components)
+        components["transformer"] = copy.deepcopy(pipe.transformer)
+        components["scheduler"] = copy.deepcopy(pipe.scheduler)
+        new = type(pipe)(**components)
+        new.set_progress_bar_config(disable=True)
+        return new
+
+    def _quantized(self, model: str, loaded: _Loaded, q: QuantSettings) -> tuple[_Quantized, bool]:
+        """(quantized pipeline for these settings, whether it came from the cache). Caller holds the lock."""
+        key = (model, q.key())
+        if key in self._quant:
+            self._quant.move_to_end(key)
+            self.stats["quant_cache_hits"] += 1
+            return self._quant[key], True
+        while len(self._quant) >= self.settings.quant_cache_size:
+            self._quant.popitem(last=False)
+            _release_memory()
+        t0 = time.perf_counter()
+        pipe = self._fresh_copy(loaded.pipe)
+        out = self._quantize_fn(pipe, **q.quantize_kwargs(), progress=False)
+        pipe = pipe if out is None else out
+        entry = _Quantized(pipe=pipe, seconds=time.perf_counter() - t0)
+        self._quant[key] = entry
+        self.stats["quantizations"] += 1
+        return entry, False
+
+    # ---- generation ---------------------------------------------------------------------------------------
+
+    def _call(self, loaded: _Loaded, req: GenerationRequest, pipe, report: Callable[[int], None]) -> dict:
+        """Run one pipeline; ``{"frames": uint8, "audio", "audio_rate"}``."""
+        from hq_diffusion.models import generate
+
+        kw: dict[str, Any] = dict(loaded.call_defaults)
+        kw.update(num_inference_steps=req.steps, height=req.height, width=req.width)
+        if loaded.kind in VIDEO_KINDS:
+            kw["num_frames"] = req.frames
+        if req.negative_prompt:
+            kw["negative_prompt"] = req.negative_prompt
+        params = inspect.signature(type(pipe).__call__).parameters
+        if "callback_on_step_end" in params:
+            def on_step_end(_pipe, i, _t, tensors):
+                report(i + 1)
+                return tensors
+
+            kw["callback_on_step_end"] = on_step_end
+            kw["callback_on_step_end_tensor_inputs"] = ["latents"]
+        elif "callback" in params:  # PixArt: the older per-step callback
+            kw["callback"] = lambda i, _t, _latents: report(i + 1)
+            kw["callback_steps"] = 1
+        out = generate(pipe, loaded.kind, req.prompt, req.seed, **kw)
+        if isinstance(out, dict):
+            return {"frames": to_uint8(out["frames"]), "audio": out.get("audio"),
+                    "audio_rate": out.get("audio_sample_rate")}
+        return {"frames": to_uint8(out), "audio": None, "audio_rate": None}
+
+    def run(self, request: GenerationRequest, progress: Callable[[float, str], None] | None = None
+            ) -> GenerationResult:
+        """Validate ``request``, generate bf16 (or take it from the cache) and quantized outputs, measure.
+
+        Args:
+            request: the request (validated here; an :class:`InputError` lists every problem).
+            progress: ``fn(fraction in [0, 1], description)``, called from this thread.
+        """
+        t_start = time.perf_counter()
+        report = progress or (lambda _f, _d: None)
+        req = request.validate(self.settings, self.kind(request.model))
+        steps = req.steps
+        report(0.0, "waiting for the model" if self._model_lock.locked() else "starting")
+        with self._model_lock:
+            t_wait = time.perf_counter() - t_start
+            if req.model not in self._loaded:
+                report(0.01, "loading the model")
+            loaded = self._load(req.model)
+            bkey = (req.model, req.prompt, req.negative_prompt, req.seed, req.frames, req.height, req.width,
+                    req.steps)
+            bf16 = self._bf16.get(bkey)
+            bf16_cached = bf16 is not None
+            if bf16_cached:
+                self._bf16.move_to_end(bkey)
+                self.stats["bf16_cache_hits"] += 1
+            else:
+                report(0.02, "bf16: generating")
+                t0 = time.perf_counter()
+                out = self._call(loaded, req, loaded.pipe,
+                                 lambda i: report(0.02 + 0.38 * i / steps, f"bf16: step {i}/{steps}"))
+                bf16 = _Bf16(out["frames"], out["audio"], out["audio_rate"], time.perf_counter() - t0)
+                self._bf16[bkey] = bf16
+                while len(self._bf16) > self.settings.result_cache_size:
+                    self._bf16.popitem(last=False)
+                self.stats["bf16_generations"] += 1
+            report(0.4, "quantizing the transformer")
+            qentry, q_cached = self._quantized(req.model, loaded, req.quant)
+            report(0.45, "quantized: generating")
+            t0 = time.perf_counter()
+            qout = self._call(loaded, req, qentry.pipe,
+                              lambda i: report(0.45 + 0.4 * i / steps, f"quantized: step {i}/{steps}"))
+            quant_seconds = time.perf_counter() - t0
+            self.stats["quant_generations"] += 1
+            summary = self._summary_fn(qentry.pipe)  # after the call: K/V rates are measured
+        report(0.86, "measuring")
+        ref, quant = bf16.frames, qout["frames"]
+        if ref.shape != quant.shape:
+            raise RuntimeError(f"bf16 and quantized outputs differ in shape: {ref.shape} vs {quant.shape}")
+        from hq_diffusion.eval import metrics as M
+
+        psnr = M.psnr_per_frame(ref, quant)
+        ssim = M.ssim_per_frame(ref, quant)
+        lp, lp_reason = self._lpips_values(ref, quant)
+        audio_snr = None
+        if bf16.audio is not None and qout["audio"] is not None:
+            try:
+                audio_snr = M.audio_snr_db(bf16.audio, qout["audio"])
+            except ValueError as e:
+                log.warning("audio SNR not computed: %s", e)
+        report(0.92, "writing videos")
+        d = self._new_result_dir()
+        fps = loaded.fps
+        bf16_video = write_video(os.path.join(d, "bf16.mp4"), ref, fps)
+        quant_video = write_video(os.path.join(d, "quantized.mp4"), quant, fps)
+        from hq_diffusion.eval.report import error_maps
+
+        gain = error_gain(ref, quant)
+        error_video = write_video(os.path.join(d, "error.mp4"), error_maps(ref, quant, gain=float(gain)), fps)
+        timings = {
+            "bf16_seconds": bf16.seconds,
+            "bf16_cached": bf16_cached,
+            "quantize_seconds": qentry.seconds,
+            "quantized_pipeline_cached": q_cached,
+            "quantized_seconds": quant_seconds,
+            "queue_wait_seconds": t_wait,
+            "total_seconds": time.perf_counter() - t_start,
+        }
+        report(1.0, "done")
+        return GenerationResult(
+            request=req, kind=loaded.kind, bf16_video=bf16_video, quant_video=quant_video,
+            error_video=error_video, psnr=psnr, ssim=ssim, lpips=lp, lpips_reason=lp_reason,
+            audio_snr_db=audio_snr, error_gain=gain, compression=_compression(summary, req.quant.kv_enabled),
+            timings=timings,
+            digests={"bf16_sha256": frames_digest(ref), "quantized_sha256": frames_digest(quant)},
+            shape=tuple(int(x) for x in ref.shape[:3]))
+
+    def _lpips_values(self, ref: np.ndarray, quant: np.ndarray) -> tuple[np.ndarray | None, str | None]:
+        from hq_diffusion.eval.metrics import LPIPS_MIN_SIDE, LPIPSMetric
+
+        with self._lpips_lock:
+            if self._lpips is None:
+                self._lpips = LPIPSMetric()
+            metric = self._lpips
+            if not metric.available:
+                return None, metric.reason
+            side = LPIPS_MIN_SIDE[metric.net]
+            if min(ref.shape[1:3]) < side:
+                return None, f"frames are smaller than the {side} px the {metric.net} backbone needs"
+            return metric(ref, quant), ("plumbing weights: not a perceptual number" if metric.plumbing
+                                        else None)
+
+    def _new_result_dir(self) -> str:
+        """A fresh directory for one result's videos; the oldest ones beyond a bound are removed (Gradio
+        has copied them into its own cache by then)."""
+        with self._dirs_lock:
+            self._counter += 1
+            d = os.path.join(self.workdir, f"r{self._counter:06d}")
+            os.makedirs(d)
+            self._result_dirs.append(d)
+            old = self._result_dirs[:-_KEEP_RESULT_DIRS]
+            del self._result_dirs[:-_KEEP_RESULT_DIRS]
+        for o in old:
+            shutil.rmtree(o, ignore_errors=True)
+        return d
+
+    def close(self) -> None:
+        """Drop the pipelines and remove the work directory (when the engine created it)."""
+        with self._model_lock:
+            self._quant.clear()
+            self._bf16.clear()
+            self._loaded.clear()
+        if self._own_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+        _release_memory()
+
+
+def _release_memory() -> None:
+    import gc
+
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:  # pragma: no cover - torch is a dependency
+        pass
+

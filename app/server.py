@@ -1,0 +1,183 @@
+"""``hq-diffusion app``: serve the Gradio app (bf16 and HyperQuant side by side).
+
+Binds 127.0.0.1 by default, turns Gradio's analytics off and never opens a share link. :func:`start` runs the
+server in a background thread and returns a handle (used by the tests and ``hq_diffusion.bench.app_load``).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import sys
+import threading
+from dataclasses import dataclass
+
+from .config import TINY_MODELS, AppSettings, is_tiny
+
+__all__ = ["main", "start", "RunningApp", "free_port", "build_parser"]
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free on ``host`` right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _gradio_env() -> None:
+    # Before gradio is imported: no telemetry or version check, nothing phones home.
+    os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+
+
+@dataclass
+class RunningApp:
+    """A server started by :func:`start`; ``url`` ends with ``/``. Call :meth:`close` (or use ``with``)."""
+
+    demo: object
+    url: str
+    engine: object
+
+    def close(self) -> None:
+        try:
+            self.demo.close()
+        finally:
+            self.engine.close()
+
+    def __enter__(self) -> "RunningApp":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def start(settings: AppSettings, engine=None, *, preload: bool = True, quiet: bool = True) -> RunningApp:
+    """Build the app and serve it on ``settings.host:settings.port`` from a background thread.
+
+    Args:
+        settings: app settings (``port=0`` picks a free port).
+        engine: an :class:`~hq_diffusion.app.engine.Engine` (default: a new one).
+        preload: load the default model in a background thread now, so the first click is faster.
+        quiet: no start-up banner.
+    """
+    _gradio_env()
+    from .engine import Engine
+    from .ui import build_app, launch_options
+
+    engine = engine or Engine(settings)
+    demo = build_app(settings, engine)
+    port = settings.port or free_port(settings.host)
+    if preload:
+        threading.Thread(target=_preload, args=(engine,), name="hq-app-preload", daemon=True).start()
+    try:
+        demo.launch(server_name=settings.host, server_port=port, share=False, prevent_thread_lock=True,
+                    inbrowser=False, quiet=quiet, show_error=False, ssr_mode=False, pwa=False, mcp_server=False,
+                    enable_monitoring=False, footer_links=["api", "settings"],
+                    allowed_paths=[engine.workdir], **launch_options())
+    except BaseException:
+        engine.close()
+        raise
+    return RunningApp(demo=demo, url=f"http://{_url_host(settings.host)}:{port}/", engine=engine)
+
+
+def _url_host(host: str) -> str:
+    if host in ("0.0.0.0", "::", ""):
+        return "127.0.0.1"
+    return f"[{host}]" if ":" in host else host
+
+
+def _preload(engine) -> None:
+    try:
+        engine.preload()
+    except Exception as e:  # noqa: BLE001 - the first request reports the same error to the user
+        print(f"hq-diffusion app: could not preload {engine.settings.default_model}: {e}", file=sys.stderr)
+
+
+def _quiet_library_logs() -> None:
+    """Command line only: diffusers / transformers to errors (the tiny pipelines' short max_sequence_length
+    makes every prompt log a truncation warning)."""
+    import diffusers.utils.logging as dlog
+    import transformers.utils.logging as tlog
+
+    dlog.set_verbosity_error()
+    tlog.set_verbosity_error()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hq-diffusion app",
+                                description="Gradio app: bf16 and HyperQuant-quantized generations side by side.")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="interface to bind (default 127.0.0.1; anything else exposes the app to your network)")
+    p.add_argument("--port", type=int, default=7860, help="port (default 7860; 0 = any free port)")
+    p.add_argument("--model", action="append", metavar="MODEL",
+                   help="model to offer, repeatable, the first is the default: "
+                        f"{', '.join(TINY_MODELS)} (embedded, random weights) or a local diffusers pipeline "
+                        "directory (LTXPipeline, LTX2Pipeline, PixArtSigmaPipeline, FluxPipeline). "
+                        "Default: all tiny models, tiny-ltx first")
+    p.add_argument("--max-concurrency", type=int, default=2,
+                   help="generations in flight at once (default 2; the model itself runs one at a time)")
+    p.add_argument("--queue-size", type=int, default=16, help="requests that may wait (default 16)")
+    p.add_argument("--device", help="device for local checkpoints (default: cuda when available, else cpu)")
+    p.add_argument("--fps", type=float, help="playback frame rate (default: 8 for tiny models, else the "
+                                             "pipeline's frame rate)")
+    p.add_argument("--lpips-weights", metavar="PATH",
+                   help="full LPIPS state dict (default: the torchvision AlexNet backbone in the torch hub cache, "
+                        "when present; otherwise LPIPS is reported as unavailable)")
+    return p
+
+
+def _settings_from_args(args) -> AppSettings:
+    models = tuple(args.model) if args.model else AppSettings.models
+    if args.model and all(not is_tiny(m) for m in models):
+        models = models + tuple(TINY_MODELS)  # the tiny ones stay available next to a checkpoint
+    return AppSettings(host=args.host, port=args.port, models=models, max_concurrency=args.max_concurrency,
+                       queue_size=args.queue_size, device=args.device, fps=args.fps)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = _settings_from_args(args)
+    except ValueError as e:
+        print(f"hq-diffusion app: error: {e}", file=sys.stderr)
+        return 2
+    _gradio_env()
+    from .engine import Engine
+
+    lpips = None
+    if args.lpips_weights:
+        from hq_diffusion.eval.metrics import LPIPSMetric
+
+        lpips = LPIPSMetric(weights_path=args.lpips_weights)
+        if not lpips.available:
+            print(f"hq-diffusion app: warning: LPIPS unavailable: {lpips.reason}", file=sys.stderr)
+    engine = Engine(settings, lpips=lpips)
+    try:
+        for m in settings.models:
+            engine.kind(m)  # a bad checkpoint directory fails here, with its reason
+    except ValueError as e:
+        engine.close()
+        print(f"hq-diffusion app: error: {e}", file=sys.stderr)
+        return 2
+    _quiet_library_logs()
+    if not settings.is_loopback:
+        print(f"hq-diffusion app: warning: binding {settings.host}: the app is reachable from other machines",
+              file=sys.stderr)
+    stop = threading.Event()
+    # SIGTERM stops the app like Ctrl+C (SIGINT raises KeyboardInterrupt as usual)
+    signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
+    app = start(settings, engine, quiet=True)
+    print(f"hq-diffusion app: serving on {app.url} (Ctrl+C to stop)", flush=True)
+    try:
+        while not stop.wait(0.5):
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        print("hq-diffusion app: stopping", file=sys.stderr, flush=True)
+        app.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
