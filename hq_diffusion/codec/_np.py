@@ -12,7 +12,7 @@ import torch
 
 # Vectors per chunk in the chunked loops: small enough that a chunk's temporaries (a few (dim, CHUNK)
 # float32 arrays) stay in the L2 cache, large enough that numpy's per-call overhead is amortized.
-CHUNK = 16384
+CHUNK = 8192
 
 
 def to_numpy(t: torch.Tensor) -> np.ndarray:

@@ -14,6 +14,14 @@ z       Z: every integer                                                      1 
 A scaled input ``v = α·x`` is mapped to the nearest point ``p(y)``; the reconstruction is
 ``x̂ = p(y) / α`` where ``p`` multiplies the first coordinate of each A2 pair by √3 and is the identity
 otherwise. All functions work on the last axis, which must be a multiple of the lattice dimension.
+
+On the CPU, E8 and D4 run in numpy over cache-sized chunks of vectors in transposed layout (one row
+per coordinate, so every per-coordinate step is a contiguous operation); tensors on other devices take
+the former torch code (kept below). The numpy path reproduces the torch code bit for bit, ties
+included: the same float32 operations for the candidates and their errors, ``torch.argmax``'s
+first-index rule for the coordinate to move, and coordinate sums (the mod-4 test and the squared
+distances) added left to right in float32 — the order of torch's CPU ``sum(-1)`` over a contiguous
+(M, 8) float32 tensor (tests/test_codec_speed_paths.py checks this against the torch code).
 """
 from __future__ import annotations
 
@@ -126,7 +134,10 @@ def _e8_chunk(vt: np.ndarray) -> np.ndarray:
         dists.append(seq_sum(sq))
         moves.append((flat, step))
     odd = dists[1] < dists[0]
-    y = np.where(odd, cands[1], cands[0])
+    # y = odd ? y_odd : y_even, as ye + odd·(yo − ye): exact, since yo − ye is a small integer
+    y, d = cands[0], cands[1] - cands[0]
+    d *= odd
+    y += d
     flat = np.where(odd, moves[1][0], moves[0][0])
     y.ravel()[flat] += np.where(odd, moves[1][1], moves[0][1])
     return y
@@ -149,18 +160,36 @@ def _nearest_chunked(v: torch.Tensor, dim: int, chunk_fn) -> torch.Tensor:
     out = np.empty(vn.shape, dtype=np.int32)
     for s in range(0, vn.shape[0], CHUNK):
         yt = chunk_fn(np.ascontiguousarray(vn[s:s + CHUNK].T))
-        out[s:s + CHUNK] = yt.T
+        out[s:s + CHUNK] = yt.astype(np.int32).T
     return to_torch(out, dev).reshape(shp)
 
 
 def nearest_e8(v: torch.Tensor) -> torch.Tensor:
     """Nearest point of 2·E8. v: (..., 8k) float32 (already scaled by α). Returns int32, same shape."""
+    if v.device.type != "cpu":
+        return _nearest_e8_torch(v)
     return _nearest_chunked(v, 8, _e8_chunk)
 
 
 def nearest_d4(v: torch.Tensor) -> torch.Tensor:
     """Nearest point of 2·D4. v: (..., 4k) float32. Returns int32, same shape."""
+    if v.device.type != "cpu":
+        return _nearest_d4_torch(v)
     return _nearest_chunked(v, 4, _d4_chunk)
+
+
+# Torch path: the former implementation, kept verbatim for tensors on other devices (a GPU runs it
+# natively) and as the reference of the tests; nearest_a2 and nearest_z use it everywhere.
+
+def _fix_sum_mod4_torch(v: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """For vectors (last axis) whose coordinate sum is ≡ 2 (mod 4), move the coordinate with the largest
+    rounding error by ±2 toward the input. v: (..., n) float32; y: (..., n) float32 integers."""
+    err = v - y
+    bad = (torch.remainder(y.sum(-1), 4.0) != 0).unsqueeze(-1)
+    idx = err.abs().argmax(-1, keepdim=True)
+    e = err.gather(-1, idx)
+    step = torch.where(e >= 0, 2.0, -2.0)
+    return y.scatter_add(-1, idx, torch.where(bad, step, torch.zeros_like(step)))
 
 
 def _round_even(v: torch.Tensor) -> torch.Tensor:
@@ -169,6 +198,23 @@ def _round_even(v: torch.Tensor) -> torch.Tensor:
 
 def _round_odd(v: torch.Tensor) -> torch.Tensor:
     return 2.0 * torch.round((v - 1.0) * 0.5) + 1.0
+
+
+def _nearest_e8_torch(v: torch.Tensor) -> torch.Tensor:
+    shp = v.shape
+    v = v.reshape(-1, 8).to(torch.float32)
+    ye = _fix_sum_mod4_torch(v, _round_even(v))
+    yo = _fix_sum_mod4_torch(v, _round_odd(v))
+    de = (v - ye).square().sum(-1, keepdim=True)
+    do = (v - yo).square().sum(-1, keepdim=True)
+    y = torch.where(do < de, yo, ye)
+    return y.to(torch.int32).reshape(shp)
+
+
+def _nearest_d4_torch(v: torch.Tensor) -> torch.Tensor:
+    shp = v.shape
+    v = v.reshape(-1, 4).to(torch.float32)
+    return _fix_sum_mod4_torch(v, _round_even(v)).to(torch.int32).reshape(shp)
 
 
 def nearest_a2(v: torch.Tensor) -> torch.Tensor:
