@@ -23,8 +23,8 @@ def _encode(w, cfg, key=0):
 def _reference_codes(w, q, cfg, key=0):
     """The quantizer's lattice integers, recomputed outside the codec's encode path."""
     u, _ = rotated_rows(w, cfg.tile, cfg.seed, key)
-    s = q.scales.double()
-    u = (u.double() / torch.where(s > 0, s, 1.0).unsqueeze(1)).float()
+    s = q.scales.float()
+    u = u / torch.where(s > 0, s, 1.0).unsqueeze(1)
     return nearest(q.lattice, u * q.alpha)
 
 

@@ -118,14 +118,16 @@ def encode(w: torch.Tensor, cfg: CodecConfig | None = None, key: int | str = 0) 
     key32 = key_to_u32(key)
     # per-row scale: RMS of the rotated (padded) row, rounded to the stored dtype
     sdt = SCALE_DTYPES[cfg.scale_dtype]
-    rms = u.double().square().mean(1).sqrt()
+    rms = u.square().mean(1).sqrt().double()
+    if not bool(torch.isfinite(rms).all()):  # float32 squares overflowed: redo in float64
+        rms = u.double().square().mean(1).sqrt()
     scales = rms.to(sdt)
     sf = scales.to(torch.float64)
     if not torch.isfinite(sf).all() or bool(((rms > 0) & (sf <= 0)).any()):
         raise ValueError(
             f"row scales out of range for {cfg.scale_dtype} (RMS from {float(rms.min()):.3g} to "
             f"{float(rms.max()):.3g}); use CodecConfig(scale_dtype='float32') or 'bfloat16'")
-    u = (u.double() / torch.where(sf > 0, sf, 1.0).unsqueeze(1)).to(torch.float32)
+    u = u / torch.where(sf > 0, sf, 1.0).to(torch.float32).unsqueeze(1)
     numel = math.prod(shape)
     fixed = _fixed_bits(shape, rows, lattice, n_pad, cfg.block, scales.element_size())
     meta = {"tile_used": h}
@@ -145,11 +147,12 @@ def encode(w: torch.Tensor, cfg: CodecConfig | None = None, key: int | str = 0) 
         alpha = _refine_alpha(u, lattice, rate, cfg.block)
     for attempt in range(12):
         y = nearest(lattice, u * alpha)
-        if int(y.abs().max()) > _MAX_ABS_CODE:
+        max_abs = int(y.abs().max())
+        if max_abs > _MAX_ABS_CODE:
             raise ValueError("lattice integers out of range: the requested rate or SNR is too high")
         streams = [encode_stream(z, cfg.block) for z in strip(lattice, y)]
         et = EncodedTensor(shape, w.dtype, lattice, h, cfg.block, cfg.seed, key32, alpha, cfg.scale_dtype,
-                           scales, streams, bool(y.abs().max() <= 127), meta=meta)
+                           scales, streams, max_abs <= 127, meta=meta)
         if budget is None or et.total_bits <= budget:
             break
         if attempt == 11:
@@ -158,7 +161,7 @@ def encode(w: torch.Tensor, cfg: CodecConfig | None = None, key: int | str = 0) 
             break
         excess = (et.total_bits - budget) / (rows * n_pad)
         alpha = float(torch.tensor(alpha * 2.0 ** -(excess + 0.002), dtype=torch.float32))
-    meta["max_abs_code"] = int(y.abs().max())
+    meta["max_abs_code"] = max_abs
     return et
 
 
