@@ -322,9 +322,8 @@ def test_memory_ltx_hidden_512(storage, min_ratio):
     _check_memory(_ltx_transformer(8, 1, caption=512), storage, min_ratio)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("storage,min_ratio", [("rice", 3.9), ("int8", 1.95)])
 def test_memory_ltx_real_width(storage, min_ratio):
-    """REAL_CONFIGS["ltx"] (2048 wide, 28 → 2 blocks): ≈ 134M quantized weights, minutes on 2 CPU cores."""
+    """REAL_CONFIGS["ltx"] (2048 wide, 28 → 2 blocks): ≈ 134M quantized weights, ≈ 15 s each on 2 CPU cores."""
     ratio, seconds = _check_memory(_ltx_transformer(32, 2), storage, min_ratio)
     print(f"real-width LTX, 2 blocks, storage={storage}: ratio {ratio:.3f}x, quantized in {seconds:.0f} s")

@@ -8,7 +8,7 @@ frames) for identical inputs, the bf16 output equal to an independent in-process
 Prints a markdown table and stops the server. Everything is bounded (request count, per-call timeout, probe
 count, server start and stop timeouts).
 
-    python -m hq_diffusion.bench.app_load [--requests 8] [--concurrency 2]
+    hq-diffusion bench app-load [--requests 8] [--concurrency 2]
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ _PROMPTS = (
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m hq_diffusion.bench.app_load", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="hq-diffusion bench app-load", description=__doc__.splitlines()[0])
     p.add_argument("--requests", type=int, default=8, help="concurrent /generate calls (1..32, default 8)")
     p.add_argument("--concurrency", type=int, default=2, help="the server's --max-concurrency (default 2)")
     p.add_argument("--model", default="tiny-ltx", help="model key (default tiny-ltx)")
@@ -236,9 +236,9 @@ def main(argv=None) -> int:
         timings = [r["metrics"]["timings"] for r in results]
         uncached = [t["bf16_seconds"] for t in timings if not t["bf16_cached"]]
         n = len(requests)
-        cmd = "python -m hq_diffusion.bench.app_load " + " ".join(argv if argv is not None else sys.argv[1:])
+        cmd = "hq-diffusion bench app-load " + " ".join(argv if argv is not None else sys.argv[1:])
         rows = [
-            ["/generate, concurrent", n, f"{statistics.median(latencies):.2f}", f"{max(latencies):.2f}",
+            ["/generate, concurrent", n, f"{statistics.median(latencies):.2f} s", f"{max(latencies):.2f} s",
              f"{n / wall:.2f} req/s ({wall:.1f} s wall)"],
         ]
         for name, label in (("limits", "/limits API call"), ("page", "page load (GET /)")):
