@@ -307,9 +307,25 @@ class QuantSummary:
                 f"bytes bf16 → quantized: {self.bytes_bf16:,} → {self.bytes_quantized:,} "
                 f"(ratio {fmt(self.ratio, '.3f')}x)   skipped layers hold {self.bytes_skipped:,} bytes",
                 f"bps: mean {fmt(self.mean_bps, '.3f')}   weighted {fmt(self.weighted_bps, '.3f')}"]
-        if self.kv:
-            out.append(f"K/V: {self.kv}")
+        for comp, info in (self.kv or {}).items():
+            out.append(_kv_line(comp, info))
         return "\n".join(out)
+
+
+def _kv_line(component: str, info: dict) -> str:
+    """One printable line for a component's K/V quantization (``kv_summary`` output)."""
+    s = (info or {}).get("summary") or {}
+    cfg = (s.get("config") or {}).get("_data") or {}
+    correction = cfg.get("rotation", "?") + ("+dither" if cfg.get("dither") else "")
+    head = (f"K/V ({component}): {cfg.get('bps', '?')} bps target, {cfg.get('lattice', '?')}, {correction}, "
+            f"{s.get('modules', len(info.get('modules') or []))} attention modules")
+    bits = s.get("bits_per_scalar")
+    if bits is None:
+        return head + "; not measured yet (rates are measured during generation)"
+    b = s.get("breakdown") or {}
+    return (head + f"; measured {bits:.3f} bits/scalar (payload {b.get('payload', float('nan')):.3f} + side "
+            f"{b.get('side', float('nan')):.3f} + norms {b.get('norms', float('nan')):.3f}), "
+            f"{s.get('compression', float('nan')):.2f}x vs fp16 over {s.get('calls', 0)} calls")
 
 
 def _table(rows, right=frozenset()) -> str:
