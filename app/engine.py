@@ -33,6 +33,10 @@ from typing import Any, Callable
 
 import numpy as np
 
+# PIPELINE_CLASSES: diffusers pipeline classes a local directory may hold -> pipeline kind; to_uint8: the
+# evaluator's float [0, 1] -> uint8 frame conversion (raises on NaN / inf frames).
+from hq_diffusion.eval.runner import PIPELINE_CLASSES, to_uint8
+
 from .config import TINY_KINDS, VIDEO_KINDS, AppSettings, GenerationRequest, QuantSettings, is_tiny
 
 __all__ = ["Engine", "GenerationResult", "PIPELINE_CLASSES", "resolve_kind", "to_uint8", "write_video", "error_gain",
@@ -40,14 +44,6 @@ __all__ = ["Engine", "GenerationResult", "PIPELINE_CLASSES", "resolve_kind", "to
 
 log = logging.getLogger(__name__)
 
-#: diffusers pipeline classes a local directory may hold -> ``hq_diffusion.models`` pipeline kind.
-PIPELINE_CLASSES: dict[str, str] = {
-    "LTXPipeline": "ltx",
-    "LTX2Pipeline": "ltx2",
-    "PixArtSigmaPipeline": "pixart",
-    "PixArtAlphaPipeline": "pixart",
-    "FluxPipeline": "flux",
-}
 
 # ``DEFAULT_CALL_KWARGS`` keys tuned for the tiny pipelines; a local checkpoint uses its own ``__call__``
 # defaults for them (steps, size and frames always come from the request).
@@ -78,11 +74,6 @@ def resolve_kind(model: str) -> str:
         raise ValueError(f"{model}: pipeline class {cls!r} is not supported; supported: "
                          f"{', '.join(PIPELINE_CLASSES)}")
     return PIPELINE_CLASSES[cls]
-
-
-def to_uint8(x: np.ndarray) -> np.ndarray:
-    """float frames in [0, 1] -> uint8, ``clip(round(x * 255), 0, 255)``."""
-    return np.clip(np.round(np.asarray(x, dtype=np.float32) * 255.0), 0, 255).astype(np.uint8)
 
 
 def write_video(path: str, frames: np.ndarray, fps: float, min_height: int = _DISPLAY_MIN_HEIGHT) -> str:

@@ -42,13 +42,6 @@ return {bf16: v('#hq-video-bf16'), quant: v('#hq-video-quant'), error: v('#hq-vi
 """
 
 
-# JS: text of the error toasts Gradio shows for gr.Error.
-_TOAST_JS = """
-return Array.from(document.querySelectorAll('[data-testid="toast-text"]'))
-    .map((e) => e.innerText).join('\\n');
-"""
-
-
 def missing_requirements() -> str | None:
     """Why the browser cannot run here (None when chromium, chromedriver and selenium are all present)."""
     missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not os.access(p, os.X_OK)]
@@ -91,7 +84,7 @@ def _wait(driver, predicate, timeout: float, what: str):
         if last:
             return last
         time.sleep(0.25)
-    state = driver.execute_script(_PAGE_STATE_JS)
+    state = page_state(driver)
     raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}; page state: {state}")
 
 
@@ -116,7 +109,7 @@ def click_generate_expect_error(driver, prompt: str, timeout: float = 30.0) -> s
 
     _type(driver.find_element(By.CSS_SELECTOR, "#hq-prompt textarea"), prompt)
     driver.find_element(By.CSS_SELECTOR, "#hq-generate").click()
-    return _wait(driver, lambda d: d.execute_script(_TOAST_JS), timeout, "an error message")
+    return _wait(driver, lambda d: page_state(d)["toast"], timeout, "an error message")
 
 
 def generate_in_browser(driver, url: str, prompt: str, *, kv: bool = False, timeout: float = 180.0) -> dict:
@@ -147,9 +140,12 @@ def generate_in_browser(driver, url: str, prompt: str, *, kv: bool = False, time
         ok = all(s[k] and s[k]["ready"] >= 2 and s[k]["error"] is None for k in ("bf16", "quant", "error"))
         return s if ok and "Mean PSNR" in s["metrics"] and "bits/weight" in s["card"] else None
 
-    _wait(driver, done, timeout, "both videos to be playable and the metrics")
+    state = _wait(driver, done, timeout, "both videos to be playable and the metrics")
     time.sleep(1.0)  # let the plot draw and the videos play a few frames
-    return page_state(driver)
+    # The video entries are those of the moment all three were playable: afterwards the sync script may
+    # seek a looping video, which briefly drops its readyState to 1 while the frame loads.
+    later = page_state(driver)
+    return {**later, **{k: state[k] for k in ("bf16", "quant", "error")}}
 
 
 def save_full_page(driver, path: str) -> str:
@@ -160,9 +156,9 @@ def save_full_page(driver, path: str) -> str:
     shot = driver.execute_cdp_cmd("Page.captureScreenshot", {
         "format": "png", "captureBeyondViewport": True,
         "clip": {"x": 0, "y": 0, "width": size["width"], "height": size["height"], "scale": 1}})
-    with open(path, "wb") as fh:
-        fh.write(base64.b64decode(shot["data"]))
-    return path
+    from hq_diffusion.eval.report import write_bytes_atomic
+
+    return write_bytes_atomic(path, base64.b64decode(shot["data"]))
 
 
 def main(argv=None) -> int:
@@ -182,7 +178,6 @@ def main(argv=None) -> int:
         state = generate_in_browser(driver, app.url, args.prompt, kv=not args.no_kv)
         driver.execute_script("window.scrollTo(0, 0)")
         time.sleep(0.5)
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         save_full_page(driver, args.out)
     print(f"wrote {args.out}; page: {state['metrics'].splitlines()[0] if state['metrics'] else ''}")
     return 0

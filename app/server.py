@@ -93,16 +93,6 @@ def _preload(engine) -> None:
         print(f"hq-diffusion app: could not preload {engine.settings.default_model}: {e}", file=sys.stderr)
 
 
-def _quiet_library_logs() -> None:
-    """Command line only: diffusers / transformers to errors (the tiny pipelines' short max_sequence_length
-    makes every prompt log a truncation warning)."""
-    import diffusers.utils.logging as dlog
-    import transformers.utils.logging as tlog
-
-    dlog.set_verbosity_error()
-    tlog.set_verbosity_error()
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hq-diffusion app",
                                 description="Gradio app: bf16 and HyperQuant-quantized generations side by side.")
@@ -159,7 +149,9 @@ def main(argv=None) -> int:
         engine.close()
         print(f"hq-diffusion app: error: {e}", file=sys.stderr)
         return 2
-    _quiet_library_logs()
+    from hq_diffusion.eval.runner import quiet_library_logs
+
+    quiet_library_logs()
     if not settings.is_loopback:
         print(f"hq-diffusion app: warning: binding {settings.host}: the app is reachable from other machines",
               file=sys.stderr)

@@ -82,6 +82,7 @@ __all__ = [
     "side_by_side_frames",
     "write_json_atomic",
     "write_csv_atomic",
+    "write_bytes_atomic",
     "write_html_report",
     "suite_aggregates",
     "prompt_means",
@@ -123,6 +124,11 @@ def _write_bytes_atomic(path: str | os.PathLike, writer: Callable[[io.BufferedWr
             fh.flush()
             os.fsync(fh.fileno())
     return os.fspath(path)
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> str:
+    """Write ``data`` to ``path`` (parent directories created).  Atomic.  Returns the path."""
+    return _write_bytes_atomic(path, lambda fh: fh.write(data))
 
 
 def write_frames_npz(path: str | os.PathLike, ref: np.ndarray, quant: np.ndarray,
@@ -167,7 +173,7 @@ def _fmt_key(k: float) -> str:
 def write_json_atomic(path: str | os.PathLike, obj: Any, indent: int = 2) -> str:
     """Write ``obj`` as JSON (via ``to_jsonable``: inf -> "inf", NaN -> null).  Atomic."""
     text = json.dumps(to_jsonable(obj), indent=indent, allow_nan=False)
-    return _write_bytes_atomic(path, lambda fh: fh.write(text.encode("utf-8") + b"\n"))
+    return write_bytes_atomic(path, text.encode("utf-8") + b"\n")
 
 
 def _csv_cell(v: Any) -> Any:
@@ -194,8 +200,7 @@ def write_csv_atomic(path: str | os.PathLike, rows: list[dict]) -> str:
         w.writeheader()
         for r in rows:
             w.writerow({k: _csv_cell(r.get(k)) for k in cols})
-    data = buf.getvalue().encode("utf-8")
-    return _write_bytes_atomic(path, lambda fh: fh.write(data))
+    return write_bytes_atomic(path, buf.getvalue().encode("utf-8"))
 
 
 # --------------------------------------------------------------------------- video
@@ -533,9 +538,8 @@ def _plot_rate_quality(suite: dict, bps_list: list, has_lpips: bool):
     pts = [(float(b), suite.get(bps_key(b)) or {}) for b in bps_list if b is not None]
     pts.sort(key=lambda t: t[0])
     for ax, metric in zip(axes, metrics):
-        xs = [b for b, s in pts if s.get(metric) and s[metric].get("mean") is not None]
-        ys = [s[metric]["mean"] for b, s in pts if s.get(metric) and s[metric].get("mean") is not None]
-        ax.plot(xs, ys, marker="o")
+        xy = [(b, s[metric]["mean"]) for b, s in pts if s.get(metric) and s[metric].get("mean") is not None]
+        ax.plot([b for b, _ in xy], [y for _, y in xy], marker="o")
         ax.set_xlabel("bits per weight (bps)")
         ax.ticklabel_format(axis="y", useOffset=False)
         ax.set_title(names[metric], fontsize=9)
@@ -611,7 +615,7 @@ def write_html_report(path: str | os.PathLike, report: dict,
             src = "data:image/png;base64," + base64.b64encode(data).decode("ascii")
         else:
             fn = os.path.join(os.fspath(plots_dir_or_inline), pid + ".png")
-            _write_bytes_atomic(fn, lambda fh: fh.write(data))
+            write_bytes_atomic(fn, data)
             src = _rel_link(os.path.relpath(os.path.abspath(fn), html_dir))
         return (f'<img class="plot" id="{html.escape(pid, quote=True)}" '
                 f'alt="{html.escape(alt, quote=True)}" src="{src}">')
@@ -697,5 +701,4 @@ def write_html_report(path: str | os.PathLike, report: dict,
                    + f"<td class='num'>{_fmt(e.get('audio_snr_db'), 2)}</td>"
                    f"<td>{vcell}</td><td>{fcell}</td></tr>")
     out.append("</table></body></html>\n")
-    text = "\n".join(out).encode("utf-8")
-    return _write_bytes_atomic(path, lambda fh: fh.write(text))
+    return write_bytes_atomic(path, "\n".join(out).encode("utf-8"))

@@ -246,24 +246,15 @@ def _parse_list(text: str, conv: Callable, what: str) -> list:
 def _check_quantize_options(bps_list: list[float], options: dict) -> None:
     """Validate every bps of the sweep with the quantizer's own config (``HQConfig``) up front, so a bad
     value fails before any generation.  Raises EvalInputError naming the flag."""
-    try:
-        from hq_diffusion.integrations.config import HQConfig
-    except ImportError:  # quantizer not built into this tree: check what the codec itself can
-        HQConfig = None
+    from hq_diffusion.integrations.config import HQConfig
+
     flags = {"kv_bps": "--kv-bps", "kv_correction": "--kv-correction", "bps": "--bps", "lattice": "--lattice",
              "mma": "--mma", "storage": "--storage", "skip": "--skip"}
     for b in bps_list:
         if not math.isfinite(b):
             raise EvalInputError(f"--bps must be finite, got {b}")
         try:
-            if HQConfig is not None:
-                HQConfig(bps=b, **options)
-            else:
-                from hq_diffusion.codec import CodecConfig
-
-                CodecConfig(bps=b, lattice=options["lattice"])
-                if options.get("kv_bps") is not None:
-                    CodecConfig(bps=options["kv_bps"], lattice=options["lattice"])
+            HQConfig(bps=b, **options)
         except ValueError as e:
             msg = str(e)
             flag = next((f for k, f in flags.items() if f"HQConfig.{k}" in msg), "--bps")
@@ -644,26 +635,25 @@ def _write_item(cfg: EvalConfig, it: _Item, ref: dict, quant: dict, lpips: _Lpip
     except ValueError as e:
         raise EvalInputError(f"{where}: {e}") from None
     R.write_frames_npz(os.path.join(d, "frames.npz"), ref["frames"], quant["frames"])
-    audio_rel = None
-    if ref.get("audio") is not None and quant.get("audio") is not None:
+    has_audio = ref.get("audio") is not None and quant.get("audio") is not None
+    if has_audio:
         _write_npz(os.path.join(d, "audio.npz"), ref=np.asarray(ref["audio"], np.float32),
                    quant=np.asarray(quant["audio"], np.float32),
                    sample_rate=np.array(int(quant["audio_sample_rate"])))
-        audio_rel = os.path.relpath(os.path.join(d, "audio.npz"), cfg.out)
     # The mp4 carries the quantized pipeline's audio (the track under test).
     R.write_side_by_side_mp4(os.path.join(d, "video.mp4"), ref["frames"], quant["frames"], fps=fps,
                              audio=quant.get("audio"), audio_sample_rate=quant.get("audio_sample_rate"))
-    _write_metrics(cfg, it, res, audio_rel)
+    _write_metrics(cfg, it, res, has_audio)
 
 
-def _write_metrics(cfg: EvalConfig, it: _Item, res: dict, audio_rel: str | None) -> None:
+def _write_metrics(cfg: EvalConfig, it: _Item, res: dict, has_audio: bool) -> None:
     d = _item_dir(cfg.out, it.bps, it.idx, it.seed)
     rel = lambda name: os.path.relpath(os.path.join(d, name), cfg.out).replace(os.sep, "/")  # noqa: E731
     entry = {
         "prompt": it.prompt, "index": it.idx, "seed": it.seed, "bps": float(it.bps),
         "per_frame": res["per_frame"], "means": res["means"], "audio_snr_db": res["audio_snr_db"],
         "video": rel("video.mp4"), "frames": rel("frames.npz"),
-        "audio": audio_rel.replace(os.sep, "/") if audio_rel else None,
+        "audio": rel("audio.npz") if has_audio else None,
         "lpips": res["lpips_info"], "fingerprint": cfg.quant_fingerprint(it.bps),
     }
     R.write_json_atomic(os.path.join(d, "metrics.json"), entry)
@@ -675,11 +665,10 @@ def _recompute_metrics(cfg: EvalConfig, it: _Item, lpips: _Lpips) -> None:
     with np.load(os.path.join(d, "frames.npz")) as z:
         ref, quant = z["ref"], z["quant"]
     ra = qa = rate = None
-    audio_rel = None
-    if os.path.isfile(os.path.join(d, "audio.npz")):
+    has_audio = os.path.isfile(os.path.join(d, "audio.npz"))
+    if has_audio:
         with np.load(os.path.join(d, "audio.npz")) as z:
             ra, qa, rate = z["ref"], z["quant"], int(z["sample_rate"])
-        audio_rel = os.path.relpath(os.path.join(d, "audio.npz"), cfg.out)
     try:
         res = compute_metrics(ref, quant, lpips, ra, qa)
     except ValueError as e:
@@ -687,7 +676,7 @@ def _recompute_metrics(cfg: EvalConfig, it: _Item, lpips: _Lpips) -> None:
     if not os.path.isfile(os.path.join(d, "video.mp4")):
         R.write_side_by_side_mp4(os.path.join(d, "video.mp4"), ref, quant, fps=_fps(cfg), audio=qa,
                                  audio_sample_rate=rate)
-    _write_metrics(cfg, it, res, audio_rel)
+    _write_metrics(cfg, it, res, has_audio)
 
 
 def _fps(cfg: EvalConfig) -> float:
@@ -927,7 +916,7 @@ def merge(out: str) -> dict:
     config = {
         "model": run["model"], "pipeline": run["pipeline"], "reference": f"unquantized, {run['dtype']}",
         "dtype": run["dtype"], "num_prompts": len(prompts), "seeds": seeds, "bps": bps_list,
-        **{k: v for k, v in run["quantize"].items()},
+        **run["quantize"],
         "generation": run["call_kwargs"],
     }
     if run.get("model_seed") is not None:

@@ -12,6 +12,8 @@ import triton
 import triton.language as tl
 from triton import knobs
 
+from hq_diffusion.codec.rht import _hadamard as codec_hadamard
+
 # ---- host utilities ----------------------------------------------------------------------------------------
 
 
@@ -29,9 +31,7 @@ def max_programs(device: torch.device, per_sm: int = 4) -> int:
 
 @functools.lru_cache(maxsize=32)
 def _hadamard_cached(size: int, block: int, dtype: torch.dtype, device: str) -> torch.Tensor:
-    h = torch.ones(1, 1)
-    while h.shape[0] < block:
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    h = codec_hadamard(block, "cpu", None)
     m = torch.block_diag(*([h] * (size // block))) if size > block else h
     return m.to(device=device, dtype=dtype).contiguous()
 

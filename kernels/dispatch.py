@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from hq_diffusion.codec import ops_ref
 from hq_diffusion.codec.hashing import key_to_u32
+from hq_diffusion.codec.lattice import to_physical
 
 ENV = "HQ_KERNELS"
 BACKENDS = ("auto", "triton", "torch")
@@ -172,10 +173,7 @@ def _resolve_mma(module, x: torch.Tensor) -> str:
 
 def _rotated_from_codes(q, codes: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``p(Y) / α · scale`` (N, K) from stored lattice integers, float32 math (``codec.decode``'s), in ``dtype``."""
-    w = codes.reshape(q.rows, q.n_pad).to(torch.float32)
-    gain = ops_ref.int8_operand_gain(q)
-    if gain is not None:
-        w = w * gain
+    w = to_physical(q.lattice, codes.reshape(q.rows, q.n_pad))
     return (w * ops_ref.row_dequant_scale(q).unsqueeze(1)).to(dtype)
 
 

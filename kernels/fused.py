@@ -134,8 +134,7 @@ def fused_decode_gemm_launch(xq: torch.Tensor, xs: torch.Tensor, q, bias: torch.
     bn = fused_rows(q)
     if interpreting():
         bn = max(bn, min(64, triton.next_power_of_2(N)))  # fewer, larger steps
-    while not group_aligned(q.lattice, q.block, bn * K // dim):  # (only reached if bn grew past alignment)
-        bn *= 2
+    # both are powers of two, so the larger is a multiple of fused_rows(q): still block-aligned
     vg = bn * K // dim
     plan = group_plan(q, vg)
     s0 = plan.streams[0]

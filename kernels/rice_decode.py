@@ -50,14 +50,17 @@ import triton
 import triton.language as tl
 
 from hq_diffusion.codec.errors import HQFormatError
+from hq_diffusion.codec.format import LATTICE_IDS
+from hq_diffusion.codec.lattice import LATTICES
 from hq_diffusion.codec.ops_ref import row_dequant_scale
 from hq_diffusion.codec.rice import ESC, KMAX
+from hq_diffusion.codec.strip import stream_lengths
 
 from ._jit import cast_out, clz32, interpreting, max_programs, unzigzag
 
-LATTICE_CODES = {"e8": 0, "d4": 1, "a2": 2, "z": 3}
-# lattice → (dimension D, symbols per vector in each stream)
-LAYOUT = {"e8": (8, (8,)), "d4": (4, (3, 1)), "a2": (2, (1, 1)), "z": (1, (1,))}
+LATTICE_CODES = LATTICE_IDS  # the LAT constexpr of the kernels: e8 0, d4 1, a2 2, z 3
+# lattice → (dimension D, symbols per vector in each stream): e8 (8, (8,)), d4 (4, (3, 1)), a2 (2, (1, 1)), z (1, (1,))
+LAYOUT = {name: (info.dim, tuple(stream_lengths(name, info.dim))) for name, info in LATTICES.items()}
 MODE_CODES, MODE_ROTATED, MODE_COUNT = 0, 1, 2
 
 
@@ -294,9 +297,8 @@ class GroupPlan:
 
 def min_group(lattice: str, block: int) -> int:
     """Smallest VG whose symbols are whole blocks in every stream."""
-    _, per_vec = LAYOUT[lattice]
     vg = 1
-    while any((d * vg) % block for d in per_vec):
+    while not group_aligned(lattice, block, vg):
         vg *= 2
     return vg
 
@@ -435,8 +437,7 @@ def decode_launch(q, out: str = "codes", out_dtype: torch.dtype = torch.bfloat16
     dev = q.scales.device
     if out == "codes":
         res = torch.empty(numel, dtype=torch.int8 if q.fits_int8 else torch.int32, device=dev)
-        ws = torch.ones(q.rows, dtype=torch.float32, device=dev)
-        _launch(plan, MODE_CODES, res, ws)
+        _launch(plan, MODE_CODES, res, None)  # codes need no scales
         if not q.fits_int8:
             res = res.to(torch.int32 if int(res.abs().max()) > 32767 else torch.int16)
     else:

@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from hq_diffusion.codec.hashing import stream_base
+from hq_diffusion.codec.rht import ALLOWED_TILES
 
 from ._jit import cast_out, hadamard, interpreting, rht_signs, round_half_even
 
@@ -112,7 +113,7 @@ def _dot_f32(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 or interpreting()
 
 
-def _geometry(tile: int, K: int):
+def _geometry(tile: int):
     sub = max(16, min(tile, 256))
     if interpreting():
         bo, bm = sub, 64  # few, large steps: the interpreter pays per operation
@@ -124,7 +125,7 @@ def _geometry(tile: int, K: int):
 def _check(x: torch.Tensor, tile: int, K: int):
     if x.dtype not in _SUPPORTED:
         raise ValueError(f"activations must be bfloat16, float16 or float32, got {x.dtype}")
-    if tile & (tile - 1) or not 8 <= tile <= 2048:
+    if tile not in ALLOWED_TILES:
         raise ValueError(f"tile must be a power of two in [8, 2048], got {tile}")
     if K % tile:
         raise ValueError(f"padded length {K} is not a multiple of the tile {tile}")
@@ -143,7 +144,7 @@ def rht_launch(x: torch.Tensor, seed: int, key: int | str, tile: int) -> torch.T
     y = torch.empty_like(x2)
     if M == 0:
         return y.reshape(x.shape)
-    sub, bo, bm = _geometry(tile, K)
+    sub, bo, bm = _geometry(tile)
     h = hadamard(sub, min(tile, sub), x.dtype, x.device)
     grid = (triton.cdiv(M, bm), triton.cdiv(K, bo))
     _rht_kernel[grid](x2, y, h, M, K, K, x2.stride(0), y.stride(0), stream_base(seed, key),
@@ -165,7 +166,7 @@ def rht_quant_int8_launch(x: torch.Tensor, seed: int, key: int | str, tile: int,
     s = torch.empty(M, dtype=torch.float32, device=x.device)
     if M == 0:
         return q, s
-    sub, bo, bm = _geometry(tile, n_pad)
+    sub, bo, bm = _geometry(tile)
     h = hadamard(sub, min(tile, sub), x.dtype, x.device)
     g = gain.contiguous() if gain is not None else s  # any pointer when unused
     _rht_quant_kernel[(triton.cdiv(M, bm),)](

@@ -173,6 +173,18 @@ def test_version_mismatch_and_truncation():
         EncodedTensor.from_bytes(bytes(blob) + b"\0")
 
 
+
+def test_short_header_with_valid_crc_is_a_format_error():
+    # a blob whose CRC matches but which ends inside the shape/tail fields (8 dims need 32 bytes)
+    import struct
+    import zlib
+
+    from hq_diffusion.codec.format import _FIXED
+
+    body = _FIXED.pack(b"HQCT", 1, 0, 0, 0, 8, 8, 12, 0) + b"\x01" * 16
+    with pytest.raises(HQFormatError, match="truncated"):
+        EncodedTensor.from_bytes(body + struct.pack("<I", zlib.crc32(body)))
+
 def test_fuzz_mutated_blobs():
     w = torch.randn(12, 200)
     q = encode(w, CodecConfig(bps=4.0, lattice="d4"))

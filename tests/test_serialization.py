@@ -136,6 +136,16 @@ def test_plain_module_needs_a_skeleton(tmp_path):
     assert torch.equal(back(x), net(x))
 
 
+
+def test_meta_tensors_are_refused_by_name(tmp_path):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.GELU(), torch.nn.Linear(96, 32))
+    quantize(net, progress=False)
+    net.register_buffer("not_loaded", torch.empty(3, device="meta"))
+    with pytest.raises(ValueError, match="meta device.*not_loaded"):
+        ser.save_quantized(net, tmp_path / "mlp")
+    assert not (tmp_path / "mlp").exists()
+
 # ---- broken checkpoints -----------------------------------------------------------------------------------
 
 def _tensor_span(path, name):

@@ -1,4 +1,4 @@
-"""Shared helpers of the benchmarks: machine description, markdown tables, output files."""
+"""Shared helpers of the benchmarks: machine description, markdown tables, heavy-tailed weights, output files."""
 from __future__ import annotations
 
 import datetime
@@ -43,10 +43,20 @@ def median_time(fn, repeat: int = 5, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
+def student_t_columns(rows: int, cols: int, nu: int, col_scale: float, g: torch.Generator) -> torch.Tensor:
+    """Student-t (ν = ``nu``) entries as z / sqrt(χ²_ν / ν), with 1% of the columns (at least one) scaled
+    by ``col_scale``. float32 (rows, cols), drawn from ``g``."""
+    z = torch.randn(rows, cols, generator=g)
+    chi2 = torch.randn(nu, rows, cols, generator=g).square().sum(0)
+    t = z / (chi2 / nu).sqrt()
+    t[:, torch.randperm(cols, generator=g)[: max(1, cols // 100)]] *= col_scale
+    return t
+
+
 def emit(text: str, out: str | None) -> None:
+    """Print ``text`` and, with ``out``, also write it there (atomically, UTF-8)."""
     print(text)
     if out:
-        tmp = out + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(text + "\n")
-        os.replace(tmp, out)
+        from hq_diffusion.eval.report import write_bytes_atomic
+
+        write_bytes_atomic(out, (text + "\n").encode("utf-8"))

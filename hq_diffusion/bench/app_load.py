@@ -19,6 +19,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -61,20 +62,26 @@ def _get(url: str, timeout: float = 10.0) -> float:
     return time.perf_counter() - t
 
 
-def _start_server(args, port: int) -> subprocess.Popen:
+def _start_server(args, port: int, log) -> subprocess.Popen:
+    """The app as a subprocess; its stdout and stderr go to the file ``log`` (a pipe that nobody reads while
+    the load runs could fill up and block the server)."""
     env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     cmd = [sys.executable, "-m", "hq_diffusion.app.server", "--host", "127.0.0.1", "--port", str(port),
            "--model", args.model, "--max-concurrency", str(args.concurrency),
            "--queue-size", str(max(16, args.requests + 4))]
-    return subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
 
 
-def _wait_ready(proc: subprocess.Popen, url: str, timeout: float = 180.0) -> None:
+def _read_log(log) -> str:
+    log.seek(0)
+    return log.read().decode("utf-8", "replace")
+
+
+def _wait_ready(proc: subprocess.Popen, log, url: str, timeout: float = 180.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            out = proc.stdout.read() if proc.stdout else ""
+            out = _read_log(log)
             raise RuntimeError(f"the app exited with {proc.returncode} before serving:\n{out[-3000:]}")
         try:
             _get(url, timeout=2.0)
@@ -84,7 +91,7 @@ def _wait_ready(proc: subprocess.Popen, url: str, timeout: float = 180.0) -> Non
     raise TimeoutError(f"the app did not answer on {url} within {timeout:.0f} s")
 
 
-def _stop_server(proc: subprocess.Popen) -> str:
+def _stop_server(proc: subprocess.Popen, log) -> str:
     if proc.poll() is None:
         proc.terminate()  # SIGTERM: the app closes the server and its engine
         try:
@@ -92,7 +99,7 @@ def _stop_server(proc: subprocess.Popen) -> str:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=10)
-    return proc.stdout.read() if proc.stdout else ""
+    return _read_log(log)
 
 
 def _request(args, i: int) -> dict:
@@ -167,11 +174,11 @@ def main(argv=None) -> int:
 
     port = _free_port()
     url = f"http://127.0.0.1:{port}/"
-    proc = _start_server(args, port)
-    log = ""
+    server_log = tempfile.TemporaryFile()
+    proc = _start_server(args, port, server_log)
     try:
         t0 = time.perf_counter()
-        _wait_ready(proc, url)
+        _wait_ready(proc, server_log, url)
         start_s = time.perf_counter() - t0
         client = Client(url, verbose=False)
         requests = [_request(args, i) for i in range(args.requests)]
@@ -186,21 +193,21 @@ def main(argv=None) -> int:
         stop = threading.Event()
         probe_client = Client(url, verbose=False)
 
+        def probe_once(into: dict[str, list[float]]) -> None:
+            t = time.perf_counter()
+            probe_client.predict(api_name="/limits")
+            into["limits"].append(time.perf_counter() - t)
+            into["page"].append(_get(url))
+
         def probe():
             for _ in range(int(args.timeout / max(args.probe_interval, 0.05))):
-                t = time.perf_counter()
-                probe_client.predict(api_name="/limits")
-                probes["limits"].append(time.perf_counter() - t)
-                probes["page"].append(_get(url))
+                probe_once(probes)
                 if stop.wait(args.probe_interval):
                     return
 
         idle: dict[str, list[float]] = {"limits": [], "page": []}
         for _ in range(5):  # the same probes on the idle server, for comparison
-            t = time.perf_counter()
-            probe_client.predict(api_name="/limits")
-            idle["limits"].append(time.perf_counter() - t)
-            idle["page"].append(_get(url))
+            probe_once(idle)
         prober = threading.Thread(target=probe, name="app-load-probe", daemon=True)
         latencies: list[float] = [0.0] * len(requests)
         results: list[dict | None] = [None] * len(requests)
@@ -268,7 +275,8 @@ def main(argv=None) -> int:
         emit(text, args.out)
         return 0
     finally:
-        log = _stop_server(proc)
+        log = _stop_server(proc, server_log)
+        server_log.close()
         if proc.returncode != 0 and log:
             print(f"app_load: server log (exit {proc.returncode}):\n{log[-3000:]}", file=sys.stderr)
 

@@ -22,17 +22,10 @@ import torch
 from tqdm import tqdm
 
 from hq_diffusion.eval.metrics import psnr_per_frame, ssim_per_frame
-from hq_diffusion.eval.runner import to_uint8
+from hq_diffusion.eval.runner import default_prompts_file, read_prompts, to_uint8
 
-from ._common import emit, header, table
+from ._common import emit, header, student_t_columns, table
 from .baselines import rtn_groupwise
-
-
-def _prompts(n: int) -> list[str]:
-    from importlib import resources
-
-    lines = resources.files("hq_diffusion.assets").joinpath("prompts.txt").read_text().splitlines()
-    return [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")][:n]
 
 
 def rtn_quantize_layers(model: torch.nn.Module, names: list[str], bits: int = 4, group: int = 128) -> tuple[int, int]:
@@ -58,11 +51,7 @@ def trained_like_(model: torch.nn.Module, seed: int = 0) -> None:
     g = torch.Generator().manual_seed(seed)
     for name, m in model.named_modules():
         if isinstance(m, torch.nn.Linear) and "blocks." in name:
-            out_f, in_f = m.weight.shape
-            z = torch.randn(out_f, in_f, generator=g)
-            chi2 = torch.randn(5, out_f, in_f, generator=g).square().sum(0)
-            t = z / (chi2 / 5).sqrt()
-            t[:, torch.randperm(in_f, generator=g)[: max(1, in_f // 100)]] *= 4
+            t = student_t_columns(*m.weight.shape, 5, 4, g)
             m.weight.data = (t * (m.weight.float().std() / t.std())).to(m.weight.dtype)
 
 
@@ -95,7 +84,7 @@ def run(num_prompts: int = 4, seed: int = 0, bps: float = 4.0, dtype=torch.bfloa
     hq_eq = hq_diffusion.quantize(_build(init, dtype), bps=int(peer_bps * 1000) / 1000, progress=False)
     s_eq = hq_diffusion.summary(hq_eq)
     rows = {k: {"psnr": [], "ssim": []} for k in ("hq", "hq_eq", "rtn")}
-    for prompt in tqdm(_prompts(num_prompts), desc="prompts", disable=not progress, leave=False):
+    for prompt in tqdm(read_prompts(default_prompts_file())[:num_prompts], desc="prompts", disable=not progress, leave=False):
         ref = to_uint8(generate(ref_pipe, "ltx", prompt, seed))
         for key, pipe in (("hq", hq_pipe), ("hq_eq", hq_eq), ("rtn", peer_pipe)):
             out = to_uint8(generate(pipe, "ltx", prompt, seed))

@@ -8,7 +8,6 @@ exactly the same total rate.
 from __future__ import annotations
 
 import argparse
-import math
 
 import torch
 from tqdm import tqdm

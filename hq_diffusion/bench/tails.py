@@ -12,17 +12,12 @@ import torch
 from hq_diffusion.codec import CodecConfig, decode, encode, excess_kurtosis, rotated_rows
 
 from .baselines import snr_db
-from ._common import emit, header, table
+from ._common import emit, header, student_t_columns, table
 
 
 def heavy_tailed(rows: int, cols: int, seed: int = 0) -> torch.Tensor:
     """Student-t (ν = 4) as z / sqrt(χ²₄ / 4), with 1% of the columns scaled ×10. float32 (rows, cols)."""
-    g = torch.Generator().manual_seed(seed)
-    z = torch.randn(rows, cols, generator=g)
-    chi2 = torch.randn(4, rows, cols, generator=g).square().sum(0)
-    w = z / (chi2 / 4).sqrt()
-    w[:, torch.randperm(cols, generator=g)[: max(1, cols // 100)]] *= 10
-    return w
+    return student_t_columns(rows, cols, 4, 10, torch.Generator().manual_seed(seed))
 
 
 def main(argv=None) -> int:

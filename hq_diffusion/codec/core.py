@@ -13,9 +13,9 @@ import torch
 
 from .config import SCALE_DTYPES, CodecConfig
 from .errors import HQFormatError
-from .format import _FIXED, _STREAM, _TAIL, EncodedTensor
+from .format import EncodedTensor, header_bytes
 from .hashing import key_to_u32
-from .lattice import alpha_for_snr, lattice_info, nearest, to_physical
+from .lattice import alpha_for_snr, nearest, to_physical
 from .rate import alpha_for_rate
 from .rht import inverse_rht, pad_last, plan_tiles, rht
 from .rice import _num_blocks, decode_stream, encode_stream, stream_bits
@@ -58,9 +58,9 @@ def rotated_rows(w: torch.Tensor, tile: int, seed: int, key: int | str) -> tuple
 
 def _fixed_bits(shape, rows: int, lattice: str, n_pad: int, block: int, scale_bytes: int) -> int:
     """Bits of everything except the payload (unary, remainders, escapes): header, scales, ks, offsets."""
-    size = _FIXED.size + 4 * len(shape) + _TAIL.size + 4 + rows * scale_bytes
-    for sn in stream_lengths(lattice, rows * n_pad):
-        size += _STREAM.size + _num_blocks(sn, block) * 5
+    lens = stream_lengths(lattice, rows * n_pad)
+    size = header_bytes(len(shape), len(lens)) + rows * scale_bytes
+    size += sum(_num_blocks(sn, block) * 5 for sn in lens)  # per block: u8 k, i32 offset
     return 8 * size
 
 
@@ -112,7 +112,6 @@ def encode(w: torch.Tensor, cfg: CodecConfig | None = None, key: int | str = 0) 
     _validate(w)
     shape = tuple(w.shape)
     lattice = cfg.lattice
-    dev = w.device
     u, h = rotated_rows(w, cfg.tile, cfg.seed, key)
     rows, n_pad = u.shape
     key32 = key_to_u32(key)
@@ -181,12 +180,12 @@ def decode(q: EncodedTensor, out: str = "weight") -> torch.Tensor:
     rows, n_pad = q.rows, q.n_pad
     y = unstrip(q.lattice, [decode_stream(s) for s in q.streams], (rows, n_pad))
     if out == "codes":
+        max_abs = int(y.abs().max())
         if q.fits_int8:
-            if int(y.abs().max()) > 127:
+            if max_abs > 127:
                 raise HQFormatError("codes flagged as int8 but out of range")
             return y.to(torch.int8).reshape(q.codes_shape)
-        big = int(y.abs().max()) > 32767
-        return y.to(torch.int32 if big else torch.int16).reshape(q.codes_shape)
+        return y.to(torch.int32 if max_abs > 32767 else torch.int16).reshape(q.codes_shape)
     rot = to_physical(q.lattice, y) * (q.scales.to(torch.float32).unsqueeze(1) / q.alpha)
     if out == "rotated":
         return rot.reshape(q.codes_shape)

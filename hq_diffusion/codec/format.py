@@ -40,6 +40,11 @@ def _inv(d: dict):
     return {v: k for k, v in d.items()}
 
 
+def header_bytes(ndim: int, num_streams: int) -> int:
+    """Bytes of the fixed-size parts of a blob: header, shape, per-stream headers and the CRC."""
+    return _FIXED.size + 4 * ndim + _TAIL.size + _STREAM.size * num_streams + 4
+
+
 @dataclass
 class EncodedTensor:
     """A tensor encoded by :func:`hq_diffusion.codec.encode`.
@@ -97,10 +102,7 @@ class EncodedTensor:
 
     @property
     def serialized_size(self) -> int:
-        size = _FIXED.size + 4 * len(self.shape) + _TAIL.size + _STREAM.size * len(self.streams)
-        size += self.scales.numel() * self.scales.element_size()
-        size += sum(s.nbytes for s in self.streams)
-        return size + 4
+        return header_bytes(len(self.shape), len(self.streams)) + self.nbytes
 
     @property
     def nbytes(self) -> int:
@@ -135,7 +137,7 @@ class EncodedTensor:
     @classmethod
     def from_bytes(cls, blob: bytes | bytearray | memoryview) -> "EncodedTensor":
         """Parse and validate a blob. Raises :class:`HQFormatError` on any corruption or version mismatch."""
-        blob = bytes(blob)
+        blob = memoryview(bytes(blob))
         if len(blob) < _FIXED.size + _TAIL.size + 4:
             raise HQFormatError(f"blob of {len(blob)} bytes is too short to be an encoded tensor")
         magic, version, lat, dt, sdt, ndim, ltile, lblock, flags = _FIXED.unpack_from(blob, 0)
@@ -154,6 +156,8 @@ class EncodedTensor:
             raise HQFormatError("unknown lattice, dtype or scale dtype id in header") from None
         if ndim > _MAX_NDIM or not (3 <= ltile <= 11) or not (3 <= lblock <= 20) or flags & ~FLAG_FITS_INT8:
             raise HQFormatError("header field out of range")
+        if len(body) < header_bytes(ndim, 0) - 4:
+            raise HQFormatError("encoded tensor is truncated")
         off = _FIXED.size
         shape = struct.unpack_from(f"<{ndim}I", blob, off)
         off += 4 * ndim
@@ -206,11 +210,11 @@ class _Reader:
         size = count * torch.empty(0, dtype=dtype).element_size()
         if self.off + size > len(self.buf):
             raise HQFormatError("encoded tensor is truncated")
-        raw = bytearray(self.buf[self.off:self.off + size])
+        raw = bytearray(self.buf[self.off:self.off + size])  # a writable copy the tensor keeps alive
         self.off += size
         if count == 0:
             return torch.empty(0, dtype=dtype)
-        return torch.frombuffer(raw, dtype=torch.uint8).view(dtype).clone()
+        return torch.frombuffer(raw, dtype=dtype)
 
 
 def _tensor_bytes(t: torch.Tensor) -> bytes:

@@ -7,6 +7,7 @@ integers and the same arithmetic can be written in any language with 32-bit wrap
 """
 from __future__ import annotations
 
+import functools
 import zlib
 
 import torch
@@ -62,7 +63,15 @@ def stream_base(seed: int, key: int | str) -> int:
 
 
 def rht_signs(n: int, seed: int, key: int | str, device=None) -> torch.Tensor:
-    """The ±1 sign vector of length ``n`` for columns ``0..n-1``. Returns float32, shape (n,)."""
+    """The ±1 sign vector of length ``n`` for columns ``0..n-1``. Returns float32, shape (n,).
+
+    Cached per ``(n, seed, key, device)``: every forward of a quantized layer asks for the same vector.
+    The returned tensor is shared; do not modify it in place."""
+    return _rht_signs_cached(int(n), int(seed), key, None if device is None else torch.device(device))
+
+
+@functools.lru_cache(maxsize=4096)
+def _rht_signs_cached(n: int, seed: int, key: int | str, device) -> torch.Tensor:
     base = stream_base(seed, key)
     cols = torch.arange(n, dtype=torch.int64, device=device)
     h = mix32(cols ^ base)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from .lattice import axis_gain
 from .rht import pad_last, rht
 
 
@@ -72,8 +73,6 @@ def row_dequant_scale(q) -> torch.Tensor:
 def int8_operand_gain(q) -> torch.Tensor | None:
     """Per-column factor the activations need so the lattice integers work as an integer matrix:
     float32 (K,) (√3 on the first axis of every A2 pair), or None when all ones."""
-    from .lattice import axis_gain
-
     return axis_gain(q.lattice, q.n_pad, q.scales.device)
 
 

@@ -35,7 +35,7 @@ def plan_tiles(n: int, max_tile: int, multiple: int = 8) -> tuple[int, int]:
         raise ValueError(f"tile must be a power of two in {ALLOWED_TILES}, got {max_tile}")
     low = n & -n  # largest power of two dividing n
     h = min(low, max_tile)
-    if h >= min(MIN_DIVIDING_TILE, max_tile) and h >= 8:
+    if h >= min(MIN_DIVIDING_TILE, max_tile):  # max_tile ≥ 8, so h ≥ 8 here
         return h, n
     h = min(max_tile, max(8, 1 << (n - 1).bit_length()))
     n_pad = -(-n // h) * h

@@ -102,6 +102,14 @@ def coded_bits(z: torch.Tensor, k: torch.Tensor, lens: torch.Tensor, block: int)
 _CHUNK_SYMBOLS = 1 << 18  # symbols per step of the chunked loops (1 MiB of int32): stays in cache
 
 
+def _block_lengths_np(n: int, block: int) -> np.ndarray:
+    """numpy :func:`_block_lengths`: real symbols per block, int64 (NB,)."""
+    nb = _num_blocks(n, block)
+    lens = np.full(nb, block, dtype=np.int64)
+    lens[-1] = n - (nb - 1) * block
+    return lens
+
+
 def _row_reduce(a: np.ndarray, op: str) -> np.ndarray:
     """Per-row ``sum`` (int32 accumulator) or ``max`` of a 2-D integer array (r, w) → (r,).
 
@@ -158,8 +166,7 @@ def _choose_k_np(zp: np.ndarray, n: int, block: int) -> _KChoice:
     Blocks whose largest symbol can reach ESC at ``lo`` are recounted exactly with clamping."""
     nb = zp.size // block
     z2 = zp.reshape(nb, block)
-    lens = np.full(nb, block, dtype=np.int64)
-    lens[-1] = n - (nb - 1) * block
+    lens = _block_lengths_np(n, block)
     int32_sum_max = (2**31 - 1) // block  # a block sum fits int32 when every symbol is below this
     zmax = np.empty(nb, dtype=np.int64)
     sums = np.empty(nb, dtype=np.int64)
@@ -507,8 +514,7 @@ def decode_stream(st: RiceStream) -> torch.Tensor:
     if qmax > ESC:
         raise HQFormatError(f"unary run longer than the escape length {ESC}")
     # block b starts at bit pos_{b·block − 1} + 1 = Σ_{i < b·block}(q_i + 1); the padding adds nothing
-    lens = np.full(nb, block, dtype=np.int64)
-    lens[-1] = n - (nb - 1) * block
+    lens = _block_lengths_np(n, block)
     expect_off = np.zeros(nb, dtype=np.int64)
     expect_off[1:] = np.cumsum(_row_reduce(q.reshape(nb, block), "sum")[:-1] + lens[:-1])
     if not np.array_equal(expect_off, to_numpy(st.offsets).astype(np.int64)):

@@ -16,11 +16,10 @@ from ..codec import CodecConfig
 from ..codec.config import SCALE_DTYPES
 from ..codec.lattice import LATTICES
 from ..codec.rht import ALLOWED_TILES
+from ..nn.kv import ROTATIONS as KV_ROTATIONS
+from ..nn.linear import MMA_CHOICES, STORAGE_CHOICES
 
 HQCONFIG_VERSION = 1
-MMA_CHOICES = ("auto", "bf16", "int8", "fp8", "nvfp4", "mxfp4")
-STORAGE_CHOICES = ("rice", "int8")
-KV_ROTATIONS = ("none", "signs", "haar")
 KV_CORRECTIONS = KV_ROTATIONS + tuple(f"{r}+dither" for r in KV_ROTATIONS)
 BPS_RANGE = (1.25, 16.0)  # the codec's range: a Rice code spends at least one bit per scalar
 

@@ -163,10 +163,11 @@ def _write_component(model: nn.Module, path: Path) -> None:
 
     qc = quantization_config(model)
     path.mkdir(parents=True, exist_ok=True)
-    state_dict = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    state_dict = model.state_dict()
     meta_tensors = [k for k, v in state_dict.items() if v.device.type == "meta"]
-    if meta_tensors:
+    if meta_tensors:  # checked before the copy below, which would fail on them with a generic error
         raise ValueError(f"cannot save tensors on the meta device: {meta_tensors[:5]}")
+    state_dict = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
     checksums = {k: tensor_crc32(v) for k, v in state_dict.items()}
     metadata = {"format": "pt", METADATA_KEY: json.dumps({**qc, "checksums": checksums}, sort_keys=True)}
     save_file(state_dict, str(path / WEIGHTS_NAME), metadata=metadata)
@@ -246,7 +247,10 @@ def read_checkpoint_metadata(st_path: Path) -> tuple[dict, dict]:
     try:
         with safe_open(str(st_path), framework="pt") as f:
             raw = f.metadata() or {}
-            header = {k: (f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape())) for k in f.keys()}
+            header = {}
+            for k in f.keys():
+                sl = f.get_slice(k)
+                header[k] = (sl.get_dtype(), tuple(sl.get_shape()))
     except FileNotFoundError:
         raise HQFormatError(f"{st_path}: file is missing") from None
     except Exception as e:  # safetensors raises SafetensorError (an Exception) for a bad/truncated file
@@ -365,11 +369,10 @@ def load_component(path, *, model: nn.Module | None = None, device=None, torch_d
     qc_cfg = config.get("quantization_config")
     if not isinstance(qc_cfg, dict) or qc_cfg.get("quant_method") != QuantMethod.HQ_DIFFUSION.value:
         raise HQFormatError(f"{cfg_path}: no hq_diffusion quantization_config: not an hq-diffusion checkpoint")
-    check_quantization_config(qc_cfg, cfg_path, with_checksums=False)
+    hq_config = check_quantization_config(qc_cfg, cfg_path, with_checksums=False)
     qc, header = read_checkpoint_metadata(st_path)
     if {k: v for k, v in qc.items() if k != "checksums"} != qc_cfg:
         raise HQFormatError(f"{cfg_path}: quantization_config disagrees with the metadata of {st_path.name}")
-    hq_config = HQConfig.from_dict(qc["config"])
     if model is None:
         model = _skeleton(config, cfg_path)
     swap_in_empty_hqlinears(model, qc["layers"], st_path, backend=backend)

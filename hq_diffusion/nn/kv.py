@@ -61,7 +61,7 @@ from torch.overrides import TorchFunctionMode
 from hq_diffusion.codec.hashing import MASK32, mix32_int, rht_signs, stream_base
 from hq_diffusion.codec.lattice import LATTICES, SQRT3, nearest, to_physical
 from hq_diffusion.codec.rate import alpha_for_rate, load_rate_table
-from hq_diffusion.codec.rice import stream_bits
+from hq_diffusion.codec.rice import _num_blocks, stream_bits
 from hq_diffusion.codec.strip import strip
 
 __all__ = [
@@ -333,7 +333,7 @@ def quantize_kv(x: torch.Tensor, cfg: KVConfig, key: int | str, step: int | None
         x_hat = u_hat[:, :d] * (norm / root)
         streams = strip(lat, y)
         payload = sum(stream_bits(z, cfg.block) for z in streams)
-        blocks = sum(-(-z.numel() // cfg.block) for z in streams)
+        blocks = sum(_num_blocks(z.numel(), cfg.block) for z in streams)
     stats = KVStats(scalars=nvec * d, vectors=nvec, payload_bits=payload,
                     side_bits=blocks * SIDE_BITS_PER_BLOCK, norm_bits=nvec * NORM_BITS)
     return x_hat.reshape(x.shape).to(x.dtype), stats
@@ -696,13 +696,11 @@ def kv_summary(transformer: torch.nn.Module) -> dict | None:
     if not procs:
         return None
     total = KVStats()
-    per_module = {}
+    per_module, configs = {}, []
     for name, _, proc in procs:
         total.add(proc.stats)
         per_module[name] = {"calls": proc.stats.calls,
                             "bits_per_scalar": proc.stats.bits_per_scalar if proc.stats.scalars else None}
-    configs = []
-    for _, _, proc in procs:
         d = proc.cfg.to_dict() if proc.cfg is not None else None
         if d not in configs:
             configs.append(d)

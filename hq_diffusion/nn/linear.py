@@ -29,7 +29,8 @@ Matmul paths (``mma``; DESIGN §2), dispatched through :data:`MMA_PATHS`:
   :func:`~hq_diffusion.codec.ops_ref.int8_gemm_dequant_ref` against ``Y`` with ``ws = scale / α`` (float32);
   on CUDA the int32 accumulation runs in ``torch._int_mm`` (exact, hence bit-identical to the reference).
 - ``"fp8"``, ``"nvfp4"``, ``"mxfp4"``: both operands rounded to the format (:mod:`hq_diffusion.nn.lowp`),
-  simulated with torch casts (a :class:`SimulatedFormatWarning` says so, once per format and process).
+  simulated with torch casts (a :class:`SimulatedFormatWarning` says so at each forward; Python's default
+  warning filter shows it once per format and calling line).
 - ``"auto"``: ``"int8"`` on CUDA when ``torch._int_mm`` exists and ``Y`` fits int8, else ``"bf16"``.
 
 Kernel seam: :meth:`HQLinear.forward_kernel` calls ``hq_diffusion.kernels.hq_linear(x, module)`` when that
@@ -275,7 +276,6 @@ class HQLinear(nn.Module):
                              f"{int(torch.isinf(w).sum())} Inf values; refusing to quantize it")
         cfg = codec_cfg or CodecConfig()
         q = encode(w, cfg, key=key)
-        snr = _snr_db(w, q)
         if mma == "int8" and not q.fits_int8:
             warnings.warn(f"layer {name!r}: lattice integers reach {q.meta.get('max_abs_code')} > 127 at "
                           f"{cfg.bps} bps, so the int8 matmul cannot use them; this layer uses mma='bf16'",
@@ -287,7 +287,7 @@ class HQLinear(nn.Module):
             if codes.dtype != torch.int8:
                 warnings.warn(f"layer {name!r}: lattice integers exceed ±127; storage='int8' keeps them as "
                               f"{dtype_name(codes.dtype)}", stacklevel=2)
-        meta = _meta_from_encoded(q, storage=storage, mma=mma, bias=linear.bias, snr_db=snr, codes=codes)
+        meta = _meta_from_encoded(q, storage=storage, mma=mma, bias=linear.bias, codes=codes)
         mod = cls(meta, device=w.device, backend=backend, name=name)
         mod.scales.copy_(q.scales.view(mod.scales.dtype))
         if storage == "rice":
@@ -298,6 +298,8 @@ class HQLinear(nn.Module):
             mod.codes.copy_(codes)
         if linear.bias is not None:
             mod.bias.data.copy_(linear.bias.detach())
+        snr = _snr_db(w, mod)  # from the stored weight: storage "int8" decodes the streams only once
+        mod.hq_meta["snr_db"] = snr if math.isfinite(snr) else None
         return mod
 
     # ---- views of the stored weight ---------------------------------------------------------------
@@ -379,10 +381,10 @@ class HQLinear(nn.Module):
 
 # ---- metadata -------------------------------------------------------------------------------------------
 
-def _snr_db(w: torch.Tensor, q: EncodedTensor) -> float:
-    """SNR in dB of the decoded weight (float32, original basis) against ``w``."""
-    n = q.n
-    rec = inverse_rht(decode(q, out="rotated").reshape(q.rows, q.n_pad), q.seed, q.key, q.tile)[:, :n]
+def _snr_db(w: torch.Tensor, m: HQLinear) -> float:
+    """SNR in dB of the stored weight of ``m`` (decoded in float32, original basis) against ``w``."""
+    n = m.in_features
+    rec = inverse_rht(m.rotated_weight(), m.seed, m.key, m.tile)[:, :n]
     ref = w.reshape(-1, n).to(torch.float32)
     sig = float(ref.double().square().sum())
     err = float((rec.double() - ref.double()).square().sum())
@@ -391,8 +393,9 @@ def _snr_db(w: torch.Tensor, q: EncodedTensor) -> float:
     return 10.0 * math.log10(sig / err) if sig > 0 else -math.inf
 
 
-def _meta_from_encoded(q: EncodedTensor, *, storage: str, mma: str, bias: torch.Tensor | None, snr_db: float,
+def _meta_from_encoded(q: EncodedTensor, *, storage: str, mma: str, bias: torch.Tensor | None,
                        codes: torch.Tensor | None) -> dict:
+    """Every ``hq_meta`` field but ``snr_db`` (which :meth:`HQLinear.from_linear` measures on the built module)."""
     n_out, n_in = q.shape
     meta = {
         "version": META_VERSION,
@@ -401,7 +404,7 @@ def _meta_from_encoded(q: EncodedTensor, *, storage: str, mma: str, bias: torch.
         "seed": int(q.seed), "key": int(q.key), "alpha": float(q.alpha), "scale_dtype": q.scale_dtype,
         "fits_int8": bool(q.fits_int8), "max_abs_code": int(q.meta.get("max_abs_code", -1)),
         "storage": storage, "mma": mma, "bias": None if bias is None else dtype_name(bias.dtype),
-        "snr_db": float(snr_db) if math.isfinite(snr_db) else None,
+        "snr_db": None,
     }
     if storage == "rice":
         meta["streams"] = [{"n": int(s.n), **{p: int(t.numel()) for p, t in s.tensors().items()}} for s in q.streams]
