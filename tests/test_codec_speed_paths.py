@@ -52,9 +52,9 @@ def _streams(seed=0):
     """Symbol streams of odd sizes: geometric, zeros, escapes, per-block magnitudes (many distinct k)."""
     g = torch.Generator().manual_seed(seed)
     for n in (1, 7, 9, 100, 4095, 20001):
-        yield (torch.rand(n, generator=g).log() * -3.0).floor().to(torch.int32)
+        yield ((1 - torch.rand(n, generator=g)).log() * -3.0).floor().to(torch.int32)
         yield torch.zeros(n, dtype=torch.int32)
-        e = (torch.rand(n, generator=g).log() * -2.0).floor().to(torch.int32)
+        e = ((1 - torch.rand(n, generator=g)).log() * -2.0).floor().to(torch.int32)
         e[::37] = 5000
         yield e
         mag = 2.0 ** (torch.arange(n) // 64 % 26).float()
@@ -167,7 +167,7 @@ def test_uniform_k_and_chunked_paths_match_general(monkeypatch):
     g = torch.Generator().manual_seed(2)
     for n in (1, 13, 1000, 4099, 30011):
         for scale in (0.3, 3.0, 40.0):  # k = 0, a small k, a larger k
-            z = (torch.rand(n, generator=g).log() * -scale).floor().to(torch.int32)
+            z = ((1 - torch.rand(n, generator=g)).log() * -scale).floor().to(torch.int32)
             for block in (8, 64, 512):
                 st = _encode_both_ways(z, block, monkeypatch)
                 assert torch.equal(rice.decode_stream(st), z)
@@ -176,7 +176,8 @@ def test_uniform_k_and_chunked_paths_match_general(monkeypatch):
 
 
 def test_stream_stats_match_stream():
-    z = (torch.rand(50000).log() * -4.0).floor().to(torch.int32)
+    g = torch.Generator().manual_seed(5)
+    z = ((1 - torch.rand(50000, generator=g)).log() * -4.0).floor().to(torch.int32)
     z[::101] = 10**6  # escapes
     st = rice.encode_stream(z, 512)
     ks, bits = rice.choose_k(z, z.numel(), 512)
@@ -185,8 +186,19 @@ def test_stream_stats_match_stream():
     assert torch.equal(rice.decode_stream(st), z)
 
 
+def test_invalid_symbols_are_rejected():
+    """A log(0) = -inf cast to int32 once reached the coder as -2**31; it must be refused, not overflow."""
+    for bad in (torch.tensor([3, -1, 2], dtype=torch.int32), torch.tensor([0, -2**31], dtype=torch.int32),
+                torch.tensor([1, 2**31], dtype=torch.int64)):
+        with pytest.raises(ValueError, match="non-negative|int32"):
+            rice.encode_stream(bad, 8)
+    with pytest.raises(TypeError, match="integers"):
+        rice.encode_stream(torch.ones(4), 8)
+
+
 def test_corrupt_streams_are_rejected():
-    z = (torch.rand(5000).log() * -3.0).floor().to(torch.int32)
+    g = torch.Generator().manual_seed(6)
+    z = ((1 - torch.rand(5000, generator=g)).log() * -3.0).floor().to(torch.int32)
     z[7] = 10**6
     st = rice.encode_stream(z, 512)
 
