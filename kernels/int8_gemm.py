@@ -68,14 +68,31 @@ def _cuda_configs():
     return cfgs
 
 
-def _prune(configs, named_args, **kwargs):
-    m = named_args["M"]
+def select_configs(configs, m: int, arch: int | None):
+    """The configurations worth trying for ``m`` tokens on ``sm_<arch>`` (None: unknown).
+
+    Tiles taller than the token count are wasted. Before Hopper (no wgmma) a tile holding more than 64 int32
+    accumulators per thread spills registers (``hq-diffusion bench kernels --compile-only --arch 80``: 560–650
+    bytes per thread for the 128×128 and larger tiles), so those are left out there."""
     keep = [c for c in configs if c.kwargs["BM"] <= max(16, triton.next_power_of_2(m))]
+    if arch is not None and arch < 90:
+        keep = [c for c in keep if c.kwargs["BM"] * c.kwargs["BN"] <= 64 * 32 * c.num_warps]
     return keep or configs[-2:]
+
+
+def _prune(configs, named_args, **kwargs):
+    dev = named_args["a_ptr"].device
+    arch = None
+    if dev.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(dev)
+        arch = 10 * major + minor
+    return select_configs(configs, named_args["M"], arch)
 
 
 _int8_gemm_tuned = triton.autotune(configs=_cuda_configs(), key=["M", "N", "K"],
                                    prune_configs_by={"early_config_prune": _prune})(_int8_gemm_kernel)
+#: How the ahead-of-time check (:mod:`.aot`) learns which configurations the autotuner tries on an architecture.
+_int8_gemm_tuned.select_for_arch = lambda named_args, arch: select_configs(_cuda_configs(), named_args["M"], arch)
 
 
 def _check(xq, xs, wq, ws, bias, out_dtype):

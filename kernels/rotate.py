@@ -18,6 +18,7 @@ recomputation costs a second read of the bf16 activations instead of a float32 r
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -33,29 +34,35 @@ _SUPPORTED = (torch.bfloat16, torch.float16, torch.float32)
 
 @triton.jit
 def _rht_block(x_ptr, stride_xm, rows, rmask, n, c0, base, inv_sqrt, h_ptr,
-               A: tl.constexpr, SUB: tl.constexpr, BO: tl.constexpr, BM: tl.constexpr, IS_F32: tl.constexpr):
+               A: tl.constexpr, SUB: tl.constexpr, KC: tl.constexpr, BO: tl.constexpr, BM: tl.constexpr,
+               IS_F32: tl.constexpr):
     """Rotated values of output columns ``[c0, c0 + BO)`` for the rows ``rows``: float32 (BM, BO).
 
     x: (M, n) row-major with row stride ``stride_xm``; columns ≥ n read as zero (the padding).
     h_ptr: (SUB, SUB) Hadamard matrix (block-diagonal for H < SUB) in the dtype of x. A = H / SUB sub-tiles
-    per tile (1 when H ≤ 256)."""
+    per tile (1 when H ≤ 256). Each sub-tile product runs over its SUB inputs in chunks of KC (KC = SUB for
+    tensor-core operands; float32 operands use small chunks so the non-tensor-core dot fits in registers)."""
     TS: tl.constexpr = SUB * A  # columns of one (super-)tile
     t0 = (c0 // TS) * TS
     j = (c0 % TS) // SUB
     o = c0 % SUB
-    r_sub = tl.arange(0, SUB)
-    hm = tl.load(h_ptr + r_sub[:, None] * SUB + (o + tl.arange(0, BO))[None, :])  # (SUB, BO)
+    r_kc = tl.arange(0, KC)
+    oc = o + tl.arange(0, BO)
     acc = tl.zeros((BM, BO), dtype=tl.float32)
     for i in tl.static_range(A):
-        cols = t0 + i * SUB + r_sub
-        xv = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :],
-                     mask=rmask[:, None] & (cols[None, :] < n), other=0.0)
-        d = rht_signs(cols, base)
-        xd = (xv.to(tl.float32) * d[None, :]).to(xv.dtype)  # a sign flip: exact in any float dtype
-        if IS_F32:
-            part = tl.dot(xd.to(tl.float32), hm.to(tl.float32), input_precision="ieee")
-        else:
-            part = tl.dot(xd, hm)
+        part = tl.zeros((BM, BO), dtype=tl.float32)
+        for kk in range(SUB // KC):
+            r = kk * KC + r_kc
+            cols = t0 + i * SUB + r
+            xv = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :],
+                         mask=rmask[:, None] & (cols[None, :] < n), other=0.0)
+            hm = tl.load(h_ptr + r[:, None] * SUB + oc[None, :])  # (KC, BO)
+            d = rht_signs(cols, base)
+            xd = (xv.to(tl.float32) * d[None, :]).to(xv.dtype)  # a sign flip: exact in any float dtype
+            if IS_F32:
+                part = tl.dot(xd.to(tl.float32), hm.to(tl.float32), part, input_precision="ieee")
+            else:
+                part = tl.dot(xd, hm, part)
         if A > 1:
             p = i & j
             p = (p ^ (p >> 1) ^ (p >> 2)) & 1  # parity of i & j (A ≤ 8)
@@ -67,12 +74,13 @@ def _rht_block(x_ptr, stride_xm, rows, rmask, n, c0, base, inv_sqrt, h_ptr,
 @triton.jit
 def _rht_kernel(x_ptr, y_ptr, h_ptr,
                 M, n, K, stride_xm, stride_ym, base, inv_sqrt,
-                A: tl.constexpr, SUB: tl.constexpr, BO: tl.constexpr, BM: tl.constexpr, IS_F32: tl.constexpr):
+                A: tl.constexpr, SUB: tl.constexpr, KC: tl.constexpr, BO: tl.constexpr, BM: tl.constexpr,
+                IS_F32: tl.constexpr):
     """y (M, K) = RHT(pad(x)) in the dtype of y; grid (cdiv(M, BM), cdiv(K, BO))."""
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     rmask = rows < M
     c0 = tl.program_id(1) * BO
-    y = _rht_block(x_ptr, stride_xm, rows, rmask, n, c0, base, inv_sqrt, h_ptr, A, SUB, BO, BM, IS_F32)
+    y = _rht_block(x_ptr, stride_xm, rows, rmask, n, c0, base, inv_sqrt, h_ptr, A, SUB, KC, BO, BM, IS_F32)
     cols = c0 + tl.arange(0, BO)
     tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :], cast_out(y, y_ptr),
              mask=rmask[:, None] & (cols[None, :] < K))
@@ -81,14 +89,14 @@ def _rht_kernel(x_ptr, y_ptr, h_ptr,
 @triton.jit
 def _rht_quant_kernel(x_ptr, q_ptr, s_ptr, g_ptr, h_ptr,
                       M, n, K, stride_xm, base, inv_sqrt,
-                      A: tl.constexpr, SUB: tl.constexpr, BO: tl.constexpr, BM: tl.constexpr,
+                      A: tl.constexpr, SUB: tl.constexpr, KC: tl.constexpr, BO: tl.constexpr, BM: tl.constexpr,
                       IS_F32: tl.constexpr, HAS_GAIN: tl.constexpr):
     """q int8 (M, K) = round(RHT(pad(x)) · gain / s), s float32 (M,) = absmax / 127; grid (cdiv(M, BM),)."""
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     rmask = rows < M
     amax = tl.zeros((BM,), dtype=tl.float32)
     for c0 in range(0, K, BO):
-        y = _rht_block(x_ptr, stride_xm, rows, rmask, n, c0, base, inv_sqrt, h_ptr, A, SUB, BO, BM, IS_F32)
+        y = _rht_block(x_ptr, stride_xm, rows, rmask, n, c0, base, inv_sqrt, h_ptr, A, SUB, KC, BO, BM, IS_F32)
         cols = c0 + tl.arange(0, BO)
         if HAS_GAIN:
             y = y * tl.load(g_ptr + cols, mask=cols < K, other=0.0)[None, :]
@@ -97,7 +105,7 @@ def _rht_quant_kernel(x_ptr, q_ptr, s_ptr, g_ptr, h_ptr,
     s = tl.where(amax > 0, tl.math.div_rn(amax, tl.full((BM,), 127.0, tl.float32)), 1.0)
     tl.store(s_ptr + rows, s, mask=rmask)
     for c0 in range(0, K, BO):
-        y = _rht_block(x_ptr, stride_xm, rows, rmask, n, c0, base, inv_sqrt, h_ptr, A, SUB, BO, BM, IS_F32)
+        y = _rht_block(x_ptr, stride_xm, rows, rmask, n, c0, base, inv_sqrt, h_ptr, A, SUB, KC, BO, BM, IS_F32)
         cols = c0 + tl.arange(0, BO)
         if HAS_GAIN:
             y = y * tl.load(g_ptr + cols, mask=cols < K, other=0.0)[None, :]
@@ -113,13 +121,36 @@ def _dot_f32(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 or interpreting()
 
 
-def _geometry(tile: int):
+@dataclass(frozen=True)
+class _Geometry:
+    """Launch geometry: SUB inputs per sub-tile, KC per dot, BO output columns and BM rows per program step,
+    and the software-pipelining depth of the quantizing kernel's column loop."""
+
+    sub: int
+    kc: int
+    bo: int
+    bm: int
+    stages: int
+
+
+#: Shared memory the pipelined column loop of ``_rht_quant_kernel`` may use for its buffered loads
+#: (fits an A100's 164 KiB per block as well as an H100's 227 KiB, with room for the dot operands).
+_PIPELINE_BYTES = 96 * 1024
+
+
+def _geometry(tile: int, dtype: torch.dtype, interp: bool | None = None) -> _Geometry:
+    """Geometry for ``tile`` and activations of ``dtype``; ``interp`` (default: whether Triton interprets)
+    picks the interpreter's few large steps instead of the GPU's register- and shared-memory-sized ones."""
     sub = max(16, min(tile, 256))
-    if interpreting():
-        bo, bm = sub, 64  # few, large steps: the interpreter pays per operation
-    else:
-        bo, bm = min(sub, 64), 32
-    return sub, bo, bm
+    if interpreting() if interp is None else interp:  # few, large steps: the interpreter pays per operation
+        return _Geometry(sub, sub, sub, 64, 1)
+    f32 = dtype == torch.float32
+    kc = min(sub, 32) if f32 else sub  # float32 dots are not on tensor cores: keep operands in registers
+    bo, bm = min(sub, 64), 32
+    a = max(1, tile // sub)
+    per_stage = (a * bm * kc + kc * bo) * (4 if f32 else 2)  # bytes loaded per column step
+    stages = max(1, min(3, _PIPELINE_BYTES // per_stage))
+    return _Geometry(sub, kc, bo, bm, stages)
 
 
 def _check(x: torch.Tensor, tile: int, K: int):
@@ -144,11 +175,12 @@ def rht_launch(x: torch.Tensor, seed: int, key: int | str, tile: int) -> torch.T
     y = torch.empty_like(x2)
     if M == 0:
         return y.reshape(x.shape)
-    sub, bo, bm = _geometry(tile)
-    h = hadamard(sub, min(tile, sub), x.dtype, x.device)
-    grid = (triton.cdiv(M, bm), triton.cdiv(K, bo))
+    geo = _geometry(tile, x.dtype)
+    h = hadamard(geo.sub, min(tile, geo.sub), x.dtype, x.device)
+    grid = (triton.cdiv(M, geo.bm), triton.cdiv(K, geo.bo))
     _rht_kernel[grid](x2, y, h, M, K, K, x2.stride(0), y.stride(0), stream_base(seed, key),
-                      1.0 / math.sqrt(tile), A=max(1, tile // sub), SUB=sub, BO=bo, BM=bm, IS_F32=_dot_f32(x.dtype))
+                      1.0 / math.sqrt(tile), A=max(1, tile // geo.sub), SUB=geo.sub, KC=geo.kc, BO=geo.bo,
+                      BM=geo.bm, IS_F32=_dot_f32(x.dtype))
     return y.reshape(x.shape)
 
 
@@ -166,10 +198,11 @@ def rht_quant_int8_launch(x: torch.Tensor, seed: int, key: int | str, tile: int,
     s = torch.empty(M, dtype=torch.float32, device=x.device)
     if M == 0:
         return q, s
-    sub, bo, bm = _geometry(tile)
-    h = hadamard(sub, min(tile, sub), x.dtype, x.device)
+    geo = _geometry(tile, x.dtype)
+    h = hadamard(geo.sub, min(tile, geo.sub), x.dtype, x.device)
     g = gain.contiguous() if gain is not None else s  # any pointer when unused
-    _rht_quant_kernel[(triton.cdiv(M, bm),)](
+    _rht_quant_kernel[(triton.cdiv(M, geo.bm),)](
         x2, q, s, g, h, M, n, n_pad, x2.stride(0), stream_base(seed, key), 1.0 / math.sqrt(tile),
-        A=max(1, tile // sub), SUB=sub, BO=bo, BM=bm, IS_F32=_dot_f32(x.dtype), HAS_GAIN=gain is not None)
+        A=max(1, tile // geo.sub), SUB=geo.sub, KC=geo.kc, BO=geo.bo, BM=geo.bm, IS_F32=_dot_f32(x.dtype),
+        HAS_GAIN=gain is not None, num_stages=geo.stages)
     return q, s

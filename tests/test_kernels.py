@@ -97,6 +97,24 @@ def test_rht(triton_side, M, K, tile, dtype):
         assert (y == ref.to(dtype)).float().mean() > 0.99
 
 
+@pytest.mark.parametrize("tile,dtype", [(2048, torch.float32), (512, torch.bfloat16), (64, torch.float32)])
+def test_rht_gpu_geometry(triton_side, monkeypatch, tile, dtype):
+    """The launch geometry the GPU uses (float32 dots in chunks of 32 inputs, a shallower pipeline for large
+    tiles), not the interpreter's one-chunk steps, gives the same rotation and quantization."""
+    from hq_diffusion.kernels import rotate
+
+    real = rotate._geometry
+    monkeypatch.setattr(rotate, "_geometry", lambda t, dt: real(t, dt, interp=False))
+    assert rotate._geometry(tile, dtype).kc < max(16, min(tile, 256)) or dtype != torch.float32
+    x = torch.randn(3, 2 * tile, generator=_gen(tile)).to(dtype).to(DEV)
+    ref = ops_ref.rht_ref(x.float(), 3, "g", tile)
+    y = kernels.rht(x, 3, "g", tile)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert ((y.float() - ref).abs() <= tol * ref.abs() + 1e-6 * ref.abs().max()).all()
+    xq, xs = kernels.rht_quant_int8(x, 3, "g", tile, 2 * tile)
+    _check_quant(xq, xs, x, 3, "g", tile, 2 * tile, None)
+
+
 def _check_quant(xq, xs, x, seed, key, tile, n_pad, gain):
     rq, rs = ops_ref.rht_quant_int8_ref(x, seed, key, tile, n_pad, gain)
     assert xq.dtype == torch.int8 and xq.shape == rq.shape and xs.dtype == torch.float32

@@ -8,6 +8,11 @@ one quantized linear layer end to end against ``nn.Linear`` in bf16; at ≤ 16 t
 against decode-then-GEMM. Every kernel is first checked against its torch reference on the same GPU.
 Times are ``triton.testing.do_bench`` medians (20th/80th percentiles in the raw rows of ``--out``).
 On a machine without CUDA it says so and exits 0; ``--dry-run`` lists the work and exits.
+
+``--compile-only`` needs no GPU: it compiles every kernel launch the package makes for ``--arch`` (sm_90 =
+H100/H200 by default) with Triton's real compiler and ``ptxas`` (:mod:`hq_diffusion.kernels.aot`) and
+tabulates registers, spills, shared memory and the tensor-core instructions; exit status 1 when a launch
+does not fit the architecture's limits.
 """
 from __future__ import annotations
 
@@ -108,7 +113,13 @@ def main(argv=None) -> int:
     p.add_argument("--max-shapes", type=int, default=0, help="only the first N shapes (0: all)")
     p.add_argument("--dry-run", action="store_true", help="list shapes and measurements, then exit")
     p.add_argument("--out", help="also write the markdown here")
+    p.add_argument("--compile-only", action="store_true",
+                   help="no GPU needed: compile every kernel launch for --arch and report its resources")
+    p.add_argument("--arch", default="90", help="with --compile-only: comma-separated sm versions (80, 86, 89, 90)")
+    p.add_argument("--quick", action="store_true", help="with --compile-only: one launch per kernel")
     a = p.parse_args(argv)
+    if a.compile_only:
+        return _compile_only(a)
     models = [m for m in a.models.split(",") if m]
     tokens = [int(t) for t in a.tokens.split(",") if t]
     shapes = linear_shapes(models)
@@ -122,7 +133,8 @@ def main(argv=None) -> int:
                  f"tokens {tokens} (fused path at {list(SMALL_TOKENS)})"]
         if not torch.cuda.is_available():
             lines.insert(0, "hq-diffusion bench kernels: no CUDA device here, nothing to measure "
-                            "(the Triton kernels need a GPU; their CPU tests run in the interpreter).")
+                            "(the Triton kernels need a GPU; their CPU tests run in the interpreter). "
+                            "`--compile-only` compiles them for a GPU without one.")
         print("\n".join(lines))
         return 0
     return _run(a, shapes, tokens, cmd)
@@ -205,3 +217,34 @@ def _run(a, shapes, tokens, cmd) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def _compile_only(a) -> int:
+    from hq_diffusion.kernels import aot
+
+    try:
+        archs = [int(v) for v in a.arch.split(",") if v]
+    except ValueError:
+        raise SystemExit(f"--arch takes sm versions such as 90 or 80,90; got {a.arch!r}")
+    unknown = [v for v in archs if v not in aot.LIMITS]
+    if unknown or not archs:
+        raise SystemExit(f"--arch: supported sm versions are {sorted(aot.LIMITS)}; got {a.arch!r}")
+    cmd = f"hq-diffusion bench kernels --compile-only --arch {a.arch}" + (" --quick" if a.quick else "")
+    try:
+        results = {arch: aot.compile_all(arch, full=not a.quick, progress=True) for arch in archs}
+    except aot.AOTUnavailable as e:
+        print(f"hq-diffusion bench kernels --compile-only: {e}")
+        return 2
+    parts = [header("Triton kernels compiled ahead of time (no GPU used)", cmd)]
+    cols = ["kernel", "variant", "config", "warps", "regs", "spill B", "shared KiB", "tensor-core instruction",
+            "fits"]
+    bad = 0
+    for arch, res in results.items():
+        bad += sum(not c.ok for c in res)
+        rows = [[c.kernel, c.variant, c.config, c.num_warps, c.regs, c.local, f"{c.shared / 1024:.1f}",
+                 " ".join(c.mma) or "—", "yes" if c.ok else f"**no**: {c.problem}"] for c in res]
+        spills = sum(c.local > 0 for c in res)
+        parts.append(f"**sm_{arch}** ({aot.ARCH_NAMES.get(arch, '')}): {len(res)} compiled, "
+                     f"{sum(c.ok for c in res)} within the limits, {spills} with spills\n\n" + table(cols, rows))
+    emit("\n\n".join(parts) + "\n", a.out)
+    return 1 if bad else 0
