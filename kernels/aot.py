@@ -74,6 +74,7 @@ class Compiled:
     mma: tuple[str, ...]
     ok: bool
     problem: str = ""
+    fma32: int = 0  # float32 multiply-adds in the PTX (contracted a·b + c rounds once, not twice)
 
     def row(self) -> dict:
         d = asdict(self)
@@ -192,6 +193,7 @@ def _triton_parts():
 
 
 _RES = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
+_FMA32 = re.compile(r"\bfma\.rn\.f32\b")
 _MMA = re.compile(r"\b((?:wgmma\.mma_async|mma)\.sync\.aligned\.[\w.]+|wgmma\.mma_async\.[\w.]+)")
 
 
@@ -246,8 +248,9 @@ def compile_launch(launch: Launch, arch: int = 90) -> list[Compiled]:
             problems.append(f"shared memory {shared} B > {max_shared} B")
         if regs * 32 * warps > max_regs:
             problems.append(f"{regs} registers × {32 * warps} threads > {max_regs}")
+        ptx = ck.asm["ptx"]
         out.append(Compiled(launch.kernel, launch.variant, label, arch, warps, regs, local, shared,
-                            _mma_kinds(ck.asm["ptx"]), not problems, "; ".join(problems)))
+                            _mma_kinds(ptx), not problems, "; ".join(problems), len(_FMA32.findall(ptx))))
     return out
 
 

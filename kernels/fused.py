@@ -165,5 +165,6 @@ def fused_decode_gemm_launch(xq: torch.Tensor, xs: torch.Tensor, q, bias: torch.
         s1.ks, s1.rbs, s1.bits, s1.unary, s1.rem, s1.escapes, eb1, s1.rem.numel(), s1.nesc,
         qscr, xscr, M, N, K, xq.stride(0), out.stride(0), plan.nv, vg, plan.num_groups,
         LAT=LATTICE_CODES[q.lattice], D=dim, D0=d0, D1=d1, NS=ns, B=q.block, HAS_ESC=has_esc,
-        HAS_BIAS=bias is not None, BM=max(16, triton.next_power_of_2(M)), BN=bn, BK=bk, CBY=cby, ESC=ESC)
+        HAS_BIAS=bias is not None, BM=max(16, triton.next_power_of_2(M)), BN=bn, BK=bk, CBY=cby, ESC=ESC,
+        enable_fp_fusion=False)  # the reference's roundings in the epilogue (see int8_gemm), bit for bit
     return out

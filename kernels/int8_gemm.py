@@ -3,7 +3,9 @@
 Legend: M tokens, N output features (weight rows), K = n_pad the contraction length.
 
 ``out[m, n] = (acc[m, n] · xs[m]) · ws[n] + bias[n]`` with ``acc = xq @ wqᵀ`` accumulated exactly in int32
-(|acc| ≤ 127² · K < 2³¹ for K < 133 000), the epilogue in float32, one rounding to the output dtype.
+(|acc| ≤ 127² · K < 2³¹ for K < 133 000), the epilogue in float32 with multiply-add contraction switched
+off (``enable_fp_fusion=False``: an FMA would round once where the reference rounds twice), one rounding
+to the output dtype — so the result equals the torch reference bit for bit on the GPU too.
 Tiles are grouped along M for L2 reuse (Triton tutorial 03 ordering); ragged M, N and K are masked. On CUDA
 the tile sizes are autotuned (key M, N, K); ``torch._int_mm`` followed by the same epilogue in torch is the
 alternative the benchmark compares against (:func:`int8_gemm_dequant_int_mm`).
@@ -136,7 +138,8 @@ def int8_gemm_dequant_launch(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tenso
     else:
         def grid(meta):
             return (triton.cdiv(M, meta["BM"]) * triton.cdiv(N, meta["BN"]),)
-        _int8_gemm_tuned[grid](*args, HAS_BIAS=bias is not None)
+        # no multiply-add contraction in the epilogue: the same roundings as the reference, bit for bit
+        _int8_gemm_tuned[grid](*args, HAS_BIAS=bias is not None, enable_fp_fusion=False)
     return c
 
 

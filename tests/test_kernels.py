@@ -45,7 +45,7 @@ def test_kernels_in_interpreter():
         pytest.skip("the kernel tests run in this process")
     env = dict(os.environ, TRITON_INTERPRET="1")
     kernel_tests = ("test_rht", "test_int8_gemm", "test_decode", "test_fused", "test_hq_linear_triton",
-                    "test_hq_linear_matches", "test_custom_ops")  # the tests that use the triton_side fixture
+                    "test_hq_linear_matches", "test_custom_ops", "test_bench_harness")  # the tests that use the triton_side fixture
     cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-k", " or ".join(kernel_tests),
            __file__]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
@@ -395,3 +395,24 @@ def test_bench_kernels_dry_run(capsys):
     assert bench.main(["--dry-run", "--models", "ltx"]) == 0
     out = capsys.readouterr().out
     assert "2048→2048" in out and "unique linear shapes" in out
+
+
+def test_bench_harness(triton_side, monkeypatch, capsys):
+    """``hq-diffusion bench kernels`` end to end on one small shape: every measured path runs and the
+    on-device re-check against the references says ok. In the interpreter each timing is one plain call."""
+    import argparse
+
+    from hq_diffusion.bench import kernels as kb
+
+    if not CUDA:
+        monkeypatch.setattr(kb, "_bench", lambda fn: (fn(), (1.0, 1.0, 1.0))[1])
+        monkeypatch.setattr(kb, "_copy_bandwidth", lambda dev: 1.0)
+    a = argparse.Namespace(bps=4.0, lattice="e8", block=4096, out=None)
+    assert kb._run(a, [(256, 128)], [16], "hq-diffusion bench kernels (test)", DEV) == 0
+    out = capsys.readouterr().out
+    for section in ("**Decode**", "**RHT of activations**", "**int8 GEMM", "**One linear layer", "**Small-token"):
+        assert section in out
+    rows = [line for line in out.splitlines() if line.startswith("| 256→128 |")]
+    assert len(rows) == 1 + 1 + 1 + 1 + 2  # decode, RHT, GEMM, layer at 16 tokens; small regime at 1 and 16
+    assert rows[0].rstrip(" |").endswith("ok"), rows[0]  # the GPU check column
+    assert "nan" not in rows[-1] and "nan" not in rows[-2]  # the fused path ran at 1 and 16 tokens

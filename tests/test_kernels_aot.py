@@ -56,6 +56,17 @@ def test_every_kernel_compiles_for_h100(quick_launches):
     assert not mma["rice_decode"]  # integer bit manipulation only
 
 
+def test_epilogues_round_like_the_reference(quick_launches):
+    """The GEMM epilogues ``(acc·xs)·ws + bias`` must not become FMAs on the GPU (one rounding where the torch
+    reference has two), or the compiled kernels would not be bit-exact with it as they are in the interpreter."""
+    res = _compile([launch for launch in quick_launches if launch.kernel in ("int8_gemm", "fused_decode_gemm")], 90)
+    assert res and all(c.fma32 == 0 for c in res), [(c.kernel, c.config, c.fma32) for c in res]
+    gemm = next(launch for launch in quick_launches if launch.kernel == "int8_gemm")
+    fused = dict(gemm.kwargs, enable_fp_fusion=True)  # the check sees contraction where it happens
+    c = _compile([aot.Launch("g", "fusion on", gemm.fn, gemm.args, fused, gemm.configs[-1:])], 90)[0]
+    assert c.fma32 > 0
+
+
 def test_resource_usage_is_read_from_the_cubin(quick_launches):
     """The numbers come from the compiled binary: more warps on the same tile halve the registers needed
     per thread for the accumulator, so the 8-warp 128×256 GEMM tile must use fewer than 4 warps would."""
