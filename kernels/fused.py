@@ -33,7 +33,8 @@ from hq_diffusion.codec.ops_ref import row_dequant_scale
 from hq_diffusion.codec.rice import ESC
 
 from ._jit import cast_out, interpreting, max_programs
-from .rice_decode import LATTICE_CODES, LAYOUT, group_aligned, group_plan, lattice_points, scan_group
+from .rice_decode import (LATTICE_CODES, LAYOUT, group_aligned, group_plan, interpreter_chunk_bytes,
+                          lattice_points, program_scratch, scan_group, stream_args)
 
 MAX_TOKENS = 64
 MAX_BN = 128
@@ -53,11 +54,7 @@ def _fused_decode_gemm_kernel(
     """out (M, N) = dequant(x (M, K) int8 @ decode(q) (N, K)ᵀ); one row group of BN rows per step."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
-    GS = (D0 + D1) * vg
-    qrow = qscr + pid * GS
-    xrow = xscr
-    if HAS_ESC:
-        xrow = xscr + pid * GS
+    qrow, xrow = program_scratch(qscr, xscr, vg, D0, D1, HAS_ESC)
     VT: tl.constexpr = BN * BK // D  # vectors in a (BN, BK) tile
     KV: tl.constexpr = BK // D
     c = tl.arange(0, D)[None, :]
@@ -130,41 +127,28 @@ def fused_decode_gemm_launch(xq: torch.Tensor, xs: torch.Tensor, q, bias: torch.
         raise ValueError(f"bias must have shape ({N},), got {tuple(bias.shape)}")
     if out_dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise ValueError(f"out_dtype must be bfloat16, float16 or float32, got {out_dtype}")
-    dim, per_vec = LAYOUT[q.lattice]
+    dim = LAYOUT[q.lattice][0]
     bn = fused_rows(q)
     if interpreting():
         bn = max(bn, min(64, triton.next_power_of_2(N)))  # fewer, larger steps
     # both are powers of two, so the larger is a multiple of fused_rows(q): still block-aligned
     vg = bn * K // dim
     plan = group_plan(q, vg)
-    s0 = plan.streams[0]
-    s1 = plan.streams[1] if len(plan.streams) > 1 else s0
-    dev = xq.device
-    ns = len(per_vec)
-    d0, d1 = per_vec[0], (per_vec[1] if ns > 1 else 0)
     has_esc = plan.ebase is not None
-    nprog = min(plan.num_groups, max_programs(dev, per_sm=1))  # scratch P·BN·K bytes stays L2-sized
-    gs = (d0 + d1) * vg
-    qscr = torch.empty(nprog * gs, dtype=torch.uint8, device=dev)
-    xscr = torch.empty(nprog * gs if has_esc else 1, dtype=torch.int32, device=dev)
-    eb0 = plan.ebase[0] if has_esc else s0.bits
-    eb1 = plan.ebase[-1] if has_esc else s0.bits
-    out = torch.empty(M, N, dtype=out_dtype, device=dev)
+    nprog = min(plan.num_groups, max_programs(xq.device, per_sm=1))  # scratch P·BN·K bytes stays L2-sized
+    sa = stream_args(plan, nprog, has_esc)
+    out = torch.empty(M, N, dtype=out_dtype, device=xq.device)
     ws = row_dequant_scale(q).contiguous()
     xq = xq if xq.stride(1) == 1 else xq.contiguous()
     xs = xs.to(torch.float32).contiguous()
     if interpreting():
-        per_group = max(s.unary.numel() for s in plan.streams) // plan.num_groups + 8
-        cby = min(4096, triton.next_power_of_2(per_group))
-        bk = min(512, max(16, triton.next_power_of_2(K)))
+        cby, bk = interpreter_chunk_bytes(plan), min(512, max(16, triton.next_power_of_2(K)))
     else:
         cby, bk = 128, 128
     _fused_decode_gemm_kernel[(nprog,)](
-        xq, xs, ws, bias.contiguous() if bias is not None else ws, out,
-        s0.ks, s0.rbs, s0.bits, s0.unary, s0.rem, s0.escapes, eb0, s0.rem.numel(), s0.nesc,
-        s1.ks, s1.rbs, s1.bits, s1.unary, s1.rem, s1.escapes, eb1, s1.rem.numel(), s1.nesc,
-        qscr, xscr, M, N, K, xq.stride(0), out.stride(0), plan.nv, vg, plan.num_groups,
-        LAT=LATTICE_CODES[q.lattice], D=dim, D0=d0, D1=d1, NS=ns, B=q.block, HAS_ESC=has_esc,
-        HAS_BIAS=bias is not None, BM=max(16, triton.next_power_of_2(M)), BN=bn, BK=bk, CBY=cby, ESC=ESC,
+        xq, xs, ws, bias.contiguous() if bias is not None else ws, out, *sa.streams, sa.qscr, sa.xscr,
+        M, N, K, xq.stride(0), out.stride(0), plan.nv, vg, plan.num_groups,
+        LAT=LATTICE_CODES[q.lattice], D=dim, B=q.block, HAS_ESC=has_esc, HAS_BIAS=bias is not None,
+        BM=max(16, triton.next_power_of_2(M)), BN=bn, BK=bk, CBY=cby, ESC=ESC, **sa.meta,
         enable_fp_fusion=False)  # the reference's roundings in the epilogue (see int8_gemm), bit for bit
     return out

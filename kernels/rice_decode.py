@@ -177,6 +177,19 @@ def lattice_points(v, c, vmask, gv0, scr0, scr1, xs0, xs1,
 
 
 @triton.jit
+def program_scratch(qscr, xscr, vg, D0: tl.constexpr, D1: tl.constexpr, HAS_ESC: tl.constexpr):
+    """This program's rows of the uint8 quotient scratch and (with escapes) of the int32 escape scratch:
+    (D0 + D1)·vg entries each, at program id × that."""
+    gs = (D0 + D1) * vg
+    pid = tl.program_id(0)
+    qrow = qscr + pid * gs
+    xrow = xscr
+    if HAS_ESC:
+        xrow = xscr + pid * gs
+    return qrow, xrow
+
+
+@triton.jit
 def scan_group(g, vg, nv, qrow, xrow, cnt_ptr, num_groups,
                ks0, bit0, un0, esc0, eb0, nesc0, ks1, bit1, un1, esc1, eb1, nesc1,
                D0: tl.constexpr, D1: tl.constexpr, NS: tl.constexpr, B: tl.constexpr,
@@ -231,11 +244,7 @@ def _rice_decode_kernel(
     qscr: uint8 (P, (D0 + D1)·VG); xscr: int32 like qscr (only with escapes)."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
-    GS = (D0 + D1) * vg
-    qrow = qscr + pid * GS
-    xrow = xscr
-    if HAS_ESC:
-        xrow = xscr + pid * GS
+    qrow, xrow = program_scratch(qscr, xscr, vg, D0, D1, HAS_ESC)
     c = tl.arange(0, D)[None, :]
     for g in range(pid, num_groups, nprog):
         scan_group(g, vg, nv, qrow, xrow, cnt_ptr, num_groups,
@@ -380,34 +389,58 @@ def group_plan(q, vg: int) -> GroupPlan:
     return plan
 
 
-def _launch(plan: GroupPlan, mode: int, out: torch.Tensor | None, ws: torch.Tensor | None):
+@dataclass
+class StreamArgs:
+    """What the decode and fused kernels take from a :class:`GroupPlan`: the 18 per-stream arguments
+    (stream 1 repeats stream 0 for one-stream lattices), each program's scratch (uint8 quotients; int32
+    escaped quotients, one element when unused) and the constexprs ``D0``, ``D1``, ``NS``."""
+
+    streams: tuple
+    qscr: torch.Tensor
+    xscr: torch.Tensor
+    meta: dict
+
+
+def stream_args(plan: GroupPlan, nprog: int, has_esc: bool) -> StreamArgs:
+    """Arguments for a persistent grid of ``nprog`` programs over ``plan``'s groups."""
     s0 = plan.streams[0]
     s1 = plan.streams[1] if len(plan.streams) > 1 else s0
     dev = s0.ks.device
     ns = len(plan.per_vec)
-    d0 = plan.per_vec[0]
-    d1 = plan.per_vec[1] if ns > 1 else 0
-    has_esc = plan.ebase is not None and mode != MODE_COUNT
-    nprog = min(plan.num_groups, max_programs(dev))
+    d0, d1 = plan.per_vec[0], (plan.per_vec[1] if ns > 1 else 0)
     gs = (d0 + d1) * plan.vg
     qscr = torch.empty(nprog * gs, dtype=torch.uint8, device=dev)
     xscr = torch.empty(nprog * gs if has_esc else 1, dtype=torch.int32, device=dev)
-    cnt = torch.zeros(ns, plan.num_groups, dtype=torch.int32, device=dev) if mode == MODE_COUNT else qscr
-    eb0 = plan.ebase[0] if has_esc else s0.bits
+    eb0 = plan.ebase[0] if has_esc else s0.bits  # any int32 pointer when unused
     eb1 = plan.ebase[-1] if has_esc else s0.bits
-    if interpreting():  # lanes cost the same masked or not: size them to the work of a group
-        per_group = max(s.unary.numel() for s in plan.streams) // plan.num_groups + 8
-        cby = min(4096, triton.next_power_of_2(per_group))
+    streams = (s0.ks, s0.rbs, s0.bits, s0.unary, s0.rem, s0.escapes, eb0, s0.rem.numel(), s0.nesc,
+               s1.ks, s1.rbs, s1.bits, s1.unary, s1.rem, s1.escapes, eb1, s1.rem.numel(), s1.nesc)
+    return StreamArgs(streams, qscr, xscr, dict(D0=d0, D1=d1, NS=ns))
+
+
+def interpreter_chunk_bytes(plan: GroupPlan) -> int:
+    """CBY in the interpreter, where lanes cost the same masked or not: one chunk ≈ a group's unary bytes."""
+    per_group = max(s.unary.numel() for s in plan.streams) // plan.num_groups + 8
+    return min(4096, triton.next_power_of_2(per_group))
+
+
+def _launch(plan: GroupPlan, mode: int, out: torch.Tensor | None, ws: torch.Tensor | None):
+    dev = plan.streams[0].ks.device
+    has_esc = plan.ebase is not None and mode != MODE_COUNT
+    nprog = min(plan.num_groups, max_programs(dev))
+    sa = stream_args(plan, nprog, has_esc)
+    cnt = (torch.zeros(len(plan.per_vec), plan.num_groups, dtype=torch.int32, device=dev)
+           if mode == MODE_COUNT else sa.qscr)
+    if interpreting():  # few, large steps: the interpreter pays per operation
+        cby = interpreter_chunk_bytes(plan)
         tv = min(max(1, 8192 // plan.dim), triton.next_power_of_2(plan.vg))
     else:
         cby, tv = 128, max(1, 512 // plan.dim)
     _rice_decode_kernel[(nprog,)](
-        s0.ks, s0.rbs, s0.bits, s0.unary, s0.rem, s0.escapes, eb0, s0.rem.numel(), s0.nesc,
-        s1.ks, s1.rbs, s1.bits, s1.unary, s1.rem, s1.escapes, eb1, s1.rem.numel(), s1.nesc,
-        out if out is not None else qscr, ws if ws is not None else qscr, cnt, qscr, xscr,
-        plan.nv, plan.n_pad, plan.vg, plan.num_groups,
-        LAT=LATTICE_CODES[plan.lattice], D=plan.dim, D0=d0, D1=d1, NS=ns, B=plan.block, MODE=mode,
-        HAS_ESC=has_esc, CBY=cby, TV=tv, ESC=ESC)
+        *sa.streams, out if out is not None else sa.qscr, ws if ws is not None else sa.qscr, cnt, sa.qscr,
+        sa.xscr, plan.nv, plan.n_pad, plan.vg, plan.num_groups,
+        LAT=LATTICE_CODES[plan.lattice], D=plan.dim, B=plan.block, MODE=mode, HAS_ESC=has_esc, CBY=cby, TV=tv,
+        ESC=ESC, **sa.meta)
     return cnt.unbind(0) if mode == MODE_COUNT else None
 
 
