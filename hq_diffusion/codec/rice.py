@@ -470,10 +470,11 @@ def encode_stream(z: torch.Tensor, block: int) -> RiceStream:
         raise ValueError("cannot encode an empty stream")
     if z.is_floating_point() or z.is_complex():
         raise TypeError(f"Rice symbols must be integers, got {z.dtype}")
-    if int(z.min()) < 0:
-        raise ValueError(f"Rice symbols must be non-negative; the smallest is {int(z.min())}")
-    if z.dtype == torch.int64 and int(z.max()) >= 2**31:
-        raise ValueError(f"Rice symbols must fit in int32; the largest is {int(z.max())}")
+    lo, hi = (int(v) for v in torch.aminmax(z.reshape(-1)))  # one pass
+    if lo < 0:
+        raise ValueError(f"Rice symbols must be non-negative; the smallest is {lo}")
+    if hi >= 2**31:
+        raise ValueError(f"Rice symbols must fit in int32; the largest is {hi}")
     dev = z.device
     if dev.type != "cpu":
         return _encode_stream_torch(z, block)
