@@ -48,6 +48,9 @@ def _rht_block(x_ptr, stride_xm, rows, rmask, n, c0, base, inv_sqrt, h_ptr,
     o = c0 % SUB
     r_kc = tl.arange(0, KC)
     oc = o + tl.arange(0, BO)
+    HOIST: tl.constexpr = A > 1 and KC == SUB  # one chunk, several sub-tiles: load the H slice once
+    if HOIST:
+        h_all = tl.load(h_ptr + r_kc[:, None] * SUB + oc[None, :])  # (SUB, BO)
     acc = tl.zeros((BM, BO), dtype=tl.float32)
     for i in tl.static_range(A):
         part = tl.zeros((BM, BO), dtype=tl.float32)
@@ -56,7 +59,10 @@ def _rht_block(x_ptr, stride_xm, rows, rmask, n, c0, base, inv_sqrt, h_ptr,
             cols = t0 + i * SUB + r
             xv = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :],
                          mask=rmask[:, None] & (cols[None, :] < n), other=0.0)
-            hm = tl.load(h_ptr + r[:, None] * SUB + oc[None, :])  # (KC, BO)
+            if HOIST:
+                hm = h_all
+            else:
+                hm = tl.load(h_ptr + r[:, None] * SUB + oc[None, :])  # (KC, BO)
             d = rht_signs(cols, base)
             xd = (xv.to(tl.float32) * d[None, :]).to(xv.dtype)  # a sign flip: exact in any float dtype
             if IS_F32:

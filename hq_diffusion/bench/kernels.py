@@ -219,7 +219,6 @@ def _run(a, shapes, tokens, cmd, dev: torch.device | None = None) -> int:
     return 0
 
 
-
 def _compile_only(a) -> int:
     from hq_diffusion.kernels import aot
 
