@@ -190,40 +190,37 @@ def program_scratch(qscr, xscr, vg, D0: tl.constexpr, D1: tl.constexpr, HAS_ESC:
 
 
 @triton.jit
+def scan_stream(g, v0, nvg, qrow, xrow, cnt_ptr, bit_ptr, un_ptr, esc_ptr, eb_ptr, nesc,
+                DS: tl.constexpr, B: tl.constexpr, COUNT: tl.constexpr, HAS_ESC: tl.constexpr,
+                CBY: tl.constexpr, ESC: tl.constexpr):
+    """Phase 1 of one stream (DS symbols per vector) for the ``nvg`` vectors of group ``g`` starting at
+    ``v0``: its unary range runs from the offset of its first block to that of the block after its last;
+    in COUNT mode the escape count is stored at ``cnt_ptr + g``."""
+    first = DS * v0
+    n = DS * nvg
+    gs = tl.load(bit_ptr + first // B)
+    ge = tl.load(bit_ptr + (first + n + B - 1) // B)
+    eb = 0
+    if HAS_ESC:
+        eb = tl.load(eb_ptr + g)
+    c = scan_unary(un_ptr, gs, ge, n, qrow, xrow, esc_ptr, eb, nesc, COUNT, HAS_ESC, CBY, ESC)
+    if COUNT:
+        tl.store(cnt_ptr + g, c)
+
+
+@triton.jit
 def scan_group(g, vg, nv, qrow, xrow, cnt_ptr, num_groups,
                ks0, bit0, un0, esc0, eb0, nesc0, ks1, bit1, un1, esc1, eb1, nesc1,
                D0: tl.constexpr, D1: tl.constexpr, NS: tl.constexpr, B: tl.constexpr,
                COUNT: tl.constexpr, HAS_ESC: tl.constexpr, CBY: tl.constexpr, ESC: tl.constexpr):
-    """Phase 1 for every stream of group ``g`` (vectors ``[g·vg, min((g+1)·vg, nv))``)."""
+    """Phase 1 for every stream of group ``g`` (vectors ``[g·vg, min((g+1)·vg, nv))``); stream 1's
+    quotients follow stream 0's D0·vg in the scratch rows, its escape counts the first num_groups."""
     v0 = g * vg
     nvg = tl.minimum(vg, nv - v0)
-    # stream 0
-    s0 = D0 * v0
-    n0 = D0 * nvg
-    fb = s0 // B
-    lb = (s0 + n0 + B - 1) // B
-    gs = tl.load(bit0 + fb)
-    ge = tl.load(bit0 + lb)
-    eb = 0
-    if HAS_ESC:
-        eb = tl.load(eb0 + g)
-    c0 = scan_unary(un0, gs, ge, n0, qrow, xrow, esc0, eb, nesc0, COUNT, HAS_ESC, CBY, ESC)
-    if COUNT:
-        tl.store(cnt_ptr + g, c0)
+    scan_stream(g, v0, nvg, qrow, xrow, cnt_ptr, bit0, un0, esc0, eb0, nesc0, D0, B, COUNT, HAS_ESC, CBY, ESC)
     if NS == 2:
-        s1 = D1 * v0
-        n1 = D1 * nvg
-        fb1 = s1 // B
-        lb1 = (s1 + n1 + B - 1) // B
-        gs1 = tl.load(bit1 + fb1)
-        ge1 = tl.load(bit1 + lb1)
-        eb1v = 0
-        if HAS_ESC:
-            eb1v = tl.load(eb1 + g)
-        c1 = scan_unary(un1, gs1, ge1, n1, qrow + D0 * vg, xrow + D0 * vg, esc1, eb1v, nesc1,
-                        COUNT, HAS_ESC, CBY, ESC)
-        if COUNT:
-            tl.store(cnt_ptr + num_groups + g, c1)
+        scan_stream(g, v0, nvg, qrow + D0 * vg, xrow + D0 * vg, cnt_ptr + num_groups, bit1, un1, esc1, eb1,
+                    nesc1, D1, B, COUNT, HAS_ESC, CBY, ESC)
 
 
 @triton.jit
