@@ -691,7 +691,7 @@ def _reset_quantized_state(pipe) -> None:
     clean run exactly, and summary.json measures one generation)."""
     import torch
 
-    from hq_diffusion.nn.kv import reset_kv_state
+    from hq_diffusion.integrations.kv_processors import reset_kv_state
 
     for module in getattr(pipe, "components", {}).values():
         if isinstance(module, torch.nn.Module):

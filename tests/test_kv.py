@@ -1,4 +1,5 @@
-"""Tests for hq_diffusion.nn.kv: K/V quantization, bias correction and the attention processors."""
+"""Tests for hq_diffusion.nn.kv (K/V quantization, bias correction) and the attention processors of
+hq_diffusion.integrations.kv_processors."""
 from __future__ import annotations
 
 import inspect
@@ -10,19 +11,21 @@ import torch
 
 from hq_diffusion import models as M
 from hq_diffusion.codec.lattice import LATTICES, nearest
-from hq_diffusion.nn.kv import (
+from hq_diffusion.integrations.kv_processors import (
     HQKVFluxAttnProcessor,
     HQKVLTX2AttnProcessor,
     HQKVLTXAttnProcessor,
     HQKVSDPAProcessor,
-    KVConfig,
     apply_kv_quantization,
-    haar_matrix,
-    kv_alpha,
     kv_summary,
-    quantize_kv,
     remove_kv_quantization,
     reset_kv_state,
+)
+from hq_diffusion.nn.kv import (
+    KVConfig,
+    haar_matrix,
+    kv_alpha,
+    quantize_kv,
     voronoi_dither,
 )
 

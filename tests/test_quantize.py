@@ -182,7 +182,7 @@ def test_tiny_pixart_int8_storage_runs(storage):
 
 
 def test_kv_quantization_hook():
-    pytest.importorskip("hq_diffusion.nn.kv")
+    pytest.importorskip("hq_diffusion.integrations.kv_processors")
     pipe = tiny_pipeline("ltx", 0)
     quantize(pipe, bps=4.0, kv_bps=4.0, kv_correction="signs+dither", progress=False)
     state = pipe.transformer.hq_state
@@ -201,12 +201,12 @@ def test_kv_missing_module_is_a_clear_error(monkeypatch):
     real = importlib.import_module
 
     def fake(name, *a, **k):
-        if name == "hq_diffusion.nn.kv":
-            raise ModuleNotFoundError("No module named 'hq_diffusion.nn.kv'", name=name)
+        if name == "hq_diffusion.integrations.kv_processors":
+            raise ModuleNotFoundError("No module named 'hq_diffusion.integrations.kv_processors'", name=name)
         return real(name, *a, **k)
 
     monkeypatch.setattr(importlib, "import_module", fake)
-    with pytest.raises(NotImplementedError, match="hq_diffusion.nn.kv"):
+    with pytest.raises(NotImplementedError, match="hq_diffusion.integrations.kv_processors"):
         quantize(nn.Sequential(nn.Linear(64, 64)), kv_bps=4.0, progress=False)
 
 

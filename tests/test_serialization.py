@@ -306,7 +306,7 @@ def test_diffusers_from_pretrained_quantizes_float_checkpoints(tmp_path):
 
 
 def test_kv_config_is_persisted_and_reapplied(tmp_path):
-    kv = pytest.importorskip("hq_diffusion.nn.kv")
+    kv = pytest.importorskip("hq_diffusion.integrations.kv_processors")
     pipe = tiny_pipeline("ltx", 0)
     quantize(pipe, bps=4.0, kv_bps=3.0, kv_correction="haar", progress=False)
     ref = generate(pipe, "ltx", PROMPT, 0)

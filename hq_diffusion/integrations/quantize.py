@@ -46,11 +46,12 @@ class HQState:
 
 def _kv_api():
     try:
-        return importlib.import_module("hq_diffusion.nn.kv")
+        return importlib.import_module("hq_diffusion.integrations.kv_processors")
     except ModuleNotFoundError as e:
-        if e.name == "hq_diffusion.nn.kv":
+        if e.name == "hq_diffusion.integrations.kv_processors":
             raise NotImplementedError(
-                "K/V quantization (kv_bps=...) needs hq_diffusion.nn.kv, which this build does not include; "
+                "K/V quantization (kv_bps=...) needs hq_diffusion.integrations.kv_processors, which this build "
+                "does not include; "
                 "quantize with kv_bps=None") from None
         raise
 

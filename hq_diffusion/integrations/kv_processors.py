@@ -1,0 +1,429 @@
+"""Diffusers attention processors that quantize K/V with :func:`hq_diffusion.nn.kv.quantize_kv`.
+
+Attention processors (installed by :func:`apply_kv_quantization`, removed by :func:`remove_kv_quantization`):
+
+- :class:`HQKVLTXAttnProcessor` replaces ``LTXVideoAttnProcessor``: LTX-Video ``LTXAttention`` (attn1, attn2).
+- :class:`HQKVLTX2AttnProcessor` replaces ``LTX2AudioVideoAttnProcessor``: LTX-2 ``LTX2Attention``, all six
+  modules of a block (attn1, attn2, audio_attn1, audio_attn2, audio_to_video_attn, video_to_audio_attn).
+- :class:`HQKVFluxAttnProcessor` replaces ``FluxAttnProcessor``: Flux double- and single-stream blocks.
+- :class:`HQKVSDPAProcessor` wraps ``AttnProcessor2_0``, ``FusedAttnProcessor2_0``, ``JointAttnProcessor2_0``,
+  ``FusedJointAttnProcessor2_0``, ``WanAttnProcessor`` and ``LTX2PerturbedAttnProcessor``: PixArt, SD3, Wan,
+  Sana's cross-attention, LTX-2 STG blocks (more through :func:`register_kv_processor`).
+
+The first three reproduce the diffusers 0.42 processor math step by step and quantize K/V just before
+``dispatch_attention_fn`` (any attention backend). :class:`HQKVSDPAProcessor` runs the original processor
+unchanged inside a scoped :class:`torch.overrides.TorchFunctionMode` that intercepts its
+``F.scaled_dot_product_attention`` calls (nothing global is patched); it needs a torch-SDPA backend.
+``apply_kv_quantization(transformer, None)`` installs the same processors with quantization off, to check
+on a given diffusers version that they reproduce the originals.
+
+The K/V mathematics (configuration, rotations, dither, rate) is in :mod:`hq_diffusion.nn.kv`; the layers
+are described in docs/ARCHITECTURE.md.
+"""
+from __future__ import annotations
+
+import functools
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from hq_diffusion.nn.kv import KVConfig, KVStats, quantize_kv
+
+__all__ = [
+    "apply_kv_quantization", "remove_kv_quantization", "kv_summary", "reset_kv_state", "register_kv_processor",
+    "HQKVProcessor", "HQKVLTXAttnProcessor", "HQKVLTX2AttnProcessor", "HQKVFluxAttnProcessor", "HQKVSDPAProcessor",
+]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Attention processors
+# ----------------------------------------------------------------------------------------------------------
+
+@dataclass
+class _ModuleStats(KVStats):
+    calls: int = 0  # processor calls
+    tensors: int = 0  # K/V tensors quantized
+    calls_without_kernel: int = 0  # generic path: calls in which no torch SDPA call was seen
+
+
+class HQKVProcessor:
+    """Base of the K/V-quantizing processors.
+
+    Attributes:
+        original: the diffusers processor this one replaced (restored by :func:`remove_kv_quantization`).
+        name: qualified name of the attention module (the rotation/dither key prefix).
+        cfg: the :class:`KVConfig`, or ``None`` to run the processor math with K/V untouched.
+        stats: per-module bit accounting and call counts.
+        step: K/V quantizations done so far (the dither step).
+    """
+
+    def __init__(self, original: Any, name: str, cfg: KVConfig | None):
+        self.original = original
+        self.name = name
+        self.cfg = cfg
+        self.stats = _ModuleStats()
+        self.step = 0
+
+    @classmethod
+    def unsupported_reason(cls, original: Any) -> str | None:
+        """Why ``original`` cannot be wrapped by this class (``None`` if it can)."""
+        return None
+
+    def quantize(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Quantize K and V (..., D) per vector of the last axis; identity when ``cfg`` is None."""
+        if self.cfg is None:
+            return key, value
+        step, self.step = self.step, self.step + 1
+        k_hat, sk = quantize_kv(key, self.cfg, f"{self.name}/k", step)
+        v_hat, sv = quantize_kv(value, self.cfg, f"{self.name}/v", step)
+        self.stats.add(sk)
+        self.stats.add(sv)
+        self.stats.tensors += 2
+        return k_hat, v_hat
+
+    def reset(self) -> None:
+        self.stats = _ModuleStats()
+        self.step = 0
+
+
+class _DispatchProcessor(HQKVProcessor):
+    """Explicit processors: carry the attention backend / parallel config that ``dispatch_attention_fn`` uses."""
+
+    def __init__(self, original: Any, name: str, cfg: KVConfig | None):
+        super().__init__(original, name, cfg)
+        self._attention_backend = getattr(original, "_attention_backend", None)
+        self._parallel_config = getattr(original, "_parallel_config", None)
+
+    def _attend(self, query, key, value, attention_mask, **kwargs):
+        """(B, S, H, D) query/key/value → (B, S, H, D) through diffusers' dispatcher, after quantizing K/V."""
+        from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+        key, value = self.quantize(key, value)
+        return dispatch_attention_fn(query, key, value, attn_mask=attention_mask, backend=self._attention_backend,
+                                     parallel_config=self._parallel_config, **kwargs)
+
+
+def _prepare_mask(attn, attention_mask, context):
+    if attention_mask is None:
+        return None
+    batch, seq, _ = context.shape
+    mask = attn.prepare_attention_mask(attention_mask, seq, batch)
+    return mask.view(batch, attn.heads, -1, mask.shape[-1])
+
+
+class HQKVLTXAttnProcessor(_DispatchProcessor):
+    """LTX-Video ``LTXAttention`` (diffusers ``LTXVideoAttnProcessor``): to_q/to_k/to_v → RMSNorm over all heads
+    (norm_q, norm_k) → RoPE → split heads → **quantize K, V** (B, S, H, D) → attention → to_out."""
+
+    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, image_rotary_emb=None) -> torch.Tensor:
+        from diffusers.models.transformers.transformer_ltx import apply_rotary_emb
+
+        self.stats.calls += 1
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        attention_mask = _prepare_mask(attn, attention_mask, context)
+        query = attn.norm_q(attn.to_q(hidden_states))
+        key = attn.norm_k(attn.to_k(context))
+        value = attn.to_v(context)
+        if image_rotary_emb is not None:
+            query = apply_rotary_emb(query, image_rotary_emb)
+            key = apply_rotary_emb(key, image_rotary_emb)
+        query, key, value = (t.unflatten(2, (attn.heads, -1)) for t in (query, key, value))
+        out = self._attend(query, key, value, attention_mask, dropout_p=0.0, is_causal=False)
+        out = out.flatten(2, 3).to(query.dtype)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+class HQKVLTX2AttnProcessor(_DispatchProcessor):
+    """LTX-2 ``LTX2Attention`` (diffusers ``LTX2AudioVideoAttnProcessor``), used by all six attention modules of a
+    block (attn1, attn2, audio_attn1, audio_attn2, audio_to_video_attn, video_to_audio_attn): projections →
+    RMSNorm over all heads → RoPE (interleaved or split; separate query/key RoPE for the cross-modal
+    modules) → split heads → **quantize K, V** (B, S, H, D) → attention → optional per-head gates → to_out."""
+
+    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, query_rotary_emb=None,
+                 key_rotary_emb=None) -> torch.Tensor:
+        from diffusers.models.transformers.transformer_ltx2 import (
+            apply_interleaved_rotary_emb,
+            apply_split_rotary_emb,
+        )
+
+        self.stats.calls += 1
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        attention_mask = _prepare_mask(attn, attention_mask, context)
+        gate_proj = getattr(attn, "to_gate_logits", None)
+        gate_logits = gate_proj(hidden_states) if gate_proj is not None else None
+        query = attn.norm_q(attn.to_q(hidden_states))
+        key = attn.norm_k(attn.to_k(context))
+        value = attn.to_v(context)
+        if query_rotary_emb is not None:
+            rope = {"interleaved": apply_interleaved_rotary_emb, "split": apply_split_rotary_emb}.get(
+                getattr(attn, "rope_type", "interleaved"))
+            if rope is not None:
+                query = rope(query, query_rotary_emb)
+                key = rope(key, key_rotary_emb if key_rotary_emb is not None else query_rotary_emb)
+        query, key, value = (t.unflatten(2, (attn.heads, -1)) for t in (query, key, value))
+        out = self._attend(query, key, value, attention_mask, dropout_p=0.0, is_causal=False)
+        out = out.flatten(2, 3).to(query.dtype)
+        if gate_logits is not None:
+            gates = 2.0 * torch.sigmoid(gate_logits)  # (B, T, H); zero logits give gates of 1
+            out = (out.unflatten(2, (attn.heads, -1)) * gates.unsqueeze(-1)).flatten(2, 3)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+class HQKVFluxAttnProcessor(_DispatchProcessor):
+    """Flux ``FluxAttention`` (diffusers ``FluxAttnProcessor``): image (and, in double-stream blocks, text)
+    projections → per-head RMSNorm → text tokens first → RoPE → **quantize K, V** (B, S, H, D) → attention →
+    split back; double-stream blocks return ``(image, text)`` after to_out / to_add_out, single-stream blocks
+    return the attention output unprojected."""
+
+    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, image_rotary_emb=None):
+        from diffusers.models.embeddings import apply_rotary_emb
+
+        self.stats.calls += 1
+        context = None
+        if attn.fused_projections:
+            query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
+            if encoder_hidden_states is not None and hasattr(attn, "to_added_qkv"):
+                context = attn.to_added_qkv(encoder_hidden_states).chunk(3, dim=-1)
+        else:
+            query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+            if encoder_hidden_states is not None and attn.added_kv_proj_dim is not None:
+                context = (attn.add_q_proj(encoder_hidden_states), attn.add_k_proj(encoder_hidden_states),
+                           attn.add_v_proj(encoder_hidden_states))
+        query, key, value = (t.unflatten(-1, (-1, attn.head_dim)) for t in (query, key, value))
+        query, key = attn.norm_q(query), attn.norm_k(key)
+        if attn.added_kv_proj_dim is not None:
+            eq, ek, ev = (t.unflatten(-1, (-1, attn.head_dim)) for t in context)
+            eq, ek = attn.norm_added_q(eq), attn.norm_added_k(ek)
+            query, key, value = (torch.cat(pair, dim=1) for pair in ((eq, query), (ek, key), (ev, value)))
+        if image_rotary_emb is not None:
+            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+        out = self._attend(query, key, value, attention_mask)
+        out = out.flatten(2, 3).to(query.dtype)
+        if encoder_hidden_states is None:
+            return out
+        n_text = encoder_hidden_states.shape[1]
+        text, image = out.split_with_sizes([n_text, out.shape[1] - n_text], dim=1)
+        image = attn.to_out[1](attn.to_out[0](image.contiguous()))
+        return image, attn.to_add_out(text.contiguous())
+
+
+_TORCH_SDPA_BACKENDS = ("native", "_native_cudnn", "_native_efficient", "_native_flash", "_native_math")
+_SDPA_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+
+
+class _SDPAInterceptor(TorchFunctionMode):
+    """Scoped to one processor call: quantizes K and V of every ``F.scaled_dot_product_attention`` call."""
+
+    def __init__(self, proc: "HQKVSDPAProcessor"):
+        super().__init__()
+        self.proc = proc
+        self.kernel_calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is not F.scaled_dot_product_attention:
+            return func(*args, **kwargs)
+        self.kernel_calls += 1
+        params = dict(zip(_SDPA_PARAMS, args), **kwargs)
+        q, k, v = params.pop("query"), params.pop("key"), params.pop("value")
+        k, v = self.proc.quantize(k, v)  # (B, H, S, D): vectors along the last axis
+        return func(q, k, v, **params)
+
+
+class HQKVSDPAProcessor(HQKVProcessor):
+    """Generic path: runs the original processor unchanged and quantizes K/V (B, H, S, D) inside each of its
+    ``F.scaled_dot_product_attention`` calls, i.e. after whatever QK-norm/RoPE the processor applies. Works for
+    processors that call torch SDPA directly (``AttnProcessor2_0``, ``JointAttnProcessor2_0``, ...) or through
+    ``dispatch_attention_fn`` with a torch-SDPA backend (``WanAttnProcessor``, ``LTX2PerturbedAttnProcessor``).
+    """
+
+    def __init__(self, original: Any, name: str, cfg: KVConfig | None):
+        super().__init__(original, name, cfg)
+
+        def call(*args, **kwargs):
+            return self._call(*args, **kwargs)
+
+        # diffusers drops attention kwargs that are not parameters of ``processor.__call__``: present the
+        # original processor's signature (inspect.signature follows __wrapped__).
+        self.__call__ = functools.wraps(original.__call__)(call)
+
+    # The attention backend lives on the wrapped processor (``set_attention_backend`` reaches it through here).
+    @property
+    def _attention_backend(self):
+        return getattr(self.original, "_attention_backend", None)
+
+    @_attention_backend.setter
+    def _attention_backend(self, value):
+        self.original._attention_backend = value
+
+    @classmethod
+    def unsupported_reason(cls, original: Any) -> str | None:
+        backend = getattr(original, "_attention_backend", None)
+        name = getattr(backend, "value", backend)
+        if name is not None and name not in _TORCH_SDPA_BACKENDS:
+            return f"attention backend {name!r} does not go through torch scaled_dot_product_attention"
+        return None
+
+    def _call(self, attn, *args, **kwargs):
+        self.stats.calls += 1
+        mode = _SDPAInterceptor(self)
+        with mode:
+            out = self.original(attn, *args, **kwargs)
+        if mode.kernel_calls == 0:
+            self.stats.calls_without_kernel += 1
+        return out
+
+    def __call__(self, attn, *args, **kwargs):  # the instance attribute set in __init__ carries the signature
+        return self._call(attn, *args, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Registry and installation
+# ----------------------------------------------------------------------------------------------------------
+
+_KV_PROCESSORS: dict[str, type[HQKVProcessor]] = {}
+
+
+def register_kv_processor(*class_paths: str) -> Callable[[type[HQKVProcessor]], type[HQKVProcessor]]:
+    """Class decorator / function: make ``apply_kv_quantization`` replace processors whose class is one of
+    ``class_paths`` (``"module.QualName"`` of the diffusers processor class) by the decorated class."""
+
+    def deco(cls: type[HQKVProcessor]) -> type[HQKVProcessor]:
+        for path in class_paths:
+            _KV_PROCESSORS[path] = cls
+        return cls
+
+    return deco
+
+
+register_kv_processor("diffusers.models.transformers.transformer_ltx.LTXVideoAttnProcessor")(HQKVLTXAttnProcessor)
+register_kv_processor("diffusers.models.transformers.transformer_ltx2.LTX2AudioVideoAttnProcessor")(
+    HQKVLTX2AttnProcessor)
+register_kv_processor("diffusers.models.transformers.transformer_flux.FluxAttnProcessor")(HQKVFluxAttnProcessor)
+register_kv_processor(
+    "diffusers.models.attention_processor.AttnProcessor2_0",
+    "diffusers.models.attention_processor.FusedAttnProcessor2_0",
+    "diffusers.models.attention_processor.JointAttnProcessor2_0",
+    "diffusers.models.attention_processor.FusedJointAttnProcessor2_0",
+    "diffusers.models.transformers.transformer_wan.WanAttnProcessor",
+    "diffusers.models.transformers.transformer_ltx2.LTX2PerturbedAttnProcessor",
+)(HQKVSDPAProcessor)
+
+
+def _class_path(obj: Any) -> str:
+    cls = type(obj)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _attention_modules(transformer: torch.nn.Module):
+    for name, module in transformer.named_modules():
+        if hasattr(module, "processor") and callable(getattr(module, "set_processor", None)):
+            yield name, module
+
+
+def apply_kv_quantization(transformer: torch.nn.Module, cfg: KVConfig | None) -> list[str]:
+    """Install K/V-quantizing processors on every supported attention module of ``transformer``.
+
+    Args:
+        transformer: a diffusers transformer (or any module tree containing diffusers attention modules).
+        cfg: the :class:`KVConfig`; ``None`` installs the same processors with quantization off (to verify
+            that they reproduce the originals). Applying again replaces the previous configuration.
+
+    Returns:
+        Names of the modules now quantizing K/V. Modules with unsupported processors are left as they are and
+        named in a single ``UserWarning``.
+    """
+    if cfg is not None and not isinstance(cfg, KVConfig):
+        raise TypeError(f"cfg must be a KVConfig or None, got {type(cfg).__name__}")
+    installed, skipped = [], []
+    for name, module in _attention_modules(transformer):
+        proc = module.processor
+        if isinstance(proc, HQKVProcessor):
+            proc = proc.original
+        cls = _KV_PROCESSORS.get(_class_path(proc))
+        reason = f"processor {type(proc).__name__} is not supported" if cls is None else cls.unsupported_reason(proc)
+        if reason is not None:
+            skipped.append(f"{name or '<root>'} ({reason})")
+            if module.processor is not proc:  # a previous installation: put the original back
+                module.set_processor(proc)
+            continue
+        module.set_processor(cls(proc, name, cfg))
+        installed.append(name)
+    if skipped:
+        warnings.warn(f"K/V quantization skipped {len(skipped)} attention module(s): " + "; ".join(skipped),
+                      UserWarning, stacklevel=2)
+    return installed
+
+
+def _installed(transformer: torch.nn.Module) -> list[tuple[str, torch.nn.Module, HQKVProcessor]]:
+    return [(n, m, m.processor) for n, m in _attention_modules(transformer) if isinstance(m.processor, HQKVProcessor)]
+
+
+def remove_kv_quantization(transformer: torch.nn.Module) -> list[str]:
+    """Restore the original processors; returns the names of the modules restored."""
+    names = []
+    for name, module, proc in _installed(transformer):
+        module.set_processor(proc.original)
+        names.append(name)
+    return names
+
+
+def reset_kv_state(transformer: torch.nn.Module) -> None:
+    """Zero the statistics and the dither step counters, so that the next generation repeats the first."""
+    for _, _, proc in _installed(transformer):
+        proc.reset()
+
+
+def kv_summary(transformer: torch.nn.Module) -> dict | None:
+    """What K/V quantization did so far on ``transformer``; ``None`` if it is not installed.
+
+    Returns:
+        ``{"config", "modules", "calls", "scalars", "bits_per_scalar", "breakdown": {"payload", "side",
+        "norms"}, "bytes_fp16", "bytes_quantized", "compression", "calls_without_kernel", "not_quantized",
+        "per_module": {name: {"calls", "bits_per_scalar"}}, "note"}``. Rates are measured (bits per real K/V
+        scalar, norms and Rice side information included) and weighted by the number of scalars; they are
+        ``None`` before the first forward pass.
+    """
+    procs = _installed(transformer)
+    if not procs:
+        return None
+    total = KVStats()
+    per_module, configs = {}, []
+    for name, _, proc in procs:
+        total.add(proc.stats)
+        per_module[name] = {"calls": proc.stats.calls,
+                            "bits_per_scalar": proc.stats.bits_per_scalar if proc.stats.scalars else None}
+        d = proc.cfg.to_dict() if proc.cfg is not None else None
+        if d not in configs:
+            configs.append(d)
+    n = total.scalars
+
+    def per(bits):
+        return bits / n if n else None
+
+    return {
+        "config": configs[0] if len(configs) == 1 else configs,
+        "modules": len(procs),
+        "calls": sum(p.stats.calls for _, _, p in procs),
+        "scalars": n,
+        "bits_per_scalar": per(total.bits),
+        "breakdown": {"payload": per(total.payload_bits), "side": per(total.side_bits), "norms": per(total.norm_bits)},
+        "bytes_fp16": 2 * n,
+        "bytes_quantized": total.bits / 8,
+        "compression": (16 * n / total.bits) if total.bits else None,
+        "calls_without_kernel": sum(p.stats.calls_without_kernel for _, _, p in procs),
+        "not_quantized": [f"{name or '<root>'} ({type(m.processor).__name__})"
+                          for name, m in _attention_modules(transformer) if not isinstance(m.processor, HQKVProcessor)],
+        "per_module": per_module,
+        "note": ("DiTs do not cache K/V across denoising steps: the saving is attention bandwidth, i.e. bytes of K/V "
+                 "read per step (bytes_fp16 at 16 bits per scalar vs bytes_quantized), realized by a kernel that "
+                 "reads the quantized K/V; this torch reference dequantizes before the attention kernel."),
+    }
