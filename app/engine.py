@@ -35,7 +35,9 @@ import numpy as np
 
 # PIPELINE_CLASSES: diffusers pipeline classes a local directory may hold -> pipeline kind; to_uint8: the
 # evaluator's float [0, 1] -> uint8 frame conversion (raises on NaN / inf frames).
-from hq_diffusion.eval.runner import PIPELINE_CLASSES, to_uint8
+from hq_diffusion.eval.config import PIPELINE_CLASSES
+from hq_diffusion.eval.files import release_memory as _release_memory
+from hq_diffusion.eval.files import to_uint8
 
 from .config import TINY_KINDS, VIDEO_KINDS, AppSettings, GenerationRequest, QuantSettings, is_tiny
 
@@ -524,17 +526,4 @@ class Engine:
         if self._own_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
         _release_memory()
-
-
-def _release_memory() -> None:
-    import gc
-
-    gc.collect()
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except ImportError:  # pragma: no cover - torch is a dependency
-        pass
 

@@ -149,7 +149,7 @@ def main(argv=None) -> int:
         engine.close()
         print(f"hq-diffusion app: error: {e}", file=sys.stderr)
         return 2
-    from hq_diffusion.eval.runner import quiet_library_logs
+    from hq_diffusion.eval.files import quiet_library_logs
 
     quiet_library_logs()
     if not settings.is_loopback:

@@ -11,7 +11,7 @@ import sys
 # command → (module, function, help)
 COMMANDS = {
     "demo": ("hq_diffusion.demo", "main", "quantize the embedded tiny LTX pipeline and report (the main job)"),
-    "eval": ("hq_diffusion.eval.runner", "main", "bf16 vs quantized evaluation over a prompt suite"),
+    "eval": ("hq_diffusion.eval.cli", "main", "bf16 vs quantized evaluation over a prompt suite"),
     "app": ("hq_diffusion.app.server", "main", "Gradio app: bf16 and quantized side by side"),
 }
 BENCHES = {

@@ -110,7 +110,10 @@ def _kv_info(kv: dict | None) -> str:
 def main(argv: list[str] | None = None) -> int:
     """``hq-diffusion demo``.  Returns the exit status."""
     args = _parser().parse_args(argv)
-    from hq_diffusion.eval import runner
+    from hq_diffusion.eval.cli import build_parser
+    from hq_diffusion.eval.config import build_config
+    from hq_diffusion.eval.files import EvalInputError, quiet_library_logs
+    from hq_diffusion.eval.runner import run_eval
 
     eval_argv = ["--model", "tiny-ltx", "--num-prompts", str(args.num_prompts), "--seeds", args.seeds,
                  "--bps", args.bps, "--out", args.out]
@@ -120,10 +123,10 @@ def main(argv: list[str] | None = None) -> int:
         eval_argv += ["--lpips-weights", args.lpips_weights]
     t0 = time.perf_counter()
     try:
-        cfg = runner.build_config(runner.build_parser("hq-diffusion demo").parse_args(eval_argv))
-        runner.quiet_library_logs()
-        report = runner.run_eval(cfg, progress=not args.no_progress)
-    except runner.EvalInputError as e:
+        cfg = build_config(build_parser("hq-diffusion demo").parse_args(eval_argv))
+        quiet_library_logs()
+        report = run_eval(cfg, progress=not args.no_progress)
+    except EvalInputError as e:
         print(f"hq-diffusion demo: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

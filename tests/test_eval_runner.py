@@ -1,5 +1,5 @@
-"""Tests for hq_diffusion.eval.runner (``hq-diffusion eval``): bad input, the LTX-2 bps sweep and its files,
-numbers recomputable from frames.npz, resumability, sharding and merging, PATH pipelines.
+"""Tests for hq_diffusion.eval (``hq-diffusion eval``: runner, cli, config, files): bad input, the LTX-2 bps
+sweep and its files, numbers recomputable from frames.npz, resumability, sharding and merging, PATH pipelines.
 
 Resumability / sharding mechanics use ``_mechanics_quantize``, a TEST DOUBLE that perturbs the transformer's
 Linear weights (cheap and deterministic); no quality number is ever taken from it.  Everything that checks
@@ -22,7 +22,9 @@ import torch
 
 from hq_diffusion.eval import metrics as M
 from hq_diffusion.eval import report as R
-from hq_diffusion.eval import runner
+from hq_diffusion.eval import cli, runner
+from hq_diffusion.eval import config as eval_config
+from hq_diffusion.eval import files as eval_files
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
@@ -60,7 +62,7 @@ def _args(out, prompts, *extra):
 
 
 def _cfg(argv):
-    return runner.build_config(runner.build_parser().parse_args(argv))
+    return eval_config.build_config(cli.build_parser().parse_args(argv))
 
 
 class _Counter:
@@ -93,15 +95,15 @@ def _no_tmp_files(root):
 # --------------------------------------------------------------------------------------------- units
 def test_to_uint8_is_round_and_clip():
     x = np.array([-0.2, 0.0, 0.5 / 255, 1.5 / 255, 0.4999, 1.0, 1.7], dtype=np.float32)
-    np.testing.assert_array_equal(runner.to_uint8(x), np.clip(np.round(x * 255), 0, 255).astype(np.uint8))
-    assert runner.to_uint8(x).dtype == np.uint8
+    np.testing.assert_array_equal(eval_files.to_uint8(x), np.clip(np.round(x * 255), 0, 255).astype(np.uint8))
+    assert eval_files.to_uint8(x).dtype == np.uint8
     with pytest.raises(ValueError, match="NaN"):
-        runner.to_uint8(np.array([0.1, np.nan], np.float32))
+        eval_files.to_uint8(np.array([0.1, np.nan], np.float32))
 
 
 def test_read_prompts_and_packaged_suite(tmp_path):
-    assert runner.read_prompts(_prompts_file(tmp_path)) == [PROMPTS[0], PROMPTS[1], PROMPTS[4]]
-    suite = runner.read_prompts(runner.default_prompts_file())
+    assert eval_files.read_prompts(_prompts_file(tmp_path)) == [PROMPTS[0], PROMPTS[1], PROMPTS[4]]
+    suite = eval_files.read_prompts(eval_files.default_prompts_file())
     assert len(suite) == 32 and len(set(suite)) == 32
     assert all(len(p) > 20 and not p.startswith("#") for p in suite)
 
@@ -150,7 +152,7 @@ def test_bad_input_fails_fast_with_one_line(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(runner, "_load_pipeline", no_work)
     for name, (argv, needle) in _bad_cases(tmp_path).items():
-        rc = runner.main([*argv, "--no-progress"])
+        rc = cli.main([*argv, "--no-progress"])
         err = capsys.readouterr().err.strip()
         assert rc == 2, name
         assert len(err.splitlines()) == 1 and err.startswith("hq-diffusion eval: error: "), (name, err)
@@ -169,7 +171,7 @@ def test_mismatched_frame_shapes_are_reported(tmp_path, capsys):
     arrays["frames"] = arrays["frames"][:, :16]  # corrupt the cached reference, metadata intact
     np.savez(ref, **arrays)
     capsys.readouterr()
-    rc = runner.main(argv, **hooks)
+    rc = cli.main(argv, **hooks)
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1
     assert "prompt 0 (seed 0) at 4 bps" in err[0] and "shape mismatch" in err[0]
@@ -245,7 +247,7 @@ def test_interrupted_run_resumes_without_regenerating(mechanics):
 
 
 def test_run_dir_with_other_settings_is_refused(mechanics, capsys):
-    rc = runner.main(mechanics["argv"](mechanics["tmp"] / "clean", "--steps", "3"),
+    rc = cli.main(mechanics["argv"](mechanics["tmp"] / "clean", "--steps", "3"),
                      quantize_fn=_mechanics_quantize, summary_fn=_mechanics_summary)
     err = capsys.readouterr().err
     assert rc == 2 and "different settings" in err and "call_kwargs" in err
@@ -258,7 +260,7 @@ def kv_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("kv")
     prompts = _prompts_file(tmp)
     argv = lambda out: _args(out, prompts, "--num-prompts", "2", "--bps", "4", "--kv-bps", "4")  # noqa: E731
-    assert runner.main(argv(tmp / "clean")) == 0
+    assert cli.main(argv(tmp / "clean")) == 0
     return {"tmp": tmp, "argv": argv}
 
 
@@ -272,12 +274,12 @@ def test_two_ranks_then_merge_only_equals_clean_run(kv_run, capsys):
     assert items == [os.path.join("items", "4", "p0001-s0")]
     assert not (out / "items" / "4" / "summary.json").exists()  # rank 0 writes it
     # merging now gives a partial report and says so
-    assert runner.main(["--merge-only", "--out", str(out)]) == 1
+    assert cli.main(["--merge-only", "--out", str(out)]) == 1
     assert "partial: 1 of 2" in capsys.readouterr().err
     part = _load(out / "report.json")
     assert [e["index"] for e in part["prompts"]] == [1] and [m["index"] for m in part["missing"]] == [0]
     assert runner.run_eval(cfg, rank=0, world_size=2, barrier=False, progress=False) is None
-    assert runner.main(["--merge-only", "--out", str(out)]) == 0
+    assert cli.main(["--merge-only", "--out", str(out)]) == 0
     rep = _load(out / "report.json")
     assert rep == _load(kv_run["tmp"] / "clean" / "report.json")
     kv = rep["quantization"]["4"]["kv"]["transformer"]["summary"]
@@ -299,7 +301,7 @@ def test_model_path_and_lpips_plumbing(tmp_path):
     assert cfg.pipeline == "ltx"
     # the tiny-tuned settings the flags do not set come from LTXPipeline.__call__'s own defaults
     assert cfg.call_kwargs()["max_sequence_length"] == 128 and cfg.call_kwargs()["num_inference_steps"] == 2
-    assert runner.main(argv) == 0
+    assert cli.main(argv) == 0
     rep = _load(out / "report.json")
     assert rep["config"]["model"] == str(model) and rep["quantization"]["4"]["ratio"] > 1
     assert rep["lpips"] == {"available": True, "reason": None, "plumbing": True}
@@ -315,7 +317,7 @@ def ltx2_sweep(tmp_path_factory) -> str:
     """tiny-ltx2, 2 prompts, bps 3,4,5, real quantizer; shared on disk by test_report_browser (the runner
     resumes, so whichever module comes second only re-merges)."""
     out = tmp_path_factory.getbasetemp() / "ltx2-sweep"
-    rc = runner.main(["--model", "tiny-ltx2", "--num-prompts", "2", "--bps", "3,4,5", "--out", str(out),
+    rc = cli.main(["--model", "tiny-ltx2", "--num-prompts", "2", "--bps", "3,4,5", "--out", str(out),
                       "--no-progress"])
     assert rc == 0
     return str(out)
@@ -410,7 +412,7 @@ def test_cli_ranks_as_processes_then_merge_only(tmp_path):
         _, err = p.communicate(timeout=600)
         assert p.returncode == 0, err
     assert not (out / "report.json").exists()
-    assert runner.main(["--merge-only", "--out", str(out)]) == 0
+    assert cli.main(["--merge-only", "--out", str(out)]) == 0
     rep = _load(out / "report.json")
     assert [e["index"] for e in rep["prompts"]] == [0, 1, 2] and rep["missing"] == []
 

@@ -15,7 +15,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from hq_diffusion.eval import runner
+from hq_diffusion.eval import cli
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
@@ -38,7 +38,7 @@ def report_html(tmp_path_factory) -> str:
     """Same run as test_eval_runner's ``sweep`` fixture (same arguments, same directory): the runner resumes,
     so whichever module runs second only re-merges."""
     out = tmp_path_factory.getbasetemp() / "ltx2-sweep"
-    rc = runner.main(["--model", "tiny-ltx2", "--num-prompts", "2", "--bps", "3,4,5", "--out", str(out),
+    rc = cli.main(["--model", "tiny-ltx2", "--num-prompts", "2", "--bps", "3,4,5", "--out", str(out),
                       "--no-progress"])
     assert rc == 0
     return str(out / "report.html")

@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from hq_diffusion.eval.metrics import psnr_per_frame, ssim_per_frame
-from hq_diffusion.eval.runner import default_prompts_file, read_prompts, to_uint8
+from hq_diffusion.eval.files import default_prompts_file, read_prompts, to_uint8
 
 from ._common import emit, header, student_t_columns, table
 from .baselines import rtn_groupwise

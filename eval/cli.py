@@ -1,0 +1,109 @@
+"""``hq-diffusion eval``: the argument parser and the entry point (see :mod:`hq_diffusion.eval.runner`)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import Any
+
+from .config import DTYPES, MODEL_ALIASES, build_config
+from .files import EvalInputError, quiet_library_logs
+from .merge import merge
+from .runner import run_eval
+
+__all__ = ["build_parser", "main"]
+
+
+class _Parser(argparse.ArgumentParser):
+    """Reports a usage error as EvalInputError (one line, exit status 2 from ``main``)."""
+
+    def error(self, message: str):
+        raise EvalInputError(f"{message} (see {self.prog} --help)")
+
+
+def build_parser(prog: str = "hq-diffusion eval") -> argparse.ArgumentParser:
+    """The ``hq-diffusion eval`` argument parser (usage errors raise :class:`EvalInputError`)."""
+    p = _Parser(
+        prog=prog, description="Evaluate a quantized diffusers pipeline against the unquantized one over "
+                               "a prompt suite (same prompts, same seeds); writes report.json/csv/html.")
+    p.add_argument("--model", default="tiny-ltx",
+                   help=f"{' | '.join(MODEL_ALIASES)} | PATH to a diffusers pipeline directory "
+                        f"(default: tiny-ltx)")
+    p.add_argument("--prompts", metavar="FILE", help="one prompt per line, '#' comments (default: the "
+                                                     "packaged 32-prompt suite)")
+    p.add_argument("--num-prompts", type=int, metavar="N", help="use the first N prompts")
+    p.add_argument("--seeds", default="0", help="comma-separated generation seeds (default: 0)")
+    p.add_argument("--bps", default="4", help="weight bits per weight, or a comma-separated sweep (3,4,5)")
+    q = p.add_argument_group("quantization (hq_diffusion.quantize)")
+    q.add_argument("--lattice", default="e8", help="e8 | d4 | a2 | z (default: e8)")
+    q.add_argument("--mma", default="auto",
+                   help="matmul path: auto | bf16 | int8 | fp8 | nvfp4 | mxfp4 (default: auto)")
+    q.add_argument("--kv-bps", type=float, default=None, help="also quantize attention K/V at this rate (default: off)")
+    q.add_argument("--kv-correction", default="haar+dither",
+                   help="K/V bias correction: none | signs | haar, optionally +dither (default: haar+dither)")
+    q.add_argument("--storage", default="rice", help="weight storage: rice | int8 (default: rice)")
+    q.add_argument("--skip", help="comma-separated module-name patterns kept unquantized (default: the "
+                                   "architecture preset)")
+    g = p.add_argument_group("generation")
+    g.add_argument("--steps", type=int, help="inference steps")
+    g.add_argument("--frames", type=int, help="video frames")
+    g.add_argument("--height", type=int, help="frame height in pixels")
+    g.add_argument("--width", type=int, help="frame width in pixels")
+    g.add_argument("--dtype", default="bfloat16", choices=DTYPES,
+                   help="dtype of the reference and of the pipeline before quantization (default: bfloat16)")
+    g.add_argument("--model-seed", type=int, default=0, help="random-init seed of the tiny pipelines")
+    g.add_argument("--device", help="torch device (default: cuda:LOCAL_RANK if available, else cpu)")
+    p.add_argument("--lpips-weights", metavar="PATH", help="full LPIPS state dict (default: the torchvision "
+                                                           "backbone in the torch hub cache, if present)")
+    p.add_argument("--out", default=os.path.join("runs", "eval"), help="output directory (default: runs/eval)")
+    p.add_argument("--merge-only", action="store_true", help="only merge the items in --out into the report")
+    p.add_argument("--no-barrier", action="store_true",
+                   help="with several ranks: write items and exit without merging (merge with --merge-only)")
+    p.add_argument("--max-items", type=int, metavar="N", help=argparse.SUPPRESS)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def _error(msg: str) -> int:
+    print(f"hq-diffusion eval: error: {msg}", file=sys.stderr)
+    return 2
+
+
+def main(argv: list[str] | None = None, **hooks: Any) -> int:
+    """``hq-diffusion eval``.  ``hooks`` (``quantize_fn``, ``summary_fn``, ``generate_fn``) are for tests."""
+    try:
+        try:
+            args = build_parser().parse_args(argv)
+        except SystemExit as e:  # --help
+            return int(e.code or 0)
+        if args.merge_only:
+            rep = merge(args.out)
+            return _finish(rep, args.out)
+        cfg = build_config(args)
+        quiet_library_logs()
+        t0 = time.perf_counter()
+        rep = run_eval(cfg, barrier=not args.no_barrier, max_items=args.max_items,
+                       progress=not args.no_progress, **hooks)
+        if rep is None:
+            return 0
+        return _finish(rep, cfg.out, time.perf_counter() - t0)
+    except EvalInputError as e:
+        return _error(str(e))
+    except KeyboardInterrupt:
+        print("hq-diffusion eval: interrupted; finished items are kept, rerun the same command to resume",
+              file=sys.stderr)
+        return 130
+
+
+def _finish(rep: dict, out: str, seconds: float | None = None) -> int:
+    n = len(rep["prompts"])
+    took = f" in {seconds:.1f} s" if seconds is not None else ""
+    print(f"hq-diffusion eval: {n} results{took}; report: {os.path.join(os.path.abspath(out), 'report.html')}")
+    if rep["missing"]:
+        print(f"hq-diffusion eval: error: the report is partial: {len(rep['missing'])} of "
+              f"{len(rep['missing']) + n} results are missing (run the remaining ranks or rerun the command)",
+              file=sys.stderr)
+        return 1
+    return 0

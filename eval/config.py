@@ -1,0 +1,269 @@
+"""Configuration of ``hq-diffusion eval``: the model families it knows (``--model`` aliases, pipeline classes
+of a PATH), :class:`EvalConfig` and :func:`build_config`, which validates the parsed arguments before any
+long work.  The parser itself is :func:`hq_diffusion.eval.cli.build_parser`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import inspect
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from . import report as R
+from .files import EvalInputError, default_prompts_file, read_prompts
+
+__all__ = ["EvalConfig", "MODEL_ALIASES", "PIPELINE_CLASSES", "VIDEO_PIPELINES", "DTYPES", "resolve_model",
+           "build_config", "fingerprint"]
+
+#: ``--model`` names of the embedded tiny pipelines -> ``hq_diffusion.models`` pipeline names.
+MODEL_ALIASES = {"tiny-ltx": "ltx", "tiny-ltx2": "ltx2", "tiny-pixart": "pixart", "tiny-flux": "flux"}
+
+#: diffusers pipeline classes a ``--model PATH`` may hold -> ``hq_diffusion.models`` pipeline names.
+PIPELINE_CLASSES = {
+    "LTXPipeline": "ltx",
+    "LTX2Pipeline": "ltx2",
+    "PixArtSigmaPipeline": "pixart",
+    "PixArtAlphaPipeline": "pixart",
+    "FluxPipeline": "flux",
+}
+
+VIDEO_PIPELINES = ("ltx", "ltx2")
+DTYPES = ("bfloat16", "float16", "float32")
+
+# Keys of models.DEFAULT_CALL_KWARGS that are tuned for the tiny pipelines; for a pipeline loaded from a
+# PATH they are reset to the pipeline's own __call__ defaults (unless given on the command line).
+_TINY_TUNED_KEYS = (
+    "num_inference_steps", "height", "width", "num_frames", "frame_rate", "guidance_scale",
+    "audio_guidance_scale", "stg_scale", "audio_stg_scale", "modality_scale", "audio_modality_scale",
+    "spatio_temporal_guidance_blocks", "max_sequence_length", "use_resolution_binning",
+)
+
+
+# --------------------------------------------------------------------------------------------- config
+@dataclass(frozen=True)
+class EvalConfig:
+    """A validated evaluation run (build it with :func:`build_config`).
+
+    Args:
+        model: ``tiny-ltx`` / ``tiny-ltx2`` / ``tiny-pixart`` / ``tiny-flux`` or a diffusers pipeline dir.
+        pipeline: ``hq_diffusion.models`` pipeline name (``ltx``, ``ltx2``, ``pixart``, ``flux``).
+        prompts: the prompts evaluated (after ``--num-prompts``).
+        seeds: generation seeds; each prompt is run with each seed.
+        bps_list: weight bit rates, in sweep order.
+        quantize: keyword arguments of ``hq_diffusion.quantize`` other than ``bps``.
+        call_overrides: ``generate`` overrides (on top of ``models.DEFAULT_CALL_KWARGS[pipeline]``).
+        dtype: dtype of both the reference and the pipeline that is quantized.
+        model_seed: seed of the tiny pipelines' random initialisation (ignored for a PATH).
+        lpips_weights: optional full LPIPS state dict file.
+        out: output directory.
+        device: torch device for generation (None: CUDA if available, else CPU).
+        quantizer: name of the quantize function (part of the fingerprints; set by :func:`run_eval`).
+    """
+
+    model: str
+    pipeline: str
+    prompts: tuple[str, ...]
+    seeds: tuple[int, ...]
+    bps_list: tuple[float, ...]
+    out: str
+    quantize: dict = dataclasses.field(default_factory=dict)
+    call_overrides: dict = dataclasses.field(default_factory=dict)
+    dtype: str = "bfloat16"
+    model_seed: int = 0
+    lpips_weights: str | None = None
+    prompts_file: str | None = None
+    device: str | None = None
+    quantizer: str = "hq_diffusion.quantize"
+
+    @property
+    def is_tiny(self) -> bool:
+        return self.model in MODEL_ALIASES
+
+    def call_kwargs(self) -> dict:
+        """The effective pipeline ``__call__`` kwargs (``DEFAULT_CALL_KWARGS`` + overrides)."""
+        from hq_diffusion.models import DEFAULT_CALL_KWARGS
+
+        kw = dict(DEFAULT_CALL_KWARGS[self.pipeline])
+        kw.update(self.call_overrides)
+        return kw
+
+    def model_id(self) -> str:
+        return self.model if self.is_tiny else os.path.realpath(self.model)
+
+    def gen_fingerprint_data(self) -> dict:
+        """What the reference output depends on."""
+        return {"model": self.model_id(), "model_seed": self.model_seed if self.is_tiny else None,
+                "pipeline": self.pipeline, "dtype": self.dtype, "call_kwargs": self.call_kwargs()}
+
+    def run_fingerprint_data(self) -> dict:
+        """What every quantized output depends on, apart from its bps, prompt and seed."""
+        return {**self.gen_fingerprint_data(), "quantizer": self.quantizer, "quantize": self.quantize}
+
+    def quant_fingerprint(self, bps: float) -> str:
+        return fingerprint({**self.run_fingerprint_data(), "bps": float(bps)})
+
+    def gen_fingerprint(self) -> str:
+        return fingerprint(self.gen_fingerprint_data())
+
+
+def fingerprint(obj: Any) -> str:
+    text = json.dumps(R.to_jsonable(obj), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:20]
+
+
+def _parse_list(text: str, conv: Callable, what: str) -> list:
+    items = [t.strip() for t in str(text).split(",") if t.strip()]
+    if not items:
+        raise EvalInputError(f"{what}: empty list")
+    out = []
+    for t in items:
+        try:
+            out.append(conv(t))
+        except ValueError:
+            raise EvalInputError(f"{what}: {t!r} is not a valid number") from None
+    return out
+
+
+def _check_quantize_options(bps_list: list[float], options: dict) -> None:
+    """Validate every bps of the sweep with the quantizer's own config (``HQConfig``) up front, so a bad
+    value fails before any generation.  Raises EvalInputError naming the flag."""
+    from hq_diffusion.integrations.config import HQConfig
+
+    flags = {"kv_bps": "--kv-bps", "kv_correction": "--kv-correction", "bps": "--bps", "lattice": "--lattice",
+             "mma": "--mma", "storage": "--storage", "skip": "--skip"}
+    for b in bps_list:
+        if not math.isfinite(b):
+            raise EvalInputError(f"--bps must be finite, got {b}")
+        try:
+            HQConfig(bps=b, **options)
+        except ValueError as e:
+            msg = str(e)
+            flag = next((f for k, f in flags.items() if f"HQConfig.{k}" in msg), "--bps")
+            raise EvalInputError(f"{flag}: {msg}") from None
+
+
+def resolve_model(model: str) -> str:
+    """``--model`` -> pipeline name; validates a PATH (``model_index.json`` naming a supported pipeline
+    class, with a transformer).  Raises EvalInputError."""
+    if model in MODEL_ALIASES:
+        return MODEL_ALIASES[model]
+    names = ", ".join(MODEL_ALIASES)
+    if not os.path.exists(model):
+        raise EvalInputError(f"--model {model!r} is neither one of {names} nor an existing directory")
+    if not os.path.isdir(model):
+        raise EvalInputError(f"--model {model} is not a directory (expected a diffusers pipeline directory "
+                             f"or one of {names})")
+    index = os.path.join(model, "model_index.json")
+    if not os.path.isfile(index):
+        raise EvalInputError(f"--model {model} is not a diffusers pipeline directory: no model_index.json")
+    try:
+        with open(index, encoding="utf-8") as fh:
+            info = json.load(fh)
+    except (OSError, ValueError) as e:
+        raise EvalInputError(f"--model {model}: cannot parse model_index.json: {e}") from None
+    cls = info.get("_class_name") if isinstance(info, dict) else None
+    if cls not in PIPELINE_CLASSES:
+        raise EvalInputError(f"--model {model}: pipeline class {cls!r} is not supported; supported: "
+                             f"{', '.join(PIPELINE_CLASSES)}")
+    if "transformer" not in info or not os.path.isfile(os.path.join(model, "transformer", "config.json")):
+        raise EvalInputError(f"--model {model}: the pipeline has no transformer (model_index.json entry "
+                             f"and transformer/config.json are required)")
+    return PIPELINE_CLASSES[cls]
+
+
+def _native_call_defaults(model: str, pipeline: str) -> dict:
+    """For a PATH pipeline: its own ``__call__`` defaults for the keys tuned for the tiny pipelines."""
+    import diffusers
+
+    from hq_diffusion.models import DEFAULT_CALL_KWARGS
+
+    with open(os.path.join(model, "model_index.json"), encoding="utf-8") as fh:
+        cls = getattr(diffusers, json.load(fh)["_class_name"])
+    params = inspect.signature(cls.__call__).parameters
+    out = {}
+    for k in _TINY_TUNED_KEYS:
+        if k in DEFAULT_CALL_KWARGS[pipeline] and k in params and \
+                params[k].default is not inspect.Parameter.empty:
+            out[k] = params[k].default
+    return out
+
+
+def _check_out_dir(out: str) -> str:
+    """Create ``out`` if needed and prove it writable.  Raises EvalInputError."""
+    out = os.path.abspath(out)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise EvalInputError(f"--out {out} exists and is not a directory")
+    try:
+        os.makedirs(out, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=out, prefix=".write-probe.")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise EvalInputError(f"output directory {out} is not writable: {e.strerror or e}") from None
+    return out
+
+
+def build_config(args: argparse.Namespace) -> EvalConfig:
+    """Validate parsed ``hq-diffusion eval`` arguments into an :class:`EvalConfig`.
+
+    Everything that can be checked without loading a model is checked here, before any long work.
+    Raises:
+        EvalInputError: with a one-line message naming the bad value.
+    """
+    pipeline = resolve_model(args.model)
+    prompts_file = args.prompts or default_prompts_file()
+    prompts = read_prompts(prompts_file)
+    if args.num_prompts is not None:
+        if args.num_prompts < 1:
+            raise EvalInputError(f"--num-prompts must be >= 1, got {args.num_prompts}")
+        if args.num_prompts > len(prompts):
+            raise EvalInputError(f"--num-prompts {args.num_prompts}, but {prompts_file} has only "
+                                 f"{len(prompts)} prompts")
+        prompts = prompts[: args.num_prompts]
+    seeds = _parse_list(args.seeds, int, "--seeds")
+    if any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
+        raise EvalInputError(f"--seeds must be distinct non-negative integers, got {args.seeds}")
+    bps_list = _parse_list(args.bps, float, "--bps")
+    if len({R.bps_key(b) for b in bps_list}) != len(bps_list):
+        raise EvalInputError(f"--bps has duplicates: {args.bps}")
+    skip = None
+    if args.skip is not None:
+        skip = [s.strip() for s in args.skip.split(",") if s.strip()]
+    quantize = {"lattice": args.lattice, "mma": args.mma,
+                "kv_bps": None if args.kv_bps is None else float(args.kv_bps),
+                "kv_correction": args.kv_correction, "skip": skip, "storage": args.storage}
+    _check_quantize_options(bps_list, quantize)
+
+    overrides: dict[str, Any] = {}
+    if args.model not in MODEL_ALIASES:
+        overrides.update(_native_call_defaults(args.model, pipeline))
+    for flag, key, minimum in (("steps", "num_inference_steps", 1), ("frames", "num_frames", 1),
+                               ("height", "height", 1), ("width", "width", 1)):
+        v = getattr(args, flag)
+        if v is None:
+            continue
+        if v < minimum:
+            raise EvalInputError(f"--{flag} must be >= {minimum}, got {v}")
+        if flag == "frames" and pipeline not in VIDEO_PIPELINES:
+            raise EvalInputError(f"--frames applies to video pipelines only; {args.model} makes images")
+        multiple = 32 if pipeline in VIDEO_PIPELINES else 16
+        if flag in ("height", "width") and v % multiple:
+            raise EvalInputError(f"--{flag} must be a multiple of {multiple} for {pipeline} pipelines, got {v}")
+        overrides[key] = int(v)
+    if args.lpips_weights is not None and not os.path.isfile(args.lpips_weights):
+        raise EvalInputError(f"--lpips-weights {args.lpips_weights} does not exist")
+    out = _check_out_dir(args.out)
+    return EvalConfig(
+        model=args.model, pipeline=pipeline, prompts=tuple(prompts), seeds=tuple(seeds),
+        bps_list=tuple(bps_list), out=out, quantize=quantize, call_overrides=overrides, dtype=args.dtype,
+        model_seed=args.model_seed,
+        lpips_weights=os.path.abspath(args.lpips_weights) if args.lpips_weights else None,
+        prompts_file=os.path.abspath(prompts_file), device=args.device,
+    )
