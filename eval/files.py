@@ -87,6 +87,7 @@ def read_json(path: str) -> Any:
 
 
 def write_npz(path: str, **arrays: Any) -> None:
+    """Write ``arrays`` (name -> numpy array of any shape / dtype) as an uncompressed npz, atomically."""
     _write_bytes_atomic(path, lambda fh: np.savez(fh, **arrays))
 
 
