@@ -45,26 +45,30 @@ RUN_FILE = "run.json"
 RUN_FORMAT = 1
 
 
-
 # --------------------------------------------------------------------------------------------- files
 def _item_name(idx: int, seed: int) -> str:
     return f"p{idx:04d}-s{seed}"
 
 
 def ref_path(out: str, idx: int, seed: int) -> str:
+    """``out/ref/p<idx>-s<seed>.npz``: the cached reference output of one (prompt, seed)."""
     return os.path.join(out, "ref", _item_name(idx, seed) + ".npz")
 
 
 def bps_dir(out: str, bps: float) -> str:
+    """``out/items/<bps_key(bps)>``: the items and summary.json of one bit rate."""
     return os.path.join(out, "items", R.bps_key(bps))
 
 
 def item_dir(out: str, bps: float, idx: int, seed: int) -> str:
+    """``out/items/<bps>/p<idx>-s<seed>``: the files of one (prompt, seed, bps) item."""
     return os.path.join(bps_dir(out, bps), _item_name(idx, seed))
 
 
 def save_ref(path: str, meta: dict, frames: np.ndarray, audio: np.ndarray | None,
-              sample_rate: int | None) -> None:
+             sample_rate: int | None) -> None:
+    """Cache a reference output: uint8 ``frames`` (F, H, W, 3), optional float32 ``audio`` (C, T) at
+    ``sample_rate`` Hz, and ``meta`` (its fingerprint and prompt, checked by :func:`load_ref`)."""
     arrays = {"frames": frames, "meta": np.array(json.dumps(meta))}
     if audio is not None:
         arrays["audio"] = np.asarray(audio, dtype=np.float32)
@@ -105,6 +109,8 @@ def _run_record(cfg: EvalConfig) -> dict:
 
 
 def check_and_write_run(cfg: EvalConfig, rank: int) -> None:
+    """Refuse an ``out`` that holds a run with other settings; else write run.json (rank 0, or any rank when
+    it is missing).  Raises EvalInputError naming the settings that differ."""
     path = os.path.join(cfg.out, RUN_FILE)
     new = _run_record(cfg)
     old = read_json(path)
@@ -119,6 +125,8 @@ def check_and_write_run(cfg: EvalConfig, rank: int) -> None:
 
 @dataclass
 class Item:
+    """One (prompt ``idx``, ``seed``, ``bps``) of the run, with its resume ``state``."""
+
     idx: int
     prompt: str
     seed: int
@@ -127,6 +135,8 @@ class Item:
 
 
 def item_status(cfg: EvalConfig, it: Item, lpips_source: Any) -> str:
+    """``"done"`` (metrics and video up to date), ``"metrics"`` (frames up to date, metrics stale: e.g. LPIPS
+    weights changed) or ``"todo"`` (generate again)."""
     d = item_dir(cfg.out, it.bps, it.idx, it.seed)
     m = read_json(os.path.join(d, "metrics.json"))
     ok = (isinstance(m, dict) and m.get("fingerprint") == cfg.quant_fingerprint(it.bps)

@@ -173,8 +173,8 @@ def _write_item(cfg: EvalConfig, it: Item, ref: dict, quant: dict, lpips: _Lpips
     has_audio = ref.get("audio") is not None and quant.get("audio") is not None
     if has_audio:
         write_npz(os.path.join(d, "audio.npz"), ref=np.asarray(ref["audio"], np.float32),
-                   quant=np.asarray(quant["audio"], np.float32),
-                   sample_rate=np.array(int(quant["audio_sample_rate"])))
+                  quant=np.asarray(quant["audio"], np.float32),
+                  sample_rate=np.array(int(quant["audio_sample_rate"])))
     # The mp4 carries the quantized pipeline's audio (the track under test).
     R.write_side_by_side_mp4(os.path.join(d, "video.mp4"), ref["frames"], quant["frames"], fps=fps,
                              audio=quant.get("audio"), audio_sample_rate=quant.get("audio_sample_rate"))
@@ -310,7 +310,7 @@ def run_eval(cfg: EvalConfig, *, quantize_fn: Callable | None = None, summary_fn
                 except ValueError as e:
                     raise EvalInputError(f"reference generation of prompt {i} (seed {s}): {e}") from None
                 save_ref(ref_path(cfg.out, i, s), {**gen_meta, "prompt": cfg.prompts[i]}, out["frames"],
-                          out.get("audio"), out.get("audio_sample_rate"))
+                         out.get("audio"), out.get("audio_sample_rate"))
                 bar.update(1)
             pipe = None
             release_memory()
