@@ -11,6 +11,7 @@ by building its ``KVConfig``: each range is checked once, where it belongs; erro
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 from enum import Enum
@@ -136,3 +137,37 @@ class HQConfig:
         """Inverse of :meth:`to_dict`. Raises ValueError for another type, an unknown version, unknown or missing
         fields."""
         return config_from_dict(cls, d, version=HQCONFIG_VERSION)
+
+
+#: The HQConfig fields a caller may set by keyword (``quantize(m, bps=4.0)``): every field but ``version``.
+CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(HQConfig) if f.name != "version")
+
+
+def resolve_config(config: HQConfig | None, overrides: dict, *, caller: str, other_keywords=()) -> HQConfig:
+    """The :class:`HQConfig` of a call taking ``config=None, **overrides`` (e.g. :func:`~.quantize.quantize`).
+
+    Args:
+        config: an HQConfig, or None for ``HQConfig(**overrides)``.
+        overrides: HQConfig fields given as keyword arguments (see :data:`CONFIG_FIELDS`).
+        caller: the function's name, for the messages.
+        other_keywords: the caller's own keyword arguments, listed in the TypeError of an unknown keyword.
+
+    Raises:
+        TypeError: a keyword that is no HQConfig field (the message lists the valid ones), or a ``config``
+            that is not an HQConfig.
+        ValueError: a field given both through ``config`` and as a keyword, or a bad field value.
+    """
+    unknown = sorted(set(overrides) - set(CONFIG_FIELDS))
+    if unknown:
+        raise TypeError(f"{caller}() got unexpected keyword argument(s) {unknown}; valid: the HQConfig fields "
+                        f"{list(CONFIG_FIELDS)} and {list(other_keywords)}")
+    if config is None:
+        return HQConfig(**overrides)
+    if not isinstance(config, HQConfig):
+        raise TypeError(f"{caller}(): config must be an HQConfig, got {type(config).__name__} {config!r} "
+                        f"(set the rate with bps=..., e.g. {caller}(obj, bps=4.0))")
+    if overrides:
+        both = sorted(overrides)
+        raise ValueError(f"{caller}(): give either config= or the settings {both} as keywords, not both: {both} "
+                         f"given both ways (pass config=dataclasses.replace(config, {both[0]}=...) instead)")
+    return config
