@@ -19,12 +19,11 @@ from typing import ClassVar
 
 from ..codec import CodecConfig
 from ..codec.configdict import ConfigFieldError, check_choice, config_from_dict, config_to_dict
-from ..nn.kv import ROTATIONS as KV_ROTATIONS
-from ..nn.kv import KVConfig
+from ..nn.kv import ROTATIONS, KVConfig
 from ..nn.linear import MMA_CHOICES, STORAGE_CHOICES
 
 HQCONFIG_VERSION = 1
-KV_CORRECTIONS = KV_ROTATIONS + tuple(f"{r}+dither" for r in KV_ROTATIONS)
+KV_CORRECTIONS = ROTATIONS + tuple(f"{r}+dither" for r in ROTATIONS)
 # HQConfig field that sets each field of the configs it builds (errors are relabelled with it)
 _CODEC_FIELDS = {"bps": "bps", "lattice": "lattice", "tile": "tile", "block": "block", "seed": "seed",
                  "scale_dtype": "scale_dtype"}
@@ -88,7 +87,8 @@ class HQConfig:
         # kv_correction is validated even when K/V quantization is off (with the default K/V rate)
         kv = self._build(lambda: self.kv_config(KVConfig.bps if self.kv_bps is None else self.kv_bps), _KV_FIELDS)
         if kv.correction != self.kv_correction:  # from_options also reads "HAAR + dither"; keep one spelling
-            raise ConfigFieldError("HQConfig", "kv_correction", self.kv_correction, f"must be one of {list(KV_CORRECTIONS)}")
+            raise ConfigFieldError("HQConfig", "kv_correction", self.kv_correction,
+                                   f"must be one of {list(KV_CORRECTIONS)}")
         if self.kv_bps is not None:
             object.__setattr__(self, "kv_bps", kv.bps)
         check_choice("HQConfig", "mma", self.mma, MMA_CHOICES)

@@ -13,11 +13,12 @@ has no public registry; those module-level dicts are what ``ModelMixin.from_pret
 - ``SomeTransformer.from_pretrained(bf16_dir, quantization_config=HQConfig(...))`` loads the float weights
   as usual and quantizes after loading (:func:`~hq_diffusion.integrations.quantize.quantize`).
 - A model loaded either way, or quantized by ``hq_diffusion.quantize`` / loaded by ``hq_diffusion.load_quantized``
-  (both call :func:`attach_quantizer` through :func:`hq_diffusion.integrations.api.attach_to_diffusers`), can be written back with diffusers' ``save_pretrained`` — also inside
-  ``pipe.save_pretrained`` — as an hq-diffusion checkpoint (same config.json and safetensors metadata as
-  ``save_quantized``, but not written atomically).
+  (both call :func:`attach_quantizer` through :func:`hq_diffusion.integrations.api.attach_to_diffusers`), can
+  be written back with diffusers' ``save_pretrained`` — also inside ``pipe.save_pretrained`` — as an
+  hq-diffusion checkpoint (same config.json and safetensors metadata as ``save_quantized``, but not written
+  atomically).
 
-:func:`~hq_diffusion.integrations.serialization.load_quantized` remains the primary path (it also rebuilds
+:func:`hq_diffusion.load_quantized` remains the primary path (it also rebuilds
 pipelines and reports errors as :class:`~hq_diffusion.codec.HQFormatError` naming the file; through diffusers,
 a truncated file fails inside diffusers' own reader with diffusers' message).
 """

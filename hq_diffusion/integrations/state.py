@@ -34,7 +34,7 @@ QC_KEYS = ("quant_method", "format_version", "config", "layers", "skipped", "kv"
 
 @dataclass
 class HQState:
-    """What :func:`quantize` did to one module (stored as ``module.hq_state``).
+    """What :func:`~hq_diffusion.integrations.quantize.quantize` did to one module (stored as ``module.hq_state``).
 
     Attributes:
         config: the :class:`HQConfig` used.
@@ -64,12 +64,7 @@ def kv_api():
 def apply_kv(model: nn.Module, state: HQState, kv_dict: dict | None = None) -> None:
     """Install the K/V quantization on ``model`` from ``state.config`` (or from a saved ``kv_dict``)."""
     kv = kv_api()
-    if kv_dict is None:
-        cfg = state.config
-        kv_cfg = kv.KVConfig.from_options(kv_bps=cfg.kv_bps, kv_correction=cfg.kv_correction,
-                                          lattice=cfg.lattice, seed=cfg.seed)
-    else:
-        kv_cfg = kv.KVConfig.from_dict(kv_dict)
+    kv_cfg = state.config.kv_config() if kv_dict is None else kv.KVConfig.from_dict(kv_dict)
     state.kv_modules = list(kv.apply_kv_quantization(model, kv_cfg))
     state.kv = kv_cfg.to_dict()
 
@@ -93,7 +88,8 @@ def tensor_crc32(t: torch.Tensor) -> int:
 
 
 def quantization_config(model: nn.Module) -> dict:
-    """The JSON-safe ``quantization_config`` of a model quantized by :func:`~hq_diffusion.integrations.quantize.quantize`."""
+    """The JSON-safe ``quantization_config`` of a model quantized by
+    :func:`~hq_diffusion.integrations.quantize.quantize`."""
     state = getattr(model, STATE_ATTR, None)
     if not isinstance(state, HQState):
         raise ValueError(f"{type(model).__name__} was not quantized by hq_diffusion (no {STATE_ATTR})")
