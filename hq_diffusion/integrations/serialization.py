@@ -38,9 +38,9 @@ from torch import nn
 
 from ..codec import HQFormatError
 from .config import QuantMethod
-from .state import (FORMAT_VERSION, METADATA_KEY, STATE_ATTR, HQState, apply_kv, check_quantization_config,
-                    quantization_config, read_checkpoint_metadata, read_verified_tensors, swap_in_empty_hqlinears,
-                    tensor_crc32)
+from .state import FORMAT_VERSION  # noqa: F401  (re-exported: the checkpoint format version this build writes)
+from .state import (METADATA_KEY, STATE_ATTR, HQState, apply_kv, check_quantization_config, quantization_config,
+                    read_checkpoint_metadata, read_verified_tensors, swap_in_empty_hqlinears, tensor_crc32)
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
