@@ -18,10 +18,10 @@ __version__ = "0.1.0"
 __all__ = ["quantize", "summary", "save_quantized", "load_quantized", "HQConfig", "__version__"]
 
 _LAZY = {
-    "quantize": "hq_diffusion.integrations.quantize",
-    "summary": "hq_diffusion.integrations.quantize",
-    "save_quantized": "hq_diffusion.integrations.serialization",
-    "load_quantized": "hq_diffusion.integrations.serialization",
+    "quantize": "hq_diffusion.integrations.api",
+    "summary": "hq_diffusion.integrations.api",
+    "save_quantized": "hq_diffusion.integrations.api",
+    "load_quantized": "hq_diffusion.integrations.api",
     "HQConfig": "hq_diffusion.integrations.config",
 }
 

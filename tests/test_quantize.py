@@ -12,8 +12,9 @@ from torch import nn
 
 import hq_diffusion
 from hq_diffusion.integrations import presets
+from hq_diffusion.integrations.api import quantize, summary
 from hq_diffusion.integrations.config import HQConfig
-from hq_diffusion.integrations.quantize import NONFINITE, quantize, summary
+from hq_diffusion.integrations.quantize import NONFINITE
 from hq_diffusion.models import DEFAULT_CALL_KWARGS, REAL_CONFIGS, generate, real_linear_shapes, tiny_pipeline
 from hq_diffusion.nn.linear import HQLinear, SimulatedFormatWarning
 

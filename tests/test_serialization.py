@@ -15,8 +15,8 @@ import torch
 
 from hq_diffusion.codec import HQFormatError
 from hq_diffusion.integrations import serialization as ser
+from hq_diffusion.integrations.api import quantize, summary
 from hq_diffusion.integrations.config import HQConfig
-from hq_diffusion.integrations.quantize import quantize, summary
 from hq_diffusion.models import generate, tiny_pipeline
 from hq_diffusion.nn.linear import HQLinear
 

@@ -1,11 +1,12 @@
 """Codec configuration."""
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
 
+from .configdict import (ConfigFieldError, check_block, check_bps, check_choice, check_seed, config_from_dict,
+                         config_to_dict)
 from .lattice import LATTICES
 from .rht import ALLOWED_TILES
 
@@ -24,7 +25,7 @@ class CodecConfig:
         lattice: ``"e8"`` (best), ``"d4"``, ``"a2"`` or ``"z"``.
         snr_db: target SNR on unit-variance rows instead of a rate (α from the high-resolution formula).
         tile: largest RHT tile, a power of two in 8..2048 (smaller tiles are used when the row length asks).
-        block: symbols per Rice block (one k and one offset each), a multiple of 8.
+        block: symbols per Rice block (one k and one offset each), a power of two in 8..2**20.
         seed: seed of the RHT sign hash.
         scale_dtype: dtype of the per-row scales: ``"float16"``, ``"bfloat16"`` or ``"float32"``.
         coder: entropy coder; only ``"rice"``.
@@ -45,39 +46,27 @@ class CodecConfig:
         if self.bps is None and self.snr_db is None:
             object.__setattr__(self, "bps", 4.0)
         elif self.bps is not None and self.snr_db is not None:
-            raise ValueError("give either bps or snr_db, not both")
-        if self.bps is not None and not (1.25 <= float(self.bps) <= 16.0):
-            raise ValueError(f"bps must be in [1.25, 16] (a Rice code spends ≥ 1 bit per scalar), got {self.bps}")
+            raise ValueError("CodecConfig: give either bps or snr_db, not both")
+        if self.bps is not None:
+            check_bps("CodecConfig", "bps", self.bps)
         if self.snr_db is not None and not (-10.0 <= float(self.snr_db) <= 90.0):
-            raise ValueError(f"snr_db must be in [-10, 90], got {self.snr_db}")
-        if self.lattice not in LATTICES:
-            raise ValueError(f"unknown lattice {self.lattice!r}; choose one of {sorted(LATTICES)}")
-        if self.tile not in ALLOWED_TILES:
-            raise ValueError(f"tile must be a power of two in {ALLOWED_TILES}, got {self.tile}")
-        if self.block <= 0 or self.block % 8 or self.block > 2**20 or self.block & (self.block - 1):
-            raise ValueError(f"block must be a power of two, a multiple of 8 and ≤ 2**20, got {self.block}")
-        if not (0 <= int(self.seed) < 2**32):
-            raise ValueError(f"seed must be in [0, 2**32), got {self.seed}")
-        if self.scale_dtype not in SCALE_DTYPES:
-            raise ValueError(f"scale_dtype must be one of {sorted(SCALE_DTYPES)}, got {self.scale_dtype!r}")
-        if self.coder not in CODERS:
-            raise ValueError(f"coder must be one of {CODERS}, got {self.coder!r}")
+            raise ConfigFieldError("CodecConfig", "snr_db", self.snr_db, "must be in [-10, 90] dB")
+        check_choice("CodecConfig", "lattice", self.lattice, sorted(LATTICES))
+        check_choice("CodecConfig", "tile", self.tile, ALLOWED_TILES)
+        check_block("CodecConfig", "block", self.block)
+        check_seed("CodecConfig", "seed", self.seed)
+        check_choice("CodecConfig", "scale_dtype", self.scale_dtype, sorted(SCALE_DTYPES))
+        check_choice("CodecConfig", "coder", self.coder, CODERS)
         if self.version != FORMAT_VERSION:
-            raise ValueError(f"this build writes codec format version {FORMAT_VERSION}, not {self.version}")
+            raise ConfigFieldError("CodecConfig", "version", self.version,
+                                   f"must be {FORMAT_VERSION} (the codec format version this build writes)")
 
     def to_dict(self) -> dict:
-        """``{"_type", "_version", "_data"}`` form for metadata and quantization configs."""
-        return {"_type": "CodecConfig", "_version": self.version, "_data": dataclasses.asdict(self)}
+        """``{"_type": "CodecConfig", "_version", "_data"}`` form for metadata and quantization configs
+        (:func:`~hq_diffusion.codec.configdict.config_to_dict`)."""
+        return config_to_dict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "CodecConfig":
-        if not isinstance(d, dict) or d.get("_type") != "CodecConfig":
-            raise ValueError(f"not a serialized CodecConfig: {d!r}")
-        if d.get("_version") != FORMAT_VERSION:
-            raise ValueError(f"CodecConfig version {d.get('_version')} is not supported (expected {FORMAT_VERSION})")
-        data = dict(d["_data"])
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown CodecConfig fields: {sorted(unknown)}")
-        return cls(**data)
+        """Inverse of :meth:`to_dict`; ValueError for another type or version, unknown or missing fields."""
+        return config_from_dict(cls, d, version=FORMAT_VERSION)

@@ -1,8 +1,13 @@
 """``HQConfig``: how :func:`hq_diffusion.quantize` quantizes a model.
 
-Serialized as ``{"_type": "HQConfig", "_version": 1, "_data": {...}}`` into the safetensors metadata and the
-``quantization_config`` of a saved component; :meth:`HQConfig.from_dict` resolves the type from an allowlist
-and rejects unknown versions and fields.
+Serialized by the package's one config serializer (:mod:`hq_diffusion.codec.configdict`) as
+``{"_type": "HQConfig", "_version": 1, "_data": {...}}`` into the safetensors metadata and the
+``quantization_config`` of a saved component; :meth:`HQConfig.from_dict` rejects other types, unknown
+versions and unknown or missing fields.
+
+``HQConfig`` validates its codec fields (``bps``, ``lattice``, ``tile``, ``block``, ``seed``, ``scale_dtype``)
+by building its :class:`~hq_diffusion.codec.CodecConfig`, and its K/V fields (``kv_bps``, ``kv_correction``)
+by building its ``KVConfig``: each range is checked once, where it belongs; errors name the ``HQConfig`` field.
 """
 from __future__ import annotations
 
@@ -13,33 +18,23 @@ from enum import Enum
 from typing import ClassVar
 
 from ..codec import CodecConfig
-from ..codec.config import SCALE_DTYPES
-from ..codec.lattice import LATTICES
-from ..codec.rht import ALLOWED_TILES
-from ..nn.kv import ROTATIONS as KV_ROTATIONS
+from ..codec.configdict import ConfigFieldError, check_choice, config_from_dict, config_to_dict
+from ..nn.kv import ROTATIONS, KVConfig
 from ..nn.linear import MMA_CHOICES, STORAGE_CHOICES
 
 HQCONFIG_VERSION = 1
-KV_CORRECTIONS = KV_ROTATIONS + tuple(f"{r}+dither" for r in KV_ROTATIONS)
-BPS_RANGE = (1.25, 16.0)  # the codec's range: a Rice code spends at least one bit per scalar
+KV_CORRECTIONS = ROTATIONS + tuple(f"{r}+dither" for r in ROTATIONS)
+# HQConfig field that sets each field of the configs it builds (errors are relabelled with it)
+_CODEC_FIELDS = {"bps": "bps", "lattice": "lattice", "tile": "tile", "block": "block", "seed": "seed",
+                 "scale_dtype": "scale_dtype"}
+_KV_FIELDS = {"bps": "kv_bps", "kv_correction": "kv_correction", "rotation": "kv_correction",
+              "dither": "kv_correction", "lattice": "lattice", "seed": "seed"}
 
 
 class QuantMethod(str, Enum):
     """The ``quant_method`` under which hq-diffusion registers with diffusers (a str, with ``.value``)."""
 
     HQ_DIFFUSION = "hq_diffusion"
-
-
-def _check_choice(field: str, value, allowed) -> None:
-    if value not in allowed:
-        raise ValueError(f"HQConfig.{field} must be one of {list(allowed)}, got {value!r}")
-
-
-def _check_bps(field: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"HQConfig.{field} must be a number in [{BPS_RANGE[0]}, {BPS_RANGE[1]}], got {value!r}")
-    if not (BPS_RANGE[0] <= float(value) <= BPS_RANGE[1]):
-        raise ValueError(f"HQConfig.{field} must be in [{BPS_RANGE[0]}, {BPS_RANGE[1]}] bits per weight, got {value}")
 
 
 @dataclass(frozen=True)
@@ -64,7 +59,7 @@ class HQConfig:
             integers as an int8 matrix: ≈ 8 bits per weight in memory, no entropy decoding).
         seed: seed of the RHT sign hash (the layer name is the per-layer key).
         tile: largest RHT tile, a power of two in 8..2048.
-        block: symbols per Rice block.
+        block: symbols per Rice block, a power of two in 8..2**20.
         scale_dtype: dtype of the per-row scales: ``"float16"``, ``"bfloat16"`` or ``"float32"``.
         version: serialization version of this config.
     """
@@ -85,69 +80,94 @@ class HQConfig:
     version: int = HQCONFIG_VERSION
 
     def __post_init__(self):
-        _check_bps("bps", self.bps)
-        object.__setattr__(self, "bps", float(self.bps))
-        _check_choice("lattice", self.lattice, sorted(LATTICES))
-        _check_choice("mma", self.mma, MMA_CHOICES)
+        if self.bps is None:  # CodecConfig would read None as "the default rate"
+            raise ConfigFieldError("HQConfig", "bps", None, "must be a number (HQConfig has no snr_db target)")
+        codec = self._build(self.codec_config, _CODEC_FIELDS)
+        object.__setattr__(self, "bps", float(codec.bps))
+        # kv_correction is validated even when K/V quantization is off (with the default K/V rate)
+        kv = self._build(lambda: self.kv_config(KVConfig.bps if self.kv_bps is None else self.kv_bps), _KV_FIELDS)
+        if kv.correction != self.kv_correction:  # from_options also reads "HAAR + dither"; keep one spelling
+            raise ConfigFieldError("HQConfig", "kv_correction", self.kv_correction,
+                                   f"must be one of {list(KV_CORRECTIONS)}")
         if self.kv_bps is not None:
-            _check_bps("kv_bps", self.kv_bps)
-            object.__setattr__(self, "kv_bps", float(self.kv_bps))
-        _check_choice("kv_correction", self.kv_correction, KV_CORRECTIONS)
+            object.__setattr__(self, "kv_bps", kv.bps)
+        check_choice("HQConfig", "mma", self.mma, MMA_CHOICES)
+        check_choice("HQConfig", "storage", self.storage, STORAGE_CHOICES)
         if self.skip is not None:
             if isinstance(self.skip, str) or not all(isinstance(p, str) for p in self.skip):
-                raise ValueError(f"HQConfig.skip must be a list of pattern strings or None, got {self.skip!r}")
+                raise ConfigFieldError("HQConfig", "skip", self.skip, "must be a list of pattern strings or None")
             object.__setattr__(self, "skip", tuple(self.skip))
             for p in self.skip:
                 if p.startswith("re:"):
                     try:
                         re.compile(p[3:])
                     except re.error as e:
-                        raise ValueError(f"HQConfig.skip: invalid regular expression {p!r}: {e}") from None
-        _check_choice("storage", self.storage, STORAGE_CHOICES)
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not (0 <= self.seed < 2**32):
-            raise ValueError(f"HQConfig.seed must be an int in [0, 2**32), got {self.seed!r}")
-        _check_choice("tile", self.tile, ALLOWED_TILES)
-        if (isinstance(self.block, bool) or not isinstance(self.block, int) or self.block < 8
-                or self.block > 2**20 or self.block & (self.block - 1)):
-            raise ValueError(f"HQConfig.block must be a power of two in [8, 2**20], got {self.block!r}")
-        _check_choice("scale_dtype", self.scale_dtype, sorted(SCALE_DTYPES))
+                        raise ConfigFieldError("HQConfig", "skip", p, f"must hold valid regular expressions ({e})"
+                                               ) from None
         if self.version != HQCONFIG_VERSION:
-            raise ValueError(f"HQConfig.version must be {HQCONFIG_VERSION} (this build), got {self.version!r}")
+            raise ConfigFieldError("HQConfig", "version", self.version, f"must be {HQCONFIG_VERSION} (this build)")
+
+    @staticmethod
+    def _build(make, fields: dict[str, str]):
+        """``make()``, with a :class:`ConfigFieldError` re-labelled with the HQConfig field that caused it."""
+        try:
+            return make()
+        except ConfigFieldError as e:
+            raise e.relabel("HQConfig", fields) from None
 
     def codec_config(self) -> CodecConfig:
         """The codec configuration of the weights."""
         return CodecConfig(bps=self.bps, lattice=self.lattice, tile=self.tile, block=self.block, seed=self.seed,
                            scale_dtype=self.scale_dtype)
 
+    def kv_config(self, kv_bps: float | None = None) -> KVConfig:
+        """The K/V configuration (rate ``kv_bps``, default ``self.kv_bps``; ValueError when K/V is off)."""
+        kv_bps = self.kv_bps if kv_bps is None else kv_bps
+        if kv_bps is None:
+            raise ValueError("HQConfig.kv_bps is None: K/V quantization is off, there is no K/V config")
+        return KVConfig.from_options(kv_bps=kv_bps, kv_correction=self.kv_correction, lattice=self.lattice,
+                                     seed=self.seed)
+
     def to_dict(self) -> dict:
-        """JSON-safe ``{"_type", "_version", "_data"}``."""
-        data = dataclasses.asdict(self)
-        data["skip"] = None if self.skip is None else list(self.skip)
-        data.pop("version")
-        return {"_type": "HQConfig", "_version": self.version, "_data": data}
+        """JSON-safe ``{"_type", "_version", "_data"}`` (:func:`~hq_diffusion.codec.configdict.config_to_dict`)."""
+        return config_to_dict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "HQConfig":
-        """Inverse of :meth:`to_dict`. Raises ValueError for an unknown type, version or field."""
-        if not isinstance(d, dict) or set(d) != {"_type", "_version", "_data"}:
-            raise ValueError(f"not a serialized config (expected keys _type, _version, _data): {d!r}")
-        target = CONFIG_TYPES.get(d["_type"])
-        if target is None:
-            raise ValueError(f"unknown config type {d['_type']!r}; known: {sorted(CONFIG_TYPES)}")
-        if target is not cls and not issubclass(target, cls):
-            raise ValueError(f"expected a serialized {cls.__name__}, got {d['_type']!r}")
-        if d["_version"] != HQCONFIG_VERSION:
-            raise ValueError(f"{d['_type']} version {d['_version']!r} is not supported by this build "
-                             f"(it reads version {HQCONFIG_VERSION})")
-        data = d["_data"]
-        if not isinstance(data, dict):
-            raise ValueError(f"{d['_type']}._data must be a dict, got {type(data).__name__}")
-        known = {f.name for f in dataclasses.fields(target)} - {"version"}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown {d['_type']} fields: {sorted(unknown)}")
-        return target(**data, version=d["_version"])
+        """Inverse of :meth:`to_dict`. Raises ValueError for another type, an unknown version, unknown or missing
+        fields."""
+        return config_from_dict(cls, d, version=HQCONFIG_VERSION)
 
 
-#: Allowlist of the config classes :meth:`HQConfig.from_dict` may build.
-CONFIG_TYPES: dict[str, type] = {"HQConfig": HQConfig}
+#: The HQConfig fields a caller may set by keyword (``quantize(m, bps=4.0)``): every field but ``version``.
+CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(HQConfig) if f.name != "version")
+
+
+def resolve_config(config: HQConfig | None, overrides: dict, *, caller: str, other_keywords=()) -> HQConfig:
+    """The :class:`HQConfig` of a call taking ``config=None, **overrides`` (e.g. :func:`~.quantize.quantize`).
+
+    Args:
+        config: an HQConfig, or None for ``HQConfig(**overrides)``.
+        overrides: HQConfig fields given as keyword arguments (see :data:`CONFIG_FIELDS`).
+        caller: the function's name, for the messages.
+        other_keywords: the caller's own keyword arguments, listed in the TypeError of an unknown keyword.
+
+    Raises:
+        TypeError: a keyword that is no HQConfig field (the message lists the valid ones), or a ``config``
+            that is not an HQConfig.
+        ValueError: a field given both through ``config`` and as a keyword, or a bad field value.
+    """
+    unknown = sorted(set(overrides) - set(CONFIG_FIELDS))
+    if unknown:
+        raise TypeError(f"{caller}() got unexpected keyword argument(s) {unknown}; valid: the HQConfig fields "
+                        f"{list(CONFIG_FIELDS)} and {list(other_keywords)}")
+    if config is None:
+        return HQConfig(**overrides)
+    if not isinstance(config, HQConfig):
+        raise TypeError(f"{caller}(): config must be an HQConfig, got {type(config).__name__} {config!r} "
+                        f"(set the rate with bps=..., e.g. {caller}(obj, bps=4.0))")
+    if overrides:
+        both = sorted(overrides)
+        raise ValueError(f"{caller}(): give either config= or the settings {both} as keywords, not both: {both} "
+                         f"given both ways (pass config=dataclasses.replace(config, {both[0]}=...) instead)")
+    return config

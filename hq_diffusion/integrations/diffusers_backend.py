@@ -12,12 +12,13 @@ has no public registry; those module-level dicts are what ``ModelMixin.from_pret
   of a saved pipeline goes through the same path for its quantized components.
 - ``SomeTransformer.from_pretrained(bf16_dir, quantization_config=HQConfig(...))`` loads the float weights
   as usual and quantizes after loading (:func:`~hq_diffusion.integrations.quantize.quantize`).
-- A model loaded either way, or quantized by ``hq_diffusion.quantize`` / loaded by ``load_quantized`` (both
-  call :func:`attach_quantizer`), can be written back with diffusers' ``save_pretrained`` — also inside
-  ``pipe.save_pretrained`` — as an hq-diffusion checkpoint (same config.json and safetensors metadata as
-  ``save_quantized``, but not written atomically).
+- A model loaded either way, or quantized by ``hq_diffusion.quantize`` / loaded by ``hq_diffusion.load_quantized``
+  (both call :func:`attach_quantizer` through :func:`hq_diffusion.integrations.api.attach_to_diffusers`), can
+  be written back with diffusers' ``save_pretrained`` — also inside ``pipe.save_pretrained`` — as an
+  hq-diffusion checkpoint (same config.json and safetensors metadata as ``save_quantized``, but not written
+  atomically).
 
-:func:`~hq_diffusion.integrations.serialization.load_quantized` remains the primary path (it also rebuilds
+:func:`hq_diffusion.load_quantized` remains the primary path (it also rebuilds
 pipelines and reports errors as :class:`~hq_diffusion.codec.HQFormatError` naming the file; through diffusers,
 a truncated file fails inside diffusers' own reader with diffusers' message).
 """
@@ -32,9 +33,9 @@ from diffusers.quantizers.quantization_config import QuantizationConfigMixin
 
 from ..codec import HQFormatError
 from .config import HQConfig, QuantMethod
-from .quantize import STATE_ATTR, HQState, apply_kv, quantize
-from .serialization import (METADATA_KEY, check_quantization_config, quantization_config,
-                            read_checkpoint_metadata, read_verified_tensors, swap_in_empty_hqlinears, tensor_crc32)
+from .quantize import quantize
+from .state import (METADATA_KEY, STATE_ATTR, HQState, apply_kv, check_quantization_config, quantization_config,
+                    read_checkpoint_metadata, read_verified_tensors, swap_in_empty_hqlinears, tensor_crc32)
 
 
 class HQCheckpointConfig(QuantizationConfigMixin):

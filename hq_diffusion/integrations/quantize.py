@@ -2,71 +2,28 @@
 
 ``quantize`` swaps every ``nn.Linear`` of the target module(s) for an :class:`~hq_diffusion.nn.linear.HQLinear`
 except the layers named by the skip patterns (:mod:`.presets`), records what it did on the module
-(:class:`HQState`, attribute ``hq_state``), and optionally installs the K/V quantization of
-``hq_diffusion.nn.kv``. ``summary`` reads the modules back into a :class:`QuantSummary`.
+(:class:`~.state.HQState`, attribute ``hq_state``), and optionally installs the K/V quantization of
+:mod:`.kv_processors`. ``summary`` reads the modules back into a :class:`QuantSummary`.
+
+This is the core, which the diffusers backend also calls; the public ``hq_diffusion.quantize``
+(:mod:`.api`) adds the diffusers quantizer to the quantized diffusers models.
 """
 from __future__ import annotations
 
-import importlib
 import math
-import sys
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
 from ..nn.linear import HQLinear
 from . import presets
-from .config import HQConfig
+from .config import HQConfig, resolve_config
+from .state import STATE_ATTR, HQState, apply_kv, kv_api, set_module
 
 ON_INVALID = ("raise", "skip")
 NONFINITE = "non-finite weights (NaN/Inf), kept in the original dtype"
-STATE_ATTR = "hq_state"
-
-
-@dataclass
-class HQState:
-    """What :func:`quantize` did to one module (stored as ``module.hq_state``).
-
-    Attributes:
-        config: the :class:`HQConfig` used.
-        skipped: module name → reason, for every ``nn.Linear`` left unquantized.
-        kv: the serialized ``KVConfig`` (``KVConfig.to_dict()``) when K/V quantization is on, else None.
-        kv_modules: names of the attention modules whose processors quantize K/V.
-    """
-
-    config: HQConfig
-    skipped: dict[str, str] = field(default_factory=dict)
-    kv: dict | None = None
-    kv_modules: list[str] = field(default_factory=list)
-
-
-# ---- K/V hook (hq_diffusion.nn.kv, written separately) -----------------------------------------------------
-
-def _kv_api():
-    try:
-        return importlib.import_module("hq_diffusion.integrations.kv_processors")
-    except ModuleNotFoundError as e:
-        if e.name == "hq_diffusion.integrations.kv_processors":
-            raise NotImplementedError(
-                "K/V quantization (kv_bps=...) needs hq_diffusion.integrations.kv_processors, which this build "
-                "does not include; "
-                "quantize with kv_bps=None") from None
-        raise
-
-
-def apply_kv(model: nn.Module, state: HQState, kv_dict: dict | None = None) -> None:
-    """Install the K/V quantization on ``model`` from ``state.config`` (or from a saved ``kv_dict``)."""
-    kv = _kv_api()
-    if kv_dict is None:
-        cfg = state.config
-        kv_cfg = kv.KVConfig.from_options(kv_bps=cfg.kv_bps, kv_correction=cfg.kv_correction,
-                                          lattice=cfg.lattice, seed=cfg.seed)
-    else:
-        kv_cfg = kv.KVConfig.from_dict(kv_dict)
-    state.kv_modules = list(kv.apply_kv_quantization(model, kv_cfg))
-    state.kv = kv_cfg.to_dict()
 
 
 # ---- quantize ---------------------------------------------------------------------------------------------
@@ -89,23 +46,8 @@ def _targets(obj, components) -> dict[str, nn.Module]:
     return out
 
 
-def _config_from_args(config, **fields_) -> HQConfig:
-    if config is None:
-        return HQConfig(**fields_)
-    if not isinstance(config, HQConfig):
-        raise TypeError(f"config must be an HQConfig, got {type(config).__name__}")
-    defaults = HQConfig()
-    changed = [k for k, v in fields_.items() if v != getattr(defaults, k)]
-    if changed:
-        raise ValueError(f"pass either config= or the individual settings, not both (also given: {changed})")
-    return config
-
-
-def quantize(obj, bps: float = 4.0, lattice: str = "e8", mma: str = "auto", kv_bps: float | None = None,
-             kv_correction: str = "haar+dither", skip=None, storage: str = "rice", *,
-             config: HQConfig | None = None, components=("transformer",), progress: bool = True,
-             on_invalid: str = "raise", seed: int = 0, tile: int = 256, block: int = 4096,
-             scale_dtype: str = "float16", backend: str = "kernel"):
+def quantize(obj, config: HQConfig | None = None, *, components=("transformer",), progress: bool = True,
+             on_invalid: str = "raise", backend: str = "kernel", **overrides):
     """Quantize a diffusers pipeline's transformer (or the named ``components``), or a bare ``nn.Module``.
 
     Every ``nn.Linear`` becomes an :class:`~hq_diffusion.nn.linear.HQLinear` keyed by its module name, except
@@ -114,21 +56,22 @@ def quantize(obj, bps: float = 4.0, lattice: str = "e8", mma: str = "auto", kv_b
 
     Args:
         obj: a ``DiffusionPipeline`` or an ``nn.Module`` (its weights loaded, not on ``meta``).
-        bps, lattice, mma, kv_bps, kv_correction, skip, storage, seed, tile, block, scale_dtype: the
-            :class:`HQConfig` fields (validated there; a bad value raises ValueError naming the field).
-        config: an :class:`HQConfig` instead of the individual settings.
+        config: an :class:`HQConfig`; None: ``HQConfig(**overrides)``.
         components: pipeline attributes to quantize (ignored for a bare module).
         progress: show a tqdm bar over the layers.
         on_invalid: ``"raise"`` (default): a weight with NaN/Inf raises ValueError naming the layer;
             ``"skip"``: keep such layers in their original dtype, warn naming them, list them in the summary.
         backend: ``"kernel"`` (use ``hq_diffusion.kernels`` on CUDA when available) or ``"native"``.
+        **overrides: :class:`HQConfig` fields (``bps=4.0, kv_bps=4.0, ...``), when ``config`` is None;
+            validated there (a bad value raises ValueError naming the field). A field given both here and
+            through ``config`` raises ValueError; an unknown keyword raises TypeError listing the valid ones.
 
     Returns:
-        ``obj``, with its modules replaced; each quantized module carries an :class:`HQState` as ``hq_state``.
+        ``obj``, with its modules replaced; each quantized module carries an :class:`~.state.HQState` as
+        ``hq_state``.
     """
-    cfg = _config_from_args(config, bps=bps, lattice=lattice, mma=mma, kv_bps=kv_bps,
-                            kv_correction=kv_correction, skip=skip, storage=storage, seed=seed, tile=tile,
-                            block=block, scale_dtype=scale_dtype)
+    cfg = resolve_config(config, overrides, caller="quantize",
+                         other_keywords=("components", "progress", "on_invalid", "backend"))
     if on_invalid not in ON_INVALID:
         raise ValueError(f"on_invalid must be one of {list(ON_INVALID)}, got {on_invalid!r}")
     targets = _targets(obj, components)
@@ -136,7 +79,7 @@ def quantize(obj, bps: float = 4.0, lattice: str = "e8", mma: str = "auto", kv_b
         if getattr(mod, STATE_ATTR, None) is not None or any(isinstance(m, HQLinear) for m in mod.modules()):
             raise ValueError(f"{prefix or type(mod).__name__} is already quantized")
     if cfg.kv_bps is not None:
-        _kv_api()  # fail before the long part when the K/V module is missing
+        kv_api()  # fail before the long part when the K/V module is missing
     plans = {prefix: _plan(mod, cfg) for prefix, mod in targets.items()}
     invalid = {prefix: _check_weights(plans[prefix][0], on_invalid=on_invalid, prefix=prefix) for prefix in plans}
     total = sum(len(todo) for todo, _ in plans.values())
@@ -150,19 +93,7 @@ def quantize(obj, bps: float = 4.0, lattice: str = "e8", mma: str = "auto", kv_b
             setattr(mod, STATE_ATTR, state)
             if cfg.kv_bps is not None:
                 apply_kv(mod, state)
-            attach_to_diffusers(mod)
     return obj
-
-
-def attach_to_diffusers(model: nn.Module) -> None:
-    """For a diffusers ``ModelMixin``: register the backend and attach its quantizer (so that diffusers'
-    ``save_pretrained`` writes a loadable hq-diffusion checkpoint). No-op for other modules."""
-    diffusers = sys.modules.get("diffusers")
-    if diffusers is None or not isinstance(model, diffusers.ModelMixin):
-        return
-    from .diffusers_backend import attach_quantizer
-
-    attach_quantizer(model)
 
 
 def _plan(model: nn.Module, cfg: HQConfig):
@@ -213,18 +144,12 @@ def _quantize_module(model, cfg, todo, state, *, invalid, backend, bar):
             hq = HQLinear.from_linear(lin, codec_cfg, key=name, mma=cfg.mma, storage=cfg.storage,
                                       backend=backend, name=name)
         replaced[id(lin)] = hq
-        _set_module(model, name, hq)
+        set_module(model, name, hq)
         bar.update(1)
     # a Linear shared under several names is replaced everywhere by the same HQLinear
     for name, mod in list(model.named_modules(remove_duplicate=False)):
         if id(mod) in replaced and not isinstance(mod, HQLinear):
-            _set_module(model, name, replaced[id(mod)])
-
-
-def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, leaf = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, leaf, new)
+            set_module(model, name, replaced[id(mod)])
 
 
 # ---- summary ----------------------------------------------------------------------------------------------
@@ -264,7 +189,7 @@ class QuantSummary:
     Totals: ``bytes_bf16`` / ``bytes_quantized`` summed over quantized layers, ``ratio`` their quotient,
     ``mean_bps`` the plain mean of the layer rates, ``weighted_bps`` total stored bits / total weights,
     ``bytes_skipped`` what the skipped linears hold. ``kv``: per quantized component, what
-    ``hq_diffusion.nn.kv.kv_summary`` reports (None when K/V quantization is off).
+    :func:`.kv_processors.kv_summary` reports (None when K/V quantization is off).
     """
 
     layers: list[LayerReport]
@@ -378,7 +303,7 @@ def summary(obj) -> QuantSummary:
                 skipped.append(SkippedReport(pre + name, lin.in_features, lin.out_features, reason,
                                              _tensor_bytes(lin.weight, lin.bias)))
             if state.kv is not None:
-                info = _kv_api().kv_summary(mod)
+                info = kv_api().kv_summary(mod)
                 kv[prefix or type(mod).__name__] = {"config": state.kv, "modules": list(state.kv_modules),
                                                     "summary": info}
     if not found:
@@ -395,4 +320,4 @@ def summary(obj) -> QuantSummary:
         kv=kv or None, config=config)
 
 
-__all__ = ["quantize", "summary", "HQState", "QuantSummary", "LayerReport", "SkippedReport", "apply_kv"]
+__all__ = ["quantize", "summary", "QuantSummary", "LayerReport", "SkippedReport"]

@@ -19,54 +19,35 @@ against the metadata (names, shapes, integer dtypes, CRC32), then ``load_state_d
 float weight of a quantized layer is ever materialized. Any problem raises :class:`HQFormatError` (a
 ``ValueError``) naming the file. Writes go to a temporary directory next to the target, renamed into place
 only when complete, so a failed save never destroys an existing one.
+
+The checkpoint form itself (``quantization_config``, its checks, CRC32-verified reads) lives in :mod:`.state`;
+the public ``hq_diffusion.load_quantized`` (:mod:`.api`) also attaches the diffusers quantizer to the loaded
+diffusers models.
 """
 from __future__ import annotations
 
-import importlib
 import inspect
 import json
 import os
 import shutil
 import uuid
-import zlib
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..codec import HQFormatError
-from ..nn.linear import HQLinear, validate_meta
-from .config import HQConfig, QuantMethod
-from .quantize import STATE_ATTR, HQState, _set_module, apply_kv, attach_to_diffusers
+from .config import QuantMethod
+from .state import FORMAT_VERSION  # noqa: F401  (re-exported: the checkpoint format version this build writes)
+from .state import (METADATA_KEY, STATE_ATTR, HQState, apply_kv, check_quantization_config, quantization_config,
+                    read_checkpoint_metadata, read_verified_tensors, swap_in_empty_hqlinears, tensor_crc32)
 
-FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 PIPELINE_INDEX = "model_index.json"
-METADATA_KEY = "hq_diffusion"
-QC_KEYS = ("quant_method", "format_version", "config", "layers", "skipped", "kv", "kv_modules")
 
 
 # ---- helpers ----------------------------------------------------------------------------------------------
-
-def tensor_crc32(t: torch.Tensor) -> int:
-    """CRC32 of a tensor's raw bytes (C order)."""
-    t = t.detach().contiguous().cpu().reshape(-1)
-    if t.numel() == 0:
-        return 0
-    return zlib.crc32(t.view(torch.uint8).numpy()) & 0xFFFFFFFF
-
-
-def quantization_config(model: nn.Module) -> dict:
-    """The JSON-safe ``quantization_config`` of a model quantized by :func:`~.quantize.quantize`."""
-    state = getattr(model, STATE_ATTR, None)
-    if not isinstance(state, HQState):
-        raise ValueError(f"{type(model).__name__} was not quantized by hq_diffusion (no {STATE_ATTR})")
-    layers = {n: dict(m.hq_meta) for n, m in model.named_modules() if isinstance(m, HQLinear)}
-    return {"quant_method": QuantMethod.HQ_DIFFUSION.value, "format_version": FORMAT_VERSION,
-            "config": state.config.to_dict(), "layers": layers, "skipped": dict(state.skipped),
-            "kv": state.kv, "kv_modules": list(state.kv_modules)}
-
 
 def _read_json(path: Path) -> dict:
     try:
@@ -219,7 +200,6 @@ def _is_hq_component(path: Path) -> bool:
 def _load_pipeline(d: Path, *, device, torch_dtype, backend):
     import diffusers
 
-    ensure_diffusers_backend()
     index = _read_json(d / PIPELINE_INDEX)
     cls_name = index.get("_class_name")
     cls = getattr(diffusers, cls_name, None) if isinstance(cls_name, str) else None
@@ -236,76 +216,6 @@ def _load_pipeline(d: Path, *, device, torch_dtype, backend):
     if device is not None:
         pipe.to(device)
     return pipe
-
-
-def read_checkpoint_metadata(st_path: Path) -> tuple[dict, dict]:
-    """Parse the hq-diffusion metadata of a safetensors file.
-
-    Returns ``(quantization_config with "checksums", {tensor name: (dtype str, shape tuple)})``."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(st_path), framework="pt") as f:
-            raw = f.metadata() or {}
-            header = {}
-            for k in f.keys():
-                sl = f.get_slice(k)
-                header[k] = (sl.get_dtype(), tuple(sl.get_shape()))
-    except FileNotFoundError:
-        raise HQFormatError(f"{st_path}: file is missing") from None
-    except Exception as e:  # safetensors raises SafetensorError (an Exception) for a bad/truncated file
-        raise HQFormatError(f"{st_path}: not a valid safetensors file, it may be truncated or corrupt ({e})") from None
-    if METADATA_KEY not in raw:
-        raise HQFormatError(f"{st_path}: no {METADATA_KEY!r} metadata: not an hq-diffusion checkpoint")
-    try:
-        qc = json.loads(raw[METADATA_KEY])
-    except json.JSONDecodeError as e:
-        raise HQFormatError(f"{st_path}: {METADATA_KEY!r} metadata is not valid JSON ({e})") from None
-    check_quantization_config(qc, st_path, with_checksums=True)
-    return qc, header
-
-
-def check_quantization_config(qc, where, *, with_checksums: bool) -> HQConfig:
-    """Validate the structure and versions of a ``quantization_config``; return its :class:`HQConfig`."""
-    if not isinstance(qc, dict):
-        raise HQFormatError(f"{where}: quantization_config must be a JSON object")
-    if qc.get("quant_method") != QuantMethod.HQ_DIFFUSION.value:
-        raise HQFormatError(f"{where}: quant_method is {qc.get('quant_method')!r}, not 'hq_diffusion'")
-    if qc.get("format_version") != FORMAT_VERSION:
-        raise HQFormatError(f"{where}: checkpoint format version {qc.get('format_version')!r} is not supported "
-                            f"(this build reads version {FORMAT_VERSION})")
-    expected = set(QC_KEYS) | ({"checksums"} if with_checksums else set())
-    if set(qc) != expected:
-        raise HQFormatError(f"{where}: quantization_config keys {sorted(qc)} differ from {sorted(expected)}")
-    try:
-        cfg = HQConfig.from_dict(qc["config"])
-    except (ValueError, TypeError) as e:
-        raise HQFormatError(f"{where}: invalid HQConfig ({e})") from None
-    if not isinstance(qc["layers"], dict) or not isinstance(qc["skipped"], dict):
-        raise HQFormatError(f"{where}: layers/skipped must be JSON objects")
-    for name, meta in qc["layers"].items():
-        try:
-            validate_meta(meta, name)
-        except HQFormatError as e:
-            raise HQFormatError(f"{where}: {e}") from None
-    if with_checksums and not isinstance(qc["checksums"], dict):
-        raise HQFormatError(f"{where}: checksums must be a JSON object")
-    return cfg
-
-
-def swap_in_empty_hqlinears(model: nn.Module, layers: dict, where, *, backend: str = "kernel") -> None:
-    """Replace the named ``nn.Linear`` of ``model`` by empty (meta) HQLinear at their packed shapes."""
-    for name, meta in layers.items():
-        try:
-            lin = model.get_submodule(name)
-        except AttributeError:
-            raise HQFormatError(f"{where}: quantized layer {name!r} does not exist in {type(model).__name__}") from None
-        if not isinstance(lin, (nn.Linear, HQLinear)):
-            raise HQFormatError(f"{where}: {name!r} is a {type(lin).__name__}, not a Linear")
-        if (lin.in_features, lin.out_features) != (meta["in_features"], meta["out_features"]):
-            raise HQFormatError(f"{where}: layer {name!r} is ({lin.in_features} → {lin.out_features}) in the model "
-                                f"but ({meta['in_features']} → {meta['out_features']}) in the checkpoint")
-        _set_module(model, name, HQLinear.from_meta(meta, device="meta", backend=backend, name=name))
 
 
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -330,34 +240,6 @@ def check_tensors_against_model(model: nn.Module, header: dict, st_path) -> None
         got = _ST_DTYPES.get(dt)
         if got is None or (got != want.dtype and not (got.is_floating_point and want.dtype.is_floating_point)):
             raise HQFormatError(f"{st_path}: tensor {k!r} has dtype {dt}, expected {want.dtype}")
-
-
-def read_verified_tensors(st_path, checksums: dict, *, require_all: bool = True) -> dict[str, torch.Tensor]:
-    """Read every tensor of ``st_path`` and check it against its CRC32.
-
-    ``require_all``: the checksum table must list exactly the stored tensors (False for one shard of many)."""
-    from safetensors import safe_open
-
-    if not all(isinstance(v, int) and not isinstance(v, bool) for v in checksums.values()):
-        raise HQFormatError(f"{st_path}: checksums must be integers")
-    out = {}
-    try:
-        with safe_open(str(st_path), framework="pt") as f:
-            keys = list(f.keys())
-            if (set(keys) != set(checksums)) if require_all else not set(keys) <= set(checksums):
-                raise HQFormatError(f"{st_path}: the checksum table does not list exactly the stored tensors")
-            for k in keys:
-                t = f.get_tensor(k)
-                crc = tensor_crc32(t)
-                if crc != checksums[k]:
-                    raise HQFormatError(f"{st_path}: tensor {k!r} fails its CRC32 check (stored "
-                                        f"{checksums[k]:#010x}, computed {crc:#010x}): the file is corrupt")
-                out[k] = t
-    except HQFormatError:
-        raise
-    except Exception as e:
-        raise HQFormatError(f"{st_path}: cannot read tensors, the file may be truncated or corrupt ({e})") from None
-    return out
 
 
 def load_component(path, *, model: nn.Module | None = None, device=None, torch_dtype=None,
@@ -386,7 +268,6 @@ def load_component(path, *, model: nn.Module | None = None, device=None, torch_d
     setattr(model, STATE_ATTR, state)
     if qc["kv"] is not None:
         apply_kv(model, state, kv_dict=qc["kv"])
-    attach_to_diffusers(model)
     if torch_dtype is not None:
         model.to(torch_dtype)  # floats only: HQLinear buffers are integers
     if device is not None:
@@ -402,7 +283,6 @@ def _skeleton(config: dict, cfg_path: Path) -> nn.Module:
     import diffusers
     from accelerate import init_empty_weights
 
-    ensure_diffusers_backend()
     cls_name = config.get("_class_name")
     cls = getattr(diffusers, cls_name, None) if isinstance(cls_name, str) else None
     if cls is None or not issubclass(cls, diffusers.ModelMixin):
@@ -410,8 +290,3 @@ def _skeleton(config: dict, cfg_path: Path) -> nn.Module:
     init_cfg = {k: v for k, v in config.items() if k != "quantization_config"}
     with init_empty_weights():
         return cls.from_config(init_cfg)
-
-
-def ensure_diffusers_backend() -> None:
-    """Register the diffusers quantization backend (idempotent)."""
-    importlib.import_module("hq_diffusion.integrations.diffusers_backend")

@@ -41,6 +41,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from hq_diffusion.codec.configdict import (ConfigFieldError, check_block, check_bps, check_choice, check_seed,
+                                           config_from_dict, config_to_dict)
 from hq_diffusion.codec.hashing import MASK32, mix32_int, rht_signs, stream_base
 from hq_diffusion.codec.lattice import LATTICES, SQRT3, nearest, to_physical
 from hq_diffusion.codec.rate import alpha_for_rate, load_rate_table
@@ -87,24 +89,15 @@ class KVConfig:
     version: int = KV_CONFIG_VERSION
 
     def __post_init__(self):
-        if isinstance(self.bps, bool) or not isinstance(self.bps, (int, float)) or not math.isfinite(self.bps):
-            raise ValueError(f"KVConfig.bps must be a finite number, got {self.bps!r}")
-        if not 1.25 <= float(self.bps) <= 16.0:
-            raise ValueError(f"KVConfig.bps must be in [1.25, 16] (Rice spends ≥ 1 bit per scalar), got {self.bps}")
-        object.__setattr__(self, "bps", float(self.bps))
-        if self.lattice not in LATTICES:
-            raise ValueError(f"KVConfig.lattice must be one of {sorted(LATTICES)}, got {self.lattice!r}")
-        if self.rotation not in ROTATIONS:
-            raise ValueError(f"KVConfig.rotation must be one of {ROTATIONS}, got {self.rotation!r}")
+        object.__setattr__(self, "bps", check_bps("KVConfig", "bps", self.bps))
+        check_choice("KVConfig", "lattice", self.lattice, sorted(LATTICES))
+        check_choice("KVConfig", "rotation", self.rotation, ROTATIONS)
         if not isinstance(self.dither, bool):
-            raise ValueError(f"KVConfig.dither must be a bool, got {self.dither!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
-            raise ValueError(f"KVConfig.seed must be an int in [0, 2**32), got {self.seed!r}")
-        b = self.block
-        if isinstance(b, bool) or not isinstance(b, int) or b < 8 or b % 8 or b > 2**20 or b & (b - 1):
-            raise ValueError(f"KVConfig.block must be a power of two, a multiple of 8 and ≤ 2**20, got {b!r}")
+            raise ConfigFieldError("KVConfig", "dither", self.dither, "must be a bool")
+        check_seed("KVConfig", "seed", self.seed)
+        check_block("KVConfig", "block", self.block)
         if self.version != KV_CONFIG_VERSION:
-            raise ValueError(f"KVConfig.version must be {KV_CONFIG_VERSION} in this build, got {self.version!r}")
+            raise ConfigFieldError("KVConfig", "version", self.version, f"must be {KV_CONFIG_VERSION} in this build")
 
     @property
     def correction(self) -> str:
@@ -116,32 +109,21 @@ class KVConfig:
                      seed: int = 0) -> "KVConfig":
         """Build from command-line style options; ``kv_correction`` is ``ROTATION[+dither]`` with ROTATION in
         ``none``, ``signs``, ``haar`` (e.g. ``"none"``, ``"signs+dither"``, ``"haar+dither"``)."""
-        if not isinstance(kv_correction, str):
-            raise ValueError(f"kv_correction must be a string such as 'haar+dither', got {kv_correction!r}")
-        parts = [p.strip().lower() for p in kv_correction.split("+")]
+        parts = [p.strip().lower() for p in kv_correction.split("+")] if isinstance(kv_correction, str) else [None]
         rotation, rest = parts[0], parts[1:]
         if rotation not in ROTATIONS or rest not in ([], ["dither"]):
-            valid = ", ".join(r + d for r in ROTATIONS for d in ("", "+dither"))
-            raise ValueError(f"kv_correction must be one of {valid}; got {kv_correction!r}")
+            valid = [r + d for r in ROTATIONS for d in ("", "+dither")]
+            raise ConfigFieldError("KVConfig", "kv_correction", kv_correction, f"must be one of {valid}")
         return cls(bps=kv_bps, lattice=lattice, rotation=rotation, dither=bool(rest), seed=seed)
 
     def to_dict(self) -> dict:
-        """``{"_type": "KVConfig", "_version": 1, "_data": {...}}``."""
-        return {"_type": "KVConfig", "_version": self.version, "_data": dataclasses.asdict(self)}
+        """``{"_type": "KVConfig", "_version": 1, "_data": {...}}`` (see :mod:`hq_diffusion.codec.configdict`)."""
+        return config_to_dict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "KVConfig":
         """Inverse of :meth:`to_dict`; rejects other types, other versions, unknown and missing fields."""
-        if not isinstance(d, dict) or d.get("_type") != "KVConfig" or not isinstance(d.get("_data"), dict):
-            raise ValueError(f"not a serialized KVConfig: {d!r}")
-        if d.get("_version") != KV_CONFIG_VERSION:
-            raise ValueError(f"KVConfig version {d.get('_version')!r} is not supported (expected {KV_CONFIG_VERSION})")
-        data = dict(d["_data"])
-        fields = {f.name for f in dataclasses.fields(cls)}
-        if set(data) != fields:
-            raise ValueError(f"KVConfig fields: unknown {sorted(set(data) - fields)}, "
-                             f"missing {sorted(fields - set(data))}")
-        return cls(**data)
+        return config_from_dict(cls, d, version=KV_CONFIG_VERSION)
 
 
 # ----------------------------------------------------------------------------------------------------------
