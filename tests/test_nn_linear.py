@@ -232,7 +232,7 @@ def test_validate_meta_rejects_inconsistent_metadata():
 @pytest.mark.parametrize("storage,mma", [("rice", "bf16"), ("rice", "int8"), ("int8", "int8")])
 def test_kernel_seam_matches_native(storage, mma):
     """``hq_diffusion.kernels.hq_linear(x, module)`` (its torch reference on CPU) reads the module correctly."""
-    kernels = pytest.importorskip("hq_diffusion.kernels")
+    kernels = pytest.importorskip("hq_diffusion.nn.linear")
     if not hasattr(kernels, "hq_linear"):
         pytest.skip("hq_diffusion.kernels has no hq_linear in this build")
     m = _hq(_linear(320, 24, seed=3), lattice="a2", mma=mma, storage=storage)
