@@ -1,6 +1,6 @@
 """Nearest-point quantizers for the lattices E8, D4, A2 and Z in integer form.
 
-Integer forms (DESIGN.md §1.3):
+Integer forms (docs/ARCHITECTURE.md):
 
 ======  ====================================================================  ===  =====================
 name    members (integer vectors ``y``)                                        n    Voronoi MSE / vector

@@ -1,4 +1,4 @@
-"""Rice coding of non-negative int32 symbol streams in a split-stream layout (DESIGN.md §1.5).
+"""Rice coding of non-negative int32 symbol streams in a split-stream layout (docs/ARCHITECTURE.md).
 
 A stream of ``n`` symbols is cut into blocks of ``B`` symbols (``B`` a multiple of 8); each block has its
 own Rice parameter ``k`` chosen to minimize its coded length. Every Rice code ``z`` is split in two parts

@@ -1,4 +1,4 @@
-"""Lossless bit-stripping: lattice integers → non-negative symbol streams, and back (DESIGN.md §1.4).
+"""Lossless bit-stripping: lattice integers → non-negative symbol streams, and back (docs/ARCHITECTURE.md).
 
 Each lattice yields one or two symbol *streams*; symbols of one stream share a magnitude and so a Rice
 parameter. All streams are int32, row-major over the vectors of ``y``.
