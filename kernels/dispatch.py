@@ -1,4 +1,7 @@
-"""Choose, per call, between the Triton kernels and their torch references (``codec.ops_ref``).
+"""Choose, per call, between the Triton kernels and their torch references (``codec.ops_ref``): the one place
+that makes that choice. The public operations here have the signatures of their ``ops_ref`` twins and are
+bundled as :data:`DISPATCHED`, the :class:`~hq_diffusion.codec.ops_ref.OpSet` that ``HQLinear`` composes for
+``backend="kernel"`` (which matmul path, storage and fusion to use is decided there, in ``nn/linear.py``).
 
 Policy (read at every call, no global state besides the environment):
 
@@ -17,23 +20,20 @@ interpreter is used only when ``TRITON_INTERPRET=1`` was set before Triton's fir
 """
 from __future__ import annotations
 
-import importlib
 import importlib.util
 import os
 import sys
 import warnings
 
 import torch
-import torch.nn.functional as F
 
 from hq_diffusion.codec import ops_ref
 from hq_diffusion.codec.hashing import key_to_u32
-from hq_diffusion.codec.lattice import to_physical
+
+from .loader import kernel_module
 
 ENV = "HQ_KERNELS"
 BACKENDS = ("auto", "triton", "torch")
-#: Token count up to which :func:`hq_linear` uses the fused decode + GEMM kernel (Rice storage, int8 mma).
-FUSED_MAX_TOKENS = 16
 _TRUE = ("1", "true", "yes", "on", "y")
 
 
@@ -84,20 +84,8 @@ def interpreter_usable() -> bool:
     return tl is None or type(tl.zeros).__name__ == "InterpretedFunction"
 
 
-def kernel_module(name: str):
-    """The kernel module ``hq_diffusion.kernels.<name>`` (imports Triton)."""
-    pkg = __name__.rsplit(".", 1)[0]
-    mod = importlib.import_module(f"{pkg}.{name}")
-    jit = sys.modules[f"{pkg}._jit"]
-    if jit.interpreting() != jit.LOADED_INTERPRETED:
-        raise RuntimeError(f"the kernels were loaded {'for' if jit.LOADED_INTERPRETED else 'without'} Triton's "
-                           f"interpreter but TRITON_INTERPRET is now {'off' if jit.LOADED_INTERPRETED else 'on'}; "
-                           f"set it once, before Triton is imported")
-    return mod
-
-
 def _ops():
-    from . import ops  # registers torch.ops.hq_diffusion.* on first use
+    from . import ops  # registers torch.ops.hq_diffusion.* on first use (ops imports .loader, not this module)
 
     return ops
 
@@ -155,76 +143,5 @@ def fused_decode_gemm(xq: torch.Tensor, xs: torch.Tensor, q, bias: torch.Tensor 
     return ops_ref.fused_decode_gemm_ref(xq, xs, q, bias, out_dtype)
 
 
-# ---- the quantized linear layer ----------------------------------------------------------------------------
-
-
-def _resolve_mma(module, x: torch.Tensor) -> str:
-    if hasattr(module, "resolved_mma"):
-        mma = module.resolved_mma(x.device)
-    else:
-        mma = getattr(module, "mma", None) or "int8"
-        if mma == "auto":
-            mma = "int8" if x.is_cuda and module.encoded().fits_int8 else "bf16"
-    if mma not in ("int8", "bf16"):
-        raise NotImplementedError(f"hq_linear implements mma 'int8' and 'bf16', not {mma!r}: use the module's "
-                                  f"native forward")
-    return mma
-
-
-def _rotated_from_codes(q, codes: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``p(Y) / α · scale`` (N, K) from stored lattice integers, float32 math (``codec.decode``'s), in ``dtype``."""
-    w = to_physical(q.lattice, codes.reshape(q.rows, q.n_pad))
-    return (w * ops_ref.row_dequant_scale(q).unsqueeze(1)).to(dtype)
-
-
-def hq_linear(x: torch.Tensor, module) -> torch.Tensor:
-    """``y = x Wᵀ + b`` for a quantized linear layer: x (..., in_features) → (..., out_features) in x.dtype,
-    computing what ``module.forward_native(x)`` computes (``HQLinear``), with the dispatched kernels.
-
-    Interface read from ``module``:
-
-    - ``encoded()`` → :class:`~hq_diffusion.codec.EncodedTensor` of the 2-D weight (out_features, in_features)
-      on x's device (its ``streams`` may be empty when ``codes`` is given);
-    - ``bias`` → Tensor (out_features,) or None;
-    - ``resolved_mma(device)`` → ``"int8"`` or ``"bf16"`` (or, without that method, ``mma`` with ``"auto"`` =
-      int8 for CUDA activations when the integers fit int8, else bf16); any other path raises
-      NotImplementedError (the caller keeps its native forward);
-    - optional ``codes`` → Tensor (out_features, n_pad) of the lattice integers (storage ``"int8"``), int8 (or
-      int16/int32 when they exceed ±127); when present it is used instead of decoding the streams.
-
-    int8: rotate + per-token int8 quantization of x, then — Rice storage and ≤ FUSED_MAX_TOKENS tokens —
-    the fused decode + GEMM (Triton side; decode + GEMM where its layout constraint fails), otherwise the int8
-    codes (stored, or decoded) and the int8 GEMM with the dequantization epilogue. Lattice integers beyond int8
-    raise :class:`~hq_diffusion.codec.HQFormatError`, as the native path does.
-    bf16: the weight ``p(Y)/α·scale`` in x.dtype (decoded, or from ``codes``), rotated x, ``F.linear``.
-    """
-    from hq_diffusion.codec import HQFormatError
-
-    q = module.encoded()
-    bias = getattr(module, "bias", None)
-    if len(q.shape) != 2 or x.shape[-1] != q.shape[1]:
-        raise ValueError(f"input of shape {tuple(x.shape)} does not match the weight of shape {tuple(q.shape)}")
-    out_features = q.shape[0]
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
-    mma = _resolve_mma(module, x)
-    codes = getattr(module, "codes", None)
-    if mma == "bf16":
-        if codes is not None:
-            w = _rotated_from_codes(q, codes, x.dtype)
-        else:
-            w = decode(q, "rotated", out_dtype=x.dtype).reshape(out_features, q.n_pad)
-        xr = rht(F.pad(x2, (0, q.n_pad - x2.shape[1])), q.seed, q.key, q.tile)
-        y = F.linear(xr, w, None if bias is None else bias.to(x.dtype))
-        return y.reshape(*lead, out_features)
-    if (codes is not None and codes.dtype != torch.int8) or (codes is None and not q.fits_int8):
-        raise HQFormatError("lattice integers exceed int8; the int8 path cannot run (use mma='bf16')")
-    xq, xs = rht_quant_int8(x2, q.seed, q.key, q.tile, q.n_pad, ops_ref.int8_operand_gain(q))
-    ws = ops_ref.row_dequant_scale(q)
-    if codes is not None:
-        y = int8_gemm_dequant(xq, xs, codes.reshape(out_features, q.n_pad), ws, bias, x.dtype)
-    elif x2.shape[0] <= FUSED_MAX_TOKENS:
-        y = fused_decode_gemm(xq, xs, q, bias, x.dtype)
-    else:
-        y = int8_gemm_dequant(xq, xs, decode(q, "codes").reshape(out_features, q.n_pad), ws, bias, x.dtype)
-    return y.reshape(*lead, out_features)
+#: The dispatched operations as an :class:`~hq_diffusion.codec.ops_ref.OpSet` (``ops_ref.REFERENCE``'s twin).
+DISPATCHED = ops_ref.OpSet("dispatch", rht, rht_quant_int8, int8_gemm_dequant, decode, fused_decode_gemm)

@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from hq_diffusion.codec.ops_ref import int8_gemm_dequant_ref, int_mm_supported
+
 from ._jit import cast_out, interpreting
 
 _OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -143,17 +145,13 @@ def int8_gemm_dequant_launch(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tenso
     return c
 
 
-def int_mm_supported(M: int, N: int, K: int, device: torch.device) -> bool:
-    """Whether ``torch._int_mm`` accepts these sizes here (CUDA: M > 16, K and N multiples of 8)."""
-    return device.type == "cuda" and M > 16 and K % 8 == 0 and N % 8 == 0
-
-
 def int8_gemm_dequant_int_mm(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor,
                              bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """The same operation with ``torch._int_mm`` (cuBLASLt int8) and the epilogue in torch (float32)."""
+    """The same operation with ``torch._int_mm`` (cuBLASLt int8) and the epilogue in torch (float32): the torch
+    reference, which accumulates with ``torch._int_mm`` wherever :func:`int_mm_supported` holds. Raises
+    ValueError for sizes or a device ``torch._int_mm`` does not accept."""
     _check(xq, xs, wq, ws, bias, out_dtype)
-    acc = torch._int_mm(xq.contiguous(), wq.contiguous().t())
-    out = (acc.to(torch.float32) * xs.to(torch.float32)[:, None]) * ws.to(torch.float32)[None, :]
-    if bias is not None:
-        out = out + bias.to(torch.float32)
-    return out.to(out_dtype)
+    if not int_mm_supported(xq.shape[0], wq.shape[0], xq.shape[1], xq.device):
+        raise ValueError(f"torch._int_mm does not accept ({xq.shape[0]}, {xq.shape[1]}) × ({wq.shape[0]}, "
+                         f"{wq.shape[1]})ᵀ on {xq.device}: it needs CUDA, M > 16, K and N multiples of 8")
+    return int8_gemm_dequant_ref(xq, xs, wq, ws, bias, out_dtype)

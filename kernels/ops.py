@@ -5,14 +5,14 @@ Registered: ``rht``, ``rht_quant_int8``, ``int8_gemm_dequant`` (tensor-only sign
 ``fused_decode_gemm`` take an :class:`~hq_diffusion.codec.EncodedTensor` (a Python object holding a variable
 number of streams) and are called directly: ``torch.compile`` graph-breaks there.
 
-The op bodies look the kernel modules up through :func:`.dispatch.kernel_module` at call time, so
+The op bodies look the kernel modules up through :func:`.loader.kernel_module` at call time, so
 registering the ops does not import Triton.
 """
 from __future__ import annotations
 
 import torch
 
-from .dispatch import kernel_module
+from .loader import kernel_module
 
 
 @torch.library.custom_op("hq_diffusion::rht", mutates_args=())

@@ -218,3 +218,11 @@ def test_corrupt_streams_are_rejected():
         with pytest.raises(HQFormatError) as ref:
             rice._decode_stream_torch(s)
         assert str(fast.value) == str(ref.value)  # same check fires first
+
+
+def test_implementation_is_chosen_in_one_place():
+    """Only ``_np.select`` looks at a device to choose between the numpy and the torch implementations."""
+    import inspect
+
+    for mod in (lattice, rice, strip):
+        assert "device.type" not in inspect.getsource(mod), mod.__name__

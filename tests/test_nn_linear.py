@@ -232,9 +232,45 @@ def test_validate_meta_rejects_inconsistent_metadata():
 @pytest.mark.parametrize("storage,mma", [("rice", "bf16"), ("rice", "int8"), ("int8", "int8")])
 def test_kernel_seam_matches_native(storage, mma):
     """``hq_diffusion.kernels.hq_linear(x, module)`` (its torch reference on CPU) reads the module correctly."""
-    kernels = pytest.importorskip("hq_diffusion.kernels")
+    kernels = pytest.importorskip("hq_diffusion.nn.linear")
     if not hasattr(kernels, "hq_linear"):
         pytest.skip("hq_diffusion.kernels has no hq_linear in this build")
     m = _hq(_linear(320, 24, seed=3), lattice="a2", mma=mma, storage=storage)
     x = torch.randn(2, 5, 320)
     assert torch.equal(kernels.hq_linear(x, m), m.forward_native(x))
+
+
+@pytest.mark.parametrize("storage,mma,tokens", [("rice", "int8", 3), ("rice", "int8", 40), ("int8", "int8", 5),
+                                                ("rice", "bf16", 4), ("int8", "bf16", 4), ("rice", "fp8", 4)])
+def test_both_backends_compose_the_same_ops(monkeypatch, storage, mma, tokens):
+    """Each backend only picks an op set (``OP_SETS``): the same ops are called the same way for both."""
+    from hq_diffusion.codec import ops_ref
+    from hq_diffusion.nn import linear
+
+    calls = []
+
+    def spy(name):
+        def op(*args, **kwargs):
+            calls.append(name)
+            return getattr(ops_ref.REFERENCE, name)(*args, **kwargs)
+        return op
+
+    names = ("rht", "rht_quant_int8", "int8_gemm_dequant", "decode", "fused_decode_gemm")
+    spy_set = ops_ref.OpSet("spy", *(spy(n) for n in names))
+    m = _hq(_linear(96, 24, seed=2), lattice="d4", mma=mma, storage=storage)
+    x = torch.randn(2, tokens, 96)
+    ref = m.forward_native(x)
+    seen = {}
+    for backend in ("native", "kernel"):
+        monkeypatch.setitem(linear.OP_SETS, backend, spy_set)
+        m.backend = backend
+        calls.clear()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", SimulatedFormatWarning)
+            assert torch.equal(m(x), ref)
+        seen[backend] = list(calls)
+    assert seen["native"] == seen["kernel"]
+    if mma in FORMATS:
+        assert seen["kernel"] == []  # simulated formats compose the reference set whichever backend
+    else:
+        assert "rht" in seen["kernel"] or "rht_quant_int8" in seen["kernel"]

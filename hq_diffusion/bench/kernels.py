@@ -38,7 +38,7 @@ def linear_shapes(models=MODELS) -> list[tuple[int, int]]:
 
 @dataclass
 class _Layer:
-    """The interface ``kernels.hq_linear`` reads (what HQLinear exposes)."""
+    """The interface ``nn.linear.hq_linear`` reads (what HQLinear exposes)."""
 
     q: object
     bias: torch.Tensor | None
@@ -71,7 +71,7 @@ def _relerr(a: torch.Tensor, b: torch.Tensor) -> float:
 def _check(q, K, dev, gen) -> str:
     """Kernels against their torch references on this GPU; returns "ok" or what failed."""
     from hq_diffusion.codec import ops_ref
-    from hq_diffusion.kernels.dispatch import kernel_module
+    from hq_diffusion.kernels.loader import kernel_module
 
     rd, rh, gm, fu = (kernel_module(n) for n in ("rice_decode", "rotate", "int8_gemm", "fused"))
     bad = []
@@ -145,8 +145,8 @@ def _run(a, shapes, tokens, cmd, dev: torch.device | None = None) -> int:
 
     ``dev`` is the CPU only in the test that runs this harness in the Triton interpreter."""
     from hq_diffusion.codec import CodecConfig, encode, ops_ref
-    from hq_diffusion.kernels import hq_linear
-    from hq_diffusion.kernels.dispatch import kernel_module
+    from hq_diffusion.kernels.loader import kernel_module
+    from hq_diffusion.nn.linear import hq_linear
 
     rd, rh, gm, fu = (kernel_module(n) for n in ("rice_decode", "rotate", "int8_gemm", "fused"))
     dev = dev or torch.device("cuda")

@@ -4,6 +4,10 @@ The codec's public API takes and returns torch tensors. Integer and small-axis w
 numpy on CPU (vectorized shifts, ``unpackbits``, ``flatnonzero``, cache-friendly chunked loops), so the
 hot paths convert with :func:`to_numpy` (zero copy for a contiguous CPU tensor), compute in numpy and
 wrap the result with :func:`to_torch` (zero copy), moving to and from the tensor's device around it.
+
+Implementation choice: :func:`select` is the one place where the codec looks at a device. Every public
+function of ``lattice``, ``strip`` and ``rice`` that has a numpy and a torch implementation asks it which to
+run; both produce bit-identical results, so the choice is about speed only, never about what is computed.
 """
 from __future__ import annotations
 
@@ -13,6 +17,14 @@ import torch
 # Vectors per chunk in the chunked loops: small enough that a chunk's temporaries (a few (dim, CHUNK)
 # float32 arrays) stay in the L2 cache, large enough that numpy's per-call overhead is amortized.
 CHUNK = 8192
+
+
+def select(t: torch.Tensor, numpy_impl, torch_impl):
+    """The implementation of a codec step for tensor ``t``: ``numpy_impl`` when ``t`` is on the CPU (numpy
+    is several times faster there), ``torch_impl`` for every other device (a GPU runs the torch code
+    natively; a round trip through host memory would cost more than it saves). Both implementations take
+    the same arguments and return bit-identical results on ``t``'s device."""
+    return numpy_impl if t.device.type == "cpu" else torch_impl
 
 
 def to_numpy(t: torch.Tensor) -> np.ndarray:

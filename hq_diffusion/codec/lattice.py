@@ -1,6 +1,6 @@
 """Nearest-point quantizers for the lattices E8, D4, A2 and Z in integer form.
 
-Integer forms (DESIGN.md §1.3):
+Integer forms (docs/ARCHITECTURE.md):
 
 ======  ====================================================================  ===  =====================
 name    members (integer vectors ``y``)                                        n    Voronoi MSE / vector
@@ -17,8 +17,8 @@ otherwise. All functions work on the last axis, which must be a multiple of the 
 
 On the CPU, E8 and D4 run in numpy over cache-sized chunks of vectors in transposed layout (one row
 per coordinate, so every per-coordinate step is a contiguous operation); tensors on other devices take
-the former torch code (kept below). The numpy path reproduces the torch code bit for bit, ties
-included: the same float32 operations for the candidates and their errors, ``torch.argmax``'s
+the former torch code (kept below); ``_np.select`` makes that choice. The numpy path reproduces the
+torch code bit for bit, ties included: the same float32 operations for the candidates and their errors, ``torch.argmax``'s
 first-index rule for the coordinate to move, and coordinate sums (the mod-4 test and the squared
 distances) added left to right in float32 — the order of torch's CPU ``sum(-1)`` over a contiguous
 (M, 8) float32 tensor (tests/test_codec_speed_paths.py checks this against the torch code).
@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ._np import CHUNK, seq_sum, to_numpy, to_torch
+from ._np import CHUNK, select, seq_sum, to_numpy, to_torch
 
 SQRT3 = math.sqrt(3.0)
 
@@ -164,18 +164,22 @@ def _nearest_chunked(v: torch.Tensor, dim: int, chunk_fn) -> torch.Tensor:
     return to_torch(out, dev).reshape(shp)
 
 
+def _nearest_e8_np(v: torch.Tensor) -> torch.Tensor:
+    return _nearest_chunked(v, 8, _e8_chunk)
+
+
+def _nearest_d4_np(v: torch.Tensor) -> torch.Tensor:
+    return _nearest_chunked(v, 4, _d4_chunk)
+
+
 def nearest_e8(v: torch.Tensor) -> torch.Tensor:
     """Nearest point of 2·E8. v: (..., 8k) float32 (already scaled by α). Returns int32, same shape."""
-    if v.device.type != "cpu":
-        return _nearest_e8_torch(v)
-    return _nearest_chunked(v, 8, _e8_chunk)
+    return select(v, _nearest_e8_np, _nearest_e8_torch)(v)
 
 
 def nearest_d4(v: torch.Tensor) -> torch.Tensor:
     """Nearest point of 2·D4. v: (..., 4k) float32. Returns int32, same shape."""
-    if v.device.type != "cpu":
-        return _nearest_d4_torch(v)
-    return _nearest_chunked(v, 4, _d4_chunk)
+    return select(v, _nearest_d4_np, _nearest_d4_torch)(v)
 
 
 # Torch path: the former implementation, kept verbatim for tensors on other devices (a GPU runs it

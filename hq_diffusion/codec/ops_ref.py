@@ -3,9 +3,14 @@
 Legend: M tokens, K = n_pad (padded contraction length), N output features.
 
 Each function here is the exact specification of a kernel in ``hq_diffusion.kernels`` with the same
-signature; the kernels are tested against these.
+signature; the kernels are tested against these. :data:`REFERENCE` bundles them as an :class:`OpSet`, the
+interface ``hq_diffusion.nn.linear`` composes; ``hq_diffusion.kernels.DISPATCHED`` is the same set with a
+per-call choice between these references and the Triton kernels (see docs/ARCHITECTURE.md).
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -36,6 +41,22 @@ def rht_quant_int8_ref(x: torch.Tensor, seed: int, key: int | str, tile: int, n_
     return xq, xs
 
 
+def int_mm_supported(m: int, n: int, k: int, device: torch.device) -> bool:
+    """Whether ``torch._int_mm`` (int8 × int8 → int32) accepts an (m, k) × (k, n) product on ``device``
+    (CUDA, m > 16, k and n multiples of 8)."""
+    return device.type == "cuda" and hasattr(torch, "_int_mm") and m > 16 and k % 8 == 0 and n % 8 == 0
+
+
+def exact_int_matmul(xq: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:
+    """``xq @ wqᵀ`` computed exactly: int (M, K) × int (N, K) → (M, N) int32 from ``torch._int_mm`` where it
+    accepts the operands (int8 both, :func:`int_mm_supported`), else float64 (exact below 2**53, far above
+    127·127·K for any K here). Both give the same integers, so the choice affects speed only."""
+    (m, k), n = xq.shape, wq.shape[0]
+    if xq.dtype == wq.dtype == torch.int8 and int_mm_supported(m, n, k, xq.device):
+        return torch._int_mm(xq.contiguous(), wq.contiguous().t())
+    return xq.to(torch.float64) @ wq.to(torch.float64).T
+
+
 def int8_gemm_dequant_ref(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor,
                           bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """``out = (xq @ wqᵀ) · xs[:, None] · ws[None, :] + bias`` with an exact integer accumulation.
@@ -45,11 +66,9 @@ def int8_gemm_dequant_ref(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, 
         wq: int8 (N, K) lattice integers; ws: float32 (N,) row scale / α.
         bias: optional (N,) any float dtype.
     Returns:
-        (M, N) in ``out_dtype``. The int32 accumulator is computed exactly (float64 products are exact
-        below 2**53, far above 127·127·K for any K here).
+        (M, N) in ``out_dtype``. The int32 accumulator is computed exactly (:func:`exact_int_matmul`).
     """
-    acc = xq.to(torch.float64) @ wq.to(torch.float64).T
-    out = acc.to(torch.float32) * xs.to(torch.float32).unsqueeze(1) * ws.to(torch.float32).unsqueeze(0)
+    out = exact_int_matmul(xq, wq).to(torch.float32) * xs.to(torch.float32).unsqueeze(1) * ws.to(torch.float32).unsqueeze(0)
     if bias is not None:
         out = out + bias.to(torch.float32)
     return out.to(out_dtype)
@@ -107,3 +126,22 @@ def fused_decode_gemm_ref(xq: torch.Tensor, xs: torch.Tensor, q, bias: torch.Ten
         raise ValueError("the int8 GEMM needs lattice integers that fit int8 (q.fits_int8 is False)")
     wq = decode_ref(q, "codes").reshape(q.rows, q.n_pad)
     return int8_gemm_dequant_ref(xq, xs, wq, row_dequant_scale(q), bias, out_dtype)
+
+
+@dataclass(frozen=True)
+class OpSet:
+    """The tensor-level operations a quantized linear layer is composed of, each with the signature of its
+    ``*_ref`` function here. :data:`REFERENCE` is the torch set; ``hq_diffusion.kernels.DISPATCHED`` chooses
+    per call between it and the Triton kernels. ``hq_diffusion.nn.linear`` composes either one the same way.
+    """
+
+    name: str
+    rht: Callable[..., torch.Tensor]
+    rht_quant_int8: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    int8_gemm_dequant: Callable[..., torch.Tensor]
+    decode: Callable[..., torch.Tensor]
+    fused_decode_gemm: Callable[..., torch.Tensor]
+
+
+#: The torch references, as an :class:`OpSet`.
+REFERENCE = OpSet("torch", rht_ref, rht_quant_int8_ref, int8_gemm_dequant_ref, decode_ref, fused_decode_gemm_ref)

@@ -1,4 +1,4 @@
-"""Rice coding of non-negative int32 symbol streams in a split-stream layout (DESIGN.md §1.5).
+"""Rice coding of non-negative int32 symbol streams in a split-stream layout (docs/ARCHITECTURE.md).
 
 A stream of ``n`` symbols is cut into blocks of ``B`` symbols (``B`` a multiple of 8); each block has its
 own Rice parameter ``k`` chosen to minimize its coded length. Every Rice code ``z`` is split in two parts
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ._np import to_numpy, to_torch
+from ._np import select, to_numpy, to_torch
 from .errors import HQFormatError
 
 # Implementation notes. The work runs in numpy on CPU views of the tensors (see ``_np``), in chunks of
@@ -33,7 +33,7 @@ from .errors import HQFormatError
 # quotients, and the fixed-width remainders. Fast paths: one k for the whole stream (no per-block
 # broadcasts or gathers) and k ∈ {1, 2, 4, 8} (whole symbols per byte); the general paths (SWAR for
 # k ≤ 8, a bit matrix above) produce the same bytes. Tensors on other devices (GPU) take the former
-# torch implementation at the end of this file, which gives the same streams.
+# torch implementation at the end of this file, which gives the same streams (``_np.select`` chooses).
 
 ESC = 32  # longest unary run; quotients ≥ ESC are escaped
 KMAX = 24  # largest Rice parameter
@@ -219,8 +219,10 @@ def choose_k(z: torch.Tensor, n: int, block: int) -> tuple[torch.Tensor, torch.T
     z: int32 (n,). Returns (ks int64 (NB,), bits int64 (NB,) the coded size of each block), on z's device.
     The candidates are ``clamp(floor(log2(mean·0.6931 + 1e-12)) + d, 0, KMAX)`` for d = −1, 0, 1, 2;
     ties keep the first candidate. :func:`coded_bits` is the reference for the bit counts."""
-    if z.device.type != "cpu":
-        return _choose_k_torch(z, n, block)
+    return select(z, _choose_k_cpu, _choose_k_torch)(z, n, block)
+
+
+def _choose_k_cpu(z: torch.Tensor, n: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
     nb = _num_blocks(n, block)
     zp = _padded(to_numpy(z.reshape(-1).to(torch.int32))[:n], nb * block)
     ch = _choose_k_np(zp, n, block)
@@ -475,9 +477,11 @@ def encode_stream(z: torch.Tensor, block: int) -> RiceStream:
         raise ValueError(f"Rice symbols must be non-negative; the smallest is {lo}")
     if hi >= 2**31:
         raise ValueError(f"Rice symbols must fit in int32; the largest is {hi}")
-    dev = z.device
-    if dev.type != "cpu":
-        return _encode_stream_torch(z, block)
+    return select(z, _encode_stream_np, _encode_stream_torch)(z, block)
+
+
+def _encode_stream_np(z: torch.Tensor, block: int) -> RiceStream:
+    n, dev = z.numel(), z.device
     nb = _num_blocks(n, block)
     zp = _padded(to_numpy(z.to(torch.int32).reshape(-1)), nb * block)
     ch = _choose_k_np(zp, n, block)
@@ -497,8 +501,10 @@ def decode_stream(st: RiceStream) -> torch.Tensor:
     """Decode a :class:`RiceStream` to int32 (n,) symbols (on the stream's device). Raises
     :class:`HQFormatError` on any inconsistency (wrong number of symbol ends, overlong runs, escape or
     remainder size mismatch)."""
-    if st.unary.device.type != "cpu":
-        return _decode_stream_torch(st)
+    return select(st.unary, _decode_stream_np, _decode_stream_torch)(st)
+
+
+def _decode_stream_np(st: RiceStream) -> torch.Tensor:
     n, block = st.n, st.block
     dev = st.unary.device
     nb = _num_blocks(n, block)

@@ -1,4 +1,4 @@
-"""Lossless bit-stripping: lattice integers → non-negative symbol streams, and back (DESIGN.md §1.4).
+"""Lossless bit-stripping: lattice integers → non-negative symbol streams, and back (docs/ARCHITECTURE.md).
 
 Each lattice yields one or two symbol *streams*; symbols of one stream share a magnitude and so a Rice
 parameter. All streams are int32, row-major over the vectors of ``y``.
@@ -13,14 +13,15 @@ parameter. All streams are int32, row-major over the vectors of ``y``.
 ``zz(n) = 2n`` for n ≥ 0 and ``−2n − 1`` otherwise.
 
 On the CPU the work runs in numpy (E8 in cache-sized chunks of vectors), bit-identical to the former
-torch code, which is kept at the end of this file for tensors on other devices and as the tests' reference.
+torch code, which is kept at the end of this file for tensors on other devices and as the tests' reference
+(``_np.select`` makes that choice).
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from ._np import CHUNK, to_numpy, to_torch, xor_rows
+from ._np import CHUNK, select, to_numpy, to_torch, xor_rows
 from .lattice import lattice_info
 
 NUM_STREAMS = {"e8": 1, "d4": 2, "a2": 2, "z": 1}
@@ -109,10 +110,12 @@ def _unstrip_e8(z: np.ndarray) -> np.ndarray:
 def strip(lattice: str, y: torch.Tensor) -> list[torch.Tensor]:
     """Lattice integers → symbol streams. y: (..., n) int32, n a multiple of the lattice dimension.
     Returns a list of 1-D int32 tensors on y's device (see module docstring)."""
+    return select(y, _strip_np, _strip_torch)(lattice, y)
+
+
+def _strip_np(lattice: str, y: torch.Tensor) -> list[torch.Tensor]:
     info = lattice_info(lattice)
     dev = y.device
-    if dev.type != "cpu":
-        return _strip_torch(lattice, y)
     yn = to_numpy(y.to(torch.int32).reshape(-1, info.dim))
     if lattice == "z":
         out = [_zz(yn.reshape(-1))]
@@ -140,10 +143,12 @@ def stream_lengths(lattice: str, numel: int) -> list[int]:
 
 def unstrip(lattice: str, streams: list[torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
     """Inverse of :func:`strip`. Returns int32 lattice integers of ``shape`` on the streams' device."""
+    return select(streams[0], _unstrip_np, _unstrip_torch)(lattice, streams, shape)
+
+
+def _unstrip_np(lattice: str, streams: list[torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
     lattice_info(lattice)
     dev = streams[0].device
-    if dev.type != "cpu":
-        return _unstrip_torch(lattice, streams, shape)
     zs = [to_numpy(z.to(torch.int32).reshape(-1)) for z in streams]
     if lattice == "z":
         y = _unzz(zs[0])

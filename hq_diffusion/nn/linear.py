@@ -22,31 +22,32 @@ Scalar metadata (shapes, α, tile, seed, key, lattice, block, stream lengths, mm
 attributes and the JSON-safe :attr:`HQLinear.hq_meta` dict, from which :meth:`HQLinear.from_meta` rebuilds an
 empty module at its final packed shapes (for ``load_state_dict(..., assign=True)`` on the ``meta`` device).
 
-Matmul paths (``mma``; DESIGN §2), dispatched through :data:`MMA_PATHS`:
+Matmul paths (``mma``; docs/ARCHITECTURE.md), registered in :data:`MMA_PATHS`. Every path is composed of
+the tensor-level operations of an :class:`~hq_diffusion.codec.ops_ref.OpSet` — ``rht``, ``rht_quant_int8``,
+``int8_gemm_dequant``, ``decode``, ``fused_decode_gemm`` — the same way whichever set it is given:
+``backend="native"`` gives the torch references (:data:`~hq_diffusion.codec.ops_ref.REFERENCE`),
+``backend="kernel"`` the dispatched set (:data:`hq_diffusion.kernels.DISPATCHED`: Triton on CUDA, the
+references elsewhere, ``HQ_KERNELS`` overrides; see ``kernels/dispatch.py``). Which path, which weight source
+(stored ``codes`` or decoding the streams) and whether to fuse decode + GEMM is decided here and nowhere else.
 
-- ``"bf16"``: ``F.linear(rht(x), decode(rotated))`` in the activation dtype.
-- ``"int8"``: :func:`~hq_diffusion.codec.ops_ref.rht_quant_int8_ref` then
-  :func:`~hq_diffusion.codec.ops_ref.int8_gemm_dequant_ref` against ``Y`` with ``ws = scale / α`` (float32);
-  on CUDA the int32 accumulation runs in ``torch._int_mm`` (exact, hence bit-identical to the reference).
+- ``"bf16"``: ``F.linear(rht(x), W_rot)`` in the activation dtype, ``W_rot = p(Y)/α·scale`` decoded
+  (``decode(q, "rotated")``) or computed from the stored ``codes``.
+- ``"int8"``: ``rht_quant_int8`` of the activations, then the int8 GEMM with the dequantization epilogue
+  (``ws = scale / α``, float32) against ``Y``: the stored ``codes``; for Rice storage at ≤
+  :data:`FUSED_MAX_TOKENS` tokens ``fused_decode_gemm``, above it ``decode(q, "codes")`` + ``int8_gemm_dequant``.
+  The exact int32 accumulation uses ``torch._int_mm`` where torch accepts it (inside the ops).
 - ``"fp8"``, ``"nvfp4"``, ``"mxfp4"``: both operands rounded to the format (:mod:`hq_diffusion.nn.lowp`),
   simulated with torch casts (a :class:`SimulatedFormatWarning` says so at each forward; Python's default
-  warning filter shows it once per format and calling line).
+  warning filter shows it once per format and calling line). There is no kernel for them: they compose the
+  reference set whichever backend.
 - ``"auto"``: ``"int8"`` on CUDA when ``torch._int_mm`` exists and ``Y`` fits int8, else ``"bf16"``.
 
-Kernel seam: :meth:`HQLinear.forward_kernel` calls ``hq_diffusion.kernels.hq_linear(x, module)`` when that
-package exposes it, ``x`` is on CUDA and the layer's resolved path is ``"int8"`` or ``"bf16"`` (storage
-``"int8"``: ``"int8"`` only), else :meth:`HQLinear.forward_native`. Expected signature::
-
-    hq_linear(x: Tensor (..., K) bf16/fp16/fp32 on CUDA, module: HQLinear) -> Tensor (..., N) in x.dtype
-
-computing what ``module.forward_native(x)`` computes for ``module.resolved_mma(x.device)``, from
-``module.encoded()`` (the Rice streams wrapped without copying; for storage ``"int8"`` the metadata and scales
-only), ``module.codes`` (storage ``"int8"`` only: int8 (N, K_pad)), ``module.bias`` and ``module.mma``.
+:func:`hq_linear` runs the ``"int8"`` and ``"bf16"`` paths for any object with the layer interface
+(``encoded()``, ``bias``, optional ``codes``, ``mma`` or ``resolved_mma(device)``), e.g. in the benchmarks.
 """
 from __future__ import annotations
 
 import copy
-import importlib
 import math
 import warnings
 from typing import Callable
@@ -57,11 +58,12 @@ from torch import nn
 
 from ..codec import EncodedTensor, HQFormatError, decode, encode
 from ..codec.config import SCALE_DTYPES, CodecConfig
-from ..codec.lattice import LATTICES, axis_gain, to_physical
-from ..codec.ops_ref import int8_gemm_dequant_ref, rht_quant_int8_ref
-from ..codec.rht import ALLOWED_TILES, inverse_rht, pad_last, plan_tiles, rht
+from ..codec.lattice import LATTICES, to_physical
+from ..codec.ops_ref import REFERENCE, OpSet, int8_operand_gain, row_dequant_scale
+from ..codec.rht import ALLOWED_TILES, inverse_rht, pad_last, plan_tiles
 from ..codec.rice import RiceStream, _num_blocks
 from ..codec.strip import NUM_STREAMS, stream_lengths
+from ..kernels import DISPATCHED
 from .lowp import FAKE_QUANT
 
 META_VERSION = 1
@@ -87,59 +89,78 @@ def dtype_name(dt: torch.dtype) -> str:
 
 # ---- matmul paths (registry) ---------------------------------------------------------------------------
 
-#: ``mma`` name → ``fn(module, x2d) -> out2d``; x2d: (M, K) activations, out2d: (M, N) in x2d.dtype.
-MMA_PATHS: dict[str, Callable[["HQLinear", torch.Tensor], torch.Tensor]] = {}
+#: Token count up to which the int8 path of a Rice-stored layer uses ``fused_decode_gemm``.
+FUSED_MAX_TOKENS = 16
+#: ``backend`` → the op set its forward composes.
+OP_SETS: dict[str, OpSet] = {"native": REFERENCE, "kernel": DISPATCHED}
+#: ``mma`` name → ``fn(module, x2d, ops=REFERENCE) -> out2d``; x2d: (M, K) activations, out2d: (M, N) in
+#: x2d.dtype. ``module`` provides ``encoded()``, ``bias`` and optionally ``codes`` and ``name``.
+MMA_PATHS: dict[str, Callable[..., torch.Tensor]] = {}
+#: The paths that only exist as torch simulations (they always compose :data:`REFERENCE`).
+SIMULATED: set[str] = set()
 
 
-def register_mma(name: str):
+def register_mma(name: str, *, simulated: bool = False):
     def deco(fn):
         MMA_PATHS[name] = fn
+        if simulated:
+            SIMULATED.add(name)
         return fn
     return deco
 
 
-def _rotate(m: "HQLinear", x: torch.Tensor) -> torch.Tensor:
-    """x: (M, K) float → float32 (M, K_pad), the activations in the weight's rotated basis."""
-    return rht(pad_last(x.to(torch.float32), m.n_pad), m.seed, m.key, m.tile)
+def _label(m) -> str:
+    return getattr(m, "name", "") or "HQLinear"
 
 
-def _bias(m: "HQLinear", dtype: torch.dtype) -> torch.Tensor | None:
+def _stored_codes(m) -> torch.Tensor | None:
+    """The stored lattice integers (storage ``"int8"``), or None when the weight is Rice-coded."""
+    return getattr(m, "codes", None)
+
+
+def _bias(m, dtype: torch.dtype) -> torch.Tensor | None:
     return None if m.bias is None else m.bias.to(dtype)
 
 
+def _rotated_weight(m, q: EncodedTensor, ops: OpSet, dtype: torch.dtype) -> torch.Tensor:
+    """``p(Y) / α · scale`` (N, K_pad) in ``dtype`` (float32 math): from the stored codes, else ``ops.decode``."""
+    codes = _stored_codes(m)
+    if codes is not None:
+        w = to_physical(q.lattice, codes.reshape(q.rows, q.n_pad)) * row_dequant_scale(q).unsqueeze(1)
+        return w.to(dtype)
+    return ops.decode(q, "rotated", dtype).reshape(q.rows, q.n_pad)
+
+
 @register_mma("bf16")
-def _mma_float(m: "HQLinear", x: torch.Tensor) -> torch.Tensor:
-    dt = x.dtype
-    return F.linear(_rotate(m, x).to(dt), m.rotated_weight().to(dt), _bias(m, dt))
+def _mma_float(m, x: torch.Tensor, ops: OpSet = REFERENCE) -> torch.Tensor:
+    q, dt = m.encoded(), x.dtype
+    xr = ops.rht(pad_last(x, q.n_pad), q.seed, q.key, q.tile)  # (M, K_pad) in dt, float32 math
+    return F.linear(xr, _rotated_weight(m, q, ops, dt), _bias(m, dt))
 
 
 @register_mma("int8")
-def _mma_int8(m: "HQLinear", x: torch.Tensor) -> torch.Tensor:
-    gain = axis_gain(m.lattice, m.n_pad, x.device)
-    xq, xs = rht_quant_int8_ref(x, m.seed, m.key, m.tile, m.n_pad, gain=gain)  # int8 (M, K_pad), f32 (M,)
-    wq = m.lattice_codes()
-    if wq.dtype != torch.int8:
-        raise HQFormatError(f"{m.name or 'HQLinear'}: lattice integers exceed int8; the int8 path cannot run")
-    ws = m.scales_f32() / m.alpha  # float32 (N,): the arithmetic of codec.decode (scale / α)
-    if x.is_cuda and hasattr(torch, "_int_mm") and xq.shape[0] > 16 and m.n_pad % 8 == 0 and m.out_features % 8 == 0:
-        acc = torch._int_mm(xq, wq.t())  # int32 (M, N), exact
-        out = acc.to(torch.float32) * xs.unsqueeze(1) * ws.unsqueeze(0)
-        if m.bias is not None:
-            out = out + m.bias.to(torch.float32)
-        return out.to(x.dtype)
-    return int8_gemm_dequant_ref(xq, xs, wq, ws, m.bias, out_dtype=x.dtype)
+def _mma_int8(m, x: torch.Tensor, ops: OpSet = REFERENCE) -> torch.Tensor:
+    q = m.encoded()
+    codes = _stored_codes(m)
+    if (codes.dtype != torch.int8) if codes is not None else not q.fits_int8:
+        raise HQFormatError(f"{_label(m)}: lattice integers exceed int8; the int8 path cannot run (use mma='bf16')")
+    xq, xs = ops.rht_quant_int8(x, q.seed, q.key, q.tile, q.n_pad, int8_operand_gain(q))  # int8 (M, K_pad), f32 (M,)
+    if codes is None and x.shape[0] <= FUSED_MAX_TOKENS:
+        return ops.fused_decode_gemm(xq, xs, q, m.bias, x.dtype)
+    wq = codes if codes is not None else ops.decode(q, "codes")
+    return ops.int8_gemm_dequant(xq, xs, wq.reshape(q.rows, q.n_pad), row_dequant_scale(q), m.bias, x.dtype)
 
 
 def _fake_quant_path(fmt: str):
     quant, blk = FAKE_QUANT[fmt]
 
-    def path(m: "HQLinear", x: torch.Tensor) -> torch.Tensor:
+    def path(m, x: torch.Tensor, ops: OpSet = REFERENCE) -> torch.Tensor:
         warnings.warn(f"mma={fmt!r} is simulated with torch casts on this build (no native {fmt} matmul): "
                       f"outputs have the format's accuracy, not its speed", SimulatedFormatWarning, stacklevel=4)
-        k = -(-m.n_pad // blk) * blk
-        xr = quant(pad_last(_rotate(m, x), k))
-        wr = quant(pad_last(m.rotated_weight(), k))
-        out = F.linear(xr, wr)
+        q = m.encoded()
+        k = -(-q.n_pad // blk) * blk
+        xr = ops.rht(pad_last(x.to(torch.float32), q.n_pad), q.seed, q.key, q.tile)  # float32 (M, K_pad)
+        out = F.linear(quant(pad_last(xr, k)), quant(pad_last(_rotated_weight(m, q, ops, torch.float32), k)))
         if m.bias is not None:
             out = out + m.bias.to(torch.float32)
         return out.to(x.dtype)
@@ -149,7 +170,7 @@ def _fake_quant_path(fmt: str):
 
 
 for _fmt in FAKE_QUANT:
-    register_mma(_fmt)(_fake_quant_path(_fmt))
+    register_mma(_fmt, simulated=True)(_fake_quant_path(_fmt))
 
 
 def auto_mma(device: torch.device, fits_int8: bool) -> str:
@@ -159,15 +180,37 @@ def auto_mma(device: torch.device, fits_int8: bool) -> str:
     return "bf16"
 
 
-def _kernel_op():
-    """``hq_diffusion.kernels.hq_linear`` when the kernels package provides it, else None."""
-    try:
-        mod = importlib.import_module("hq_diffusion.kernels")
-    except ModuleNotFoundError as e:
-        if e.name in ("hq_diffusion.kernels", "triton"):
-            return None
-        raise
-    return getattr(mod, "hq_linear", None)
+def _apply(module, x: torch.Tensor, mma: str, ops: OpSet) -> torch.Tensor:
+    """Run path ``mma`` of ``module`` on x (..., K) → (..., N) in x.dtype, composing ``ops`` (the reference set
+    for a simulated path)."""
+    q = module.encoded()
+    if len(q.shape) != 2 or x.shape[-1] != q.shape[1]:
+        raise ValueError(f"{_label(module)}: expected input (..., {q.shape[-1]}) for the weight of shape "
+                         f"{tuple(q.shape)}, got {tuple(x.shape)}")
+    x2 = x.reshape(-1, x.shape[-1])
+    out = MMA_PATHS[mma](module, x2, REFERENCE if mma in SIMULATED else ops)
+    return out.reshape(*x.shape[:-1], q.shape[0])
+
+
+def hq_linear(x: torch.Tensor, module, ops: OpSet = DISPATCHED) -> torch.Tensor:
+    """``y = x Wᵀ + b`` for a quantized linear layer with the ``"int8"`` or ``"bf16"`` path composed of ``ops``
+    (default: the dispatched kernels). x (..., in_features) bf16/fp16/fp32 → (..., out_features) in x.dtype.
+
+    ``module`` provides ``encoded()`` (the :class:`~hq_diffusion.codec.EncodedTensor` of the 2-D weight, on x's
+    device; its ``streams`` may be empty when ``codes`` is given), ``bias`` (Tensor (N,) or None), optionally
+    ``codes`` (int8 (N, K_pad) lattice integers, int16/int32 beyond ±127) and ``resolved_mma(device)`` or
+    ``mma`` (``"auto"`` resolved by :func:`auto_mma`). Raises NotImplementedError for any other path (the
+    simulated formats run through :class:`HQLinear`), ValueError for a mismatched input and
+    :class:`~hq_diffusion.codec.HQFormatError` when the int8 path meets integers beyond int8.
+    """
+    if hasattr(module, "resolved_mma"):
+        mma = module.resolved_mma(x.device)
+    else:
+        mma = getattr(module, "mma", None) or "int8"
+        mma = auto_mma(x.device, module.encoded().fits_int8) if mma == "auto" else mma
+    if mma not in ("int8", "bf16"):
+        raise NotImplementedError(f"hq_linear implements mma 'int8' and 'bf16', not {mma!r}: use HQLinear's forward")
+    return _apply(module, x, mma, ops)
 
 
 # ---- the module -----------------------------------------------------------------------------------------
@@ -229,7 +272,8 @@ class HQLinear(nn.Module):
 
     @property
     def backend(self) -> str:
-        """``"kernel"`` (``hq_diffusion.kernels`` on CUDA when available, else native) or ``"native"``."""
+        """``"kernel"`` (compose :data:`hq_diffusion.kernels.DISPATCHED`) or ``"native"`` (compose
+        :data:`~hq_diffusion.codec.ops_ref.REFERENCE`)."""
         return self._backend
 
     @backend.setter
@@ -257,7 +301,7 @@ class HQLinear(nn.Module):
             mma: matmul path (see the module docstring). ``"int8"`` on a layer whose lattice integers exceed
                 ±127 falls back to ``"bf16"`` with a warning (recorded in ``hq_meta["mma"]``).
             storage: ``"rice"`` or ``"int8"``.
-            backend: ``"kernel"`` (use ``hq_diffusion.kernels`` on CUDA when present) or ``"native"``.
+            backend: ``"kernel"`` (the dispatched kernels: Triton on CUDA) or ``"native"`` (torch references).
             name: the module path, for messages (defaults to ``key`` when it is a str).
         """
         if mma not in MMA_CHOICES:
@@ -331,9 +375,7 @@ class HQLinear(nn.Module):
 
     def rotated_weight(self) -> torch.Tensor:
         """float32 (N, K_pad): ``p(Y) / α · scale``, the weight in the rotated basis."""
-        if self.storage == "rice":
-            return decode(self.encoded(), out="rotated")
-        return to_physical(self.lattice, self.codes) * (self.scales_f32().unsqueeze(1) / self.alpha)
+        return _rotated_weight(self, self.encoded(), REFERENCE, torch.float32)
 
     def dequantize(self) -> torch.Tensor:
         """The reconstructed weight (N, K) in the original basis and dtype (for inspection and tests)."""
@@ -351,26 +393,18 @@ class HQLinear(nn.Module):
         return auto_mma(device, self.fits_int8) if self.mma == "auto" else self.mma
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_kernel(x) if self.backend == "kernel" else self.forward_native(x)
+        """x: (..., K) bf16/fp16/fp32 → (..., N) in x.dtype: the resolved path composed of this layer's
+        backend's op set (:data:`OP_SETS`)."""
+        return _apply(self, x, self.resolved_mma(x.device), OP_SETS[self.backend])
 
     def forward_native(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (..., K) bf16/fp16/fp32 → (..., N) in x.dtype, with the torch implementation of the mma path."""
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"{self.name or 'HQLinear'}: expected input (..., {self.in_features}), "
-                             f"got {tuple(x.shape)}")
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
-        out = MMA_PATHS[self.resolved_mma(x.device)](self, x2)
-        return out.reshape(*lead, self.out_features)
+        """:meth:`forward` with the torch references (``backend="native"``)."""
+        return _apply(self, x, self.resolved_mma(x.device), REFERENCE)
 
     def forward_kernel(self, x: torch.Tensor) -> torch.Tensor:
-        """``hq_diffusion.kernels.hq_linear(x, self)`` on CUDA when the kernels provide it and implement this
-        layer's path (``"int8"`` or ``"bf16"``; storage ``"int8"``: ``"int8"`` only), else :meth:`forward_native`."""
-        op = _kernel_op() if x.is_cuda else None
-        mma = self.resolved_mma(x.device)
-        if op is None or mma not in ("int8", "bf16") or (self.storage == "int8" and mma != "int8"):
-            return self.forward_native(x)
-        return op(x, self)
+        """:meth:`forward` with the dispatched kernels (``backend="kernel"``; the references where
+        ``kernels/dispatch.py`` does not choose Triton, and for the simulated paths)."""
+        return _apply(self, x, self.resolved_mma(x.device), DISPATCHED)
 
     def extra_repr(self) -> str:
         m = self.hq_meta
