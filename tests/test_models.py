@@ -181,9 +181,9 @@ def test_default_call_kwargs_are_fast_and_valid():
 @pytest.mark.parametrize(
     "call",
     [
-        lambda: M.tiny_pipeline("sd3"),
-        lambda: M.real_linear_shapes("sd3"),
-        lambda: M.generate(None, "sd3", PROMPT, 0),
+        lambda: M.tiny_pipeline("sdxl"),
+        lambda: M.real_linear_shapes("sdxl"),
+        lambda: M.generate(None, "sdxl", PROMPT, 0),
     ],
 )
 def test_unknown_name_raises_listing_valid_names(call):
