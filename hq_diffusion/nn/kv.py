@@ -615,6 +615,10 @@ register_kv_processor(
     "diffusers.models.attention_processor.FusedJointAttnProcessor2_0",
     "diffusers.models.transformers.transformer_wan.WanAttnProcessor",
     "diffusers.models.transformers.transformer_ltx2.LTX2PerturbedAttnProcessor",
+    "diffusers.models.attention_processor.CogVideoXAttnProcessor2_0",
+    "diffusers.models.attention_processor.FusedCogVideoXAttnProcessor2_0",
+    "diffusers.models.transformers.transformer_hunyuan_video.HunyuanVideoAttnProcessor2_0",
+    "diffusers.models.transformers.sana_transformer.SanaAttnProcessor2_0",
 )(HQKVSDPAProcessor)
 
 
