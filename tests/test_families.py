@@ -51,11 +51,12 @@ def test_lookups_and_errors_naming_the_valid_choices():
 
 def test_registry_gives_the_eval_and_app_tables():
     """What eval/runner.py and app/ held as their own tables before the registry (the values must not move)."""
+    # ... plus SD3, the first of the new families with a full tiny pipeline.
     assert families.tiny_aliases() == {"tiny-ltx": "ltx", "tiny-ltx2": "ltx2", "tiny-pixart": "pixart",
-                                       "tiny-flux": "flux"}
+                                       "tiny-flux": "flux", "tiny-sd3": "sd3"}
     assert families.pipeline_classes() == {"LTXPipeline": "ltx", "LTX2Pipeline": "ltx2",
                                            "PixArtSigmaPipeline": "pixart", "PixArtAlphaPipeline": "pixart",
-                                           "FluxPipeline": "flux"}
+                                           "FluxPipeline": "flux", "StableDiffusion3Pipeline": "sd3"}
     assert families.video_keys() == ("ltx", "ltx2")
     assert families.tiny_tuned_keys() == (
         "num_inference_steps", "height", "width", "num_frames", "frame_rate", "guidance_scale",
@@ -66,7 +67,7 @@ def test_registry_gives_the_eval_and_app_tables():
 
     assert config.TINY_KINDS == families.tiny_aliases() and list(config.TINY_MODELS) == list(config.TINY_KINDS)
     assert config.VIDEO_KINDS == {"ltx", "ltx2"} and engine.PIPELINE_CLASSES == families.pipeline_classes()
-    assert M.PIPELINE_NAMES == ("ltx", "ltx2", "pixart", "flux")
+    assert M.PIPELINE_NAMES == ("ltx", "ltx2", "pixart", "flux", "sd3")
 
 
 def test_kv_processor_paths_are_registered_with_their_kind():
@@ -84,7 +85,7 @@ def test_kv_processor_paths_are_registered_with_their_kind():
 
 
 def test_new_families_have_no_tiny_pipeline_and_say_why():
-    for key in NEW:
+    for key in NEW[1:]:
         with pytest.raises(ValueError, match="tiny_transformer") as err:
             M.tiny_pipeline(key)
         assert "ltx" in str(err.value) and families.get(key).note
@@ -172,3 +173,21 @@ def test_skip_rules_match_the_tiny_top_level_linears(tiny, key):
         if isinstance(module, nn.Linear) and "blocks." not in name:
             assert presets.skip_reason(name, rules) is not None, name
             assert any(fnmatch.fnmatchcase(name, p) for p, _ in families.get(key).skip)
+
+
+# ---- SD3: a full tiny pipeline ---------------------------------------------------------------------------
+
+def test_tiny_sd3_pipeline_generates_reproducibly_and_quantized():
+    import numpy as np
+
+    pipe = M.tiny_pipeline("sd3", seed=0)
+    assert type(pipe).__name__ == "StableDiffusion3Pipeline"
+    assert torch.equal(pipe.transformer.pos_embed.proj.weight, M.tiny_pipeline("sd3", 0).transformer.pos_embed.proj.weight)
+    frames = M.generate(pipe, "sd3", "a red robot dancing in the rain", seed=0)
+    assert frames.shape == (1, 32, 32, 3) and frames.dtype == np.float32 and frames.std() > 1e-3
+    assert 0.0 <= frames.min() and frames.max() <= 1.0
+    np.testing.assert_array_equal(frames, M.generate(pipe, "sd3", "a red robot dancing in the rain", seed=0))
+    quantize(pipe, bps=6.0, progress=False)
+    q = M.generate(pipe, "sd3", "a red robot dancing in the rain", seed=0)
+    psnr = 10 * np.log10(1.0 / float(np.mean((q.astype(np.float64) - frames) ** 2)))
+    assert psnr > 30, psnr

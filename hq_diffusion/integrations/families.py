@@ -212,13 +212,13 @@ FAMILIES: tuple[Family, ...] = (
         depth_keys=("num_layers", "num_single_layers"),
     ),
     Family(
-        key="sd3", label="Tiny SD3 transformer (random weights)", tiny_models=("tiny-sd3",),
+        key="sd3", label="Tiny SD3 image (random weights)", tiny_models=("tiny-sd3",),
         pipeline_classes=("StableDiffusion3Pipeline",), transformer_classes=("SD3Transformer2DModel",),
         skip=(("pos_embed.*", PATCH_IN), ("proj_out", PATCH_OUT), ("time_text_embed.*", TIMESTEP),
               ("norm_out.*", TIMESTEP), ("context_embedder", CAPTION)),
         kv_processors=((_AP + "JointAttnProcessor2_0", "sdpa"), (_AP + "FusedJointAttnProcessor2_0", "sdpa"),
                        (_AP + "AttnProcessor2_0", "sdpa")),  # SD3.5's dual-attention blocks (attn2)
-        tiny_builder=_B + "transformers:build_sd3", tiny_pipeline=False,
+        tiny_builder=_B + "pipelines:build_sd3",
         call_defaults=dict(_FAST, guidance_scale=7.0, max_sequence_length=16, output_type="np"),
         # stabilityai/stable-diffusion-3-medium: 24 blocks, 24 heads x 64 = 1536, T5-XXL context (4096),
         # CLIP-L+G pooled (2048), 16 latent channels, 2x2 patches.
@@ -227,7 +227,6 @@ FAMILIES: tuple[Family, ...] = (
             num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
             pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192,
         ),
-        note="tiny transformer only: its pipeline (2 CLIP + T5 encoders, VAE) is not built here yet",
     ),
     Family(
         key="wan", label="Tiny Wan transformer (random weights)", tiny_models=("tiny-wan",),

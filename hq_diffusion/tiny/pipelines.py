@@ -1,4 +1,4 @@
-"""Tiny builders of the LTX-Video, LTX-2, PixArt-Sigma and Flux pipelines (registered in
+"""Tiny builders of the LTX-Video, LTX-2, PixArt-Sigma, Flux and SD3 pipelines (registered in
 :mod:`hq_diffusion.integrations.families`): each returns the pipeline's components, randomly initialised.
 
 Called through :func:`hq_diffusion.models.tiny_pipeline`, which seeds the RNG, casts and assembles them.
@@ -10,7 +10,8 @@ from typing import Any
 from .text import clip_text_encoder, clip_tokenizer, gemma3_encoder, gemma_tokenizer, t5_encoder, t5_tokenizer, vocab_size
 
 __all__ = ["TINY_HEADS", "TINY_HEAD_DIM", "TINY_TEXT", "TINY_HIDDEN", "build_ltx", "build_ltx2", "build_pixart",
-           "build_flux"]
+           "build_flux",
+           "build_sd3"]
 
 # ----------------------------------------------------------------------------------------------------------
 # Tiny pipelines.
@@ -164,3 +165,32 @@ def build_flux() -> dict[str, Any]:
     )
     return dict(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                 text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer)
+
+
+def build_sd3() -> dict[str, Any]:
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+
+    # Two CLIPs with projections (pooled: 32 + 32 = 64) and a T5 as wide as the two CLIPs' concatenated token
+    # embeddings (64), which the pipeline pads to the T5 width: joint attention dim 64.
+    tokenizer, tokenizer_2, tokenizer_3 = clip_tokenizer(), clip_tokenizer(), t5_tokenizer()
+    text_encoder = clip_text_encoder(vocab_size(tokenizer), TINY_TEXT, with_projection=True)
+    text_encoder_2 = clip_text_encoder(vocab_size(tokenizer_2), TINY_TEXT, with_projection=True)
+    text_encoder_3 = t5_encoder(vocab_size(tokenizer_3), 2 * TINY_TEXT)
+    # VAE x2 with 8 latent channels: 32x32 px -> 16x16x8 latents -> 2x2 patches = 64 tokens.
+    latent = 8
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=latent,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8, sample_size=32,
+        scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False,
+        mid_block_add_attention=False,
+    )
+    transformer = SD3Transformer2DModel(
+        sample_size=16, patch_size=2, in_channels=latent, out_channels=latent, num_layers=2,
+        attention_head_dim=TINY_HEAD_DIM, num_attention_heads=TINY_HEADS, joint_attention_dim=2 * TINY_TEXT,
+        caption_projection_dim=TINY_HIDDEN, pooled_projection_dim=2 * TINY_TEXT, pos_embed_max_size=16,
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    return dict(transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=text_encoder,
+                tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,
+                text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3)

@@ -124,15 +124,16 @@ def t5_encoder(vocab_size: int, d_model: int = 32):
     return T5EncoderModel(cfg).eval()
 
 
-def clip_text_encoder(vocab_size: int, hidden: int = 32):
-    from transformers import CLIPTextConfig, CLIPTextModel
+def clip_text_encoder(vocab_size: int, hidden: int = 32, with_projection: bool = False):
+    """Tiny ``CLIPTextModel`` (``CLIPTextModelWithProjection`` with ``with_projection``, ``hidden`` wide)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     cfg = CLIPTextConfig(
         vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, projection_dim=hidden,
         num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77, hidden_act="quick_gelu",
         attention_dropout=0.0, bos_token_id=0, eos_token_id=1, pad_token_id=1,
     )
-    return CLIPTextModel(cfg).eval()
+    return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(cfg).eval()
 
 
 def gemma3_encoder(tokenizer, hidden: int = 32, num_layers: int = 2):

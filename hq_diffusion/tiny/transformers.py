@@ -1,4 +1,5 @@
-"""Tiny transformers of the SD3, Wan, CogVideoX, HunyuanVideo and Sana families, with example inputs.
+"""Tiny transformers of the Wan, CogVideoX, HunyuanVideo and Sana families, and example inputs of those and
+of SD3's (whose tiny pipeline is in :mod:`.pipelines`).
 
 Each builder returns a randomly initialised diffusers transformer, 2 heads x 32 = 64 wide, 2 blocks (HunyuanVideo:
 1 double-stream + 1 single-stream + 1 token-refiner block), every ``nn.Linear`` with ``in_features >= 32``, under
@@ -14,21 +15,10 @@ import torch
 
 from .pipelines import TINY_HEAD_DIM, TINY_HEADS, TINY_HIDDEN, TINY_TEXT
 
-__all__ = ["build_sd3", "build_wan", "build_cogvideox", "build_hunyuanvideo", "build_sana", "example_inputs"]
+__all__ = ["build_wan", "build_cogvideox", "build_hunyuanvideo", "build_sana", "example_inputs"]
 
 _LATENT = 8  # latent channels of every tiny transformer here
 _TEXT_TOKENS = 16
-
-
-def build_sd3():
-    from diffusers import SD3Transformer2DModel
-
-    # 16x16 latents, 2x2 patches: 64 tokens.
-    return SD3Transformer2DModel(
-        sample_size=16, patch_size=2, in_channels=_LATENT, out_channels=_LATENT, num_layers=2,
-        attention_head_dim=TINY_HEAD_DIM, num_attention_heads=TINY_HEADS, joint_attention_dim=TINY_TEXT,
-        caption_projection_dim=TINY_HIDDEN, pooled_projection_dim=TINY_TEXT, pos_embed_max_size=16,
-    )
 
 
 def build_wan():
@@ -78,8 +68,8 @@ def build_sana():
 def example_inputs(key: str, transformer: torch.nn.Module, batch: int = 2, seed: int = 0) -> dict[str, Any]:
     """Forward kwargs of one denoising step of the tiny transformer of family ``key`` (seeded, on its device
     and in its dtype): latents ``hidden_states`` (shape per family, see the builders), text
-    ``encoder_hidden_states`` (batch, 16, 32), ``timestep`` (batch,) float32 in [0, 1000), pooled text
-    (batch, 32) where the family takes one, and ``return_dict=False``.
+    ``encoder_hidden_states`` (batch, 16, text width), ``timestep`` (batch,) float32 in [0, 1000), pooled text
+    (batch, pooled width) where the family takes one, and ``return_dict=False``.
 
     Raises:
         ValueError: for a key without a tiny transformer here.
@@ -95,10 +85,13 @@ def example_inputs(key: str, transformer: torch.nn.Module, batch: int = 2, seed:
                "hunyuanvideo": (b, c, 3, 4, 4), "sana": (b, c, 8, 8)}
     if key not in latents:
         raise ValueError(f"No tiny transformer inputs for {key!r}; valid keys are: {', '.join(latents)}.")
-    kw: dict[str, Any] = dict(hidden_states=rand(*latents[key]), encoder_hidden_states=rand(b, _TEXT_TOKENS, TINY_TEXT),
+    cfg = transformer.config
+    text = {"sd3": "joint_attention_dim", "wan": "text_dim", "cogvideox": "text_embed_dim",
+            "hunyuanvideo": "text_embed_dim", "sana": "caption_channels"}[key]
+    kw: dict[str, Any] = dict(hidden_states=rand(*latents[key]), encoder_hidden_states=rand(b, _TEXT_TOKENS, cfg[text]),
                               timestep=(torch.rand(b, generator=g) * 1000).to(p.device), return_dict=False)
     if key in ("sd3", "hunyuanvideo"):
-        kw["pooled_projections"] = rand(b, TINY_TEXT)
+        kw["pooled_projections"] = rand(b, cfg["pooled_projection_dim"])
     if key == "hunyuanvideo":
         kw["encoder_attention_mask"] = torch.ones(b, _TEXT_TOKENS, dtype=torch.bool, device=p.device)
         kw["guidance"] = torch.full((b,), 6000.0, device=p.device)
