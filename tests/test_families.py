@@ -51,13 +51,14 @@ def test_lookups_and_errors_naming_the_valid_choices():
 
 def test_registry_gives_the_eval_and_app_tables():
     """What eval/runner.py and app/ held as their own tables before the registry (the values must not move)."""
-    # ... plus SD3, the first of the new families with a full tiny pipeline.
+    # ... plus SD3 and Wan, the new families with a full tiny pipeline.
     assert families.tiny_aliases() == {"tiny-ltx": "ltx", "tiny-ltx2": "ltx2", "tiny-pixart": "pixart",
-                                       "tiny-flux": "flux", "tiny-sd3": "sd3"}
+                                       "tiny-flux": "flux", "tiny-sd3": "sd3", "tiny-wan": "wan"}
     assert families.pipeline_classes() == {"LTXPipeline": "ltx", "LTX2Pipeline": "ltx2",
                                            "PixArtSigmaPipeline": "pixart", "PixArtAlphaPipeline": "pixart",
-                                           "FluxPipeline": "flux", "StableDiffusion3Pipeline": "sd3"}
-    assert families.video_keys() == ("ltx", "ltx2")
+                                           "FluxPipeline": "flux", "StableDiffusion3Pipeline": "sd3",
+                                           "WanPipeline": "wan"}
+    assert families.video_keys() == ("ltx", "ltx2", "wan")
     assert families.tiny_tuned_keys() == (
         "num_inference_steps", "height", "width", "num_frames", "frame_rate", "guidance_scale",
         "audio_guidance_scale", "stg_scale", "audio_stg_scale", "modality_scale", "audio_modality_scale",
@@ -66,8 +67,8 @@ def test_registry_gives_the_eval_and_app_tables():
     from hq_diffusion.app import config, engine
 
     assert config.TINY_KINDS == families.tiny_aliases() and list(config.TINY_MODELS) == list(config.TINY_KINDS)
-    assert config.VIDEO_KINDS == {"ltx", "ltx2"} and engine.PIPELINE_CLASSES == families.pipeline_classes()
-    assert M.PIPELINE_NAMES == ("ltx", "ltx2", "pixart", "flux", "sd3")
+    assert config.VIDEO_KINDS == {"ltx", "ltx2", "wan"} and engine.PIPELINE_CLASSES == families.pipeline_classes()
+    assert M.PIPELINE_NAMES == ("ltx", "ltx2", "pixart", "flux", "sd3", "wan")
 
 
 def test_kv_processor_paths_are_registered_with_their_kind():
@@ -85,7 +86,7 @@ def test_kv_processor_paths_are_registered_with_their_kind():
 
 
 def test_new_families_have_no_tiny_pipeline_and_say_why():
-    for key in NEW[1:]:
+    for key in NEW[2:]:
         with pytest.raises(ValueError, match="tiny_transformer") as err:
             M.tiny_pipeline(key)
         assert "ltx" in str(err.value) and families.get(key).note
@@ -175,19 +176,21 @@ def test_skip_rules_match_the_tiny_top_level_linears(tiny, key):
             assert any(fnmatch.fnmatchcase(name, p) for p, _ in families.get(key).skip)
 
 
-# ---- SD3: a full tiny pipeline ---------------------------------------------------------------------------
+# ---- SD3 and Wan: full tiny pipelines --------------------------------------------------------------------
 
-def test_tiny_sd3_pipeline_generates_reproducibly_and_quantized():
+@pytest.mark.parametrize("key,cls,n_frames", [("sd3", "StableDiffusion3Pipeline", 1), ("wan", "WanPipeline", 9)])
+def test_tiny_pipeline_generates_reproducibly_and_quantized(key, cls, n_frames):
     import numpy as np
 
-    pipe = M.tiny_pipeline("sd3", seed=0)
-    assert type(pipe).__name__ == "StableDiffusion3Pipeline"
-    assert torch.equal(pipe.transformer.pos_embed.proj.weight, M.tiny_pipeline("sd3", 0).transformer.pos_embed.proj.weight)
-    frames = M.generate(pipe, "sd3", "a red robot dancing in the rain", seed=0)
-    assert frames.shape == (1, 32, 32, 3) and frames.dtype == np.float32 and frames.std() > 1e-3
+    pipe = M.tiny_pipeline(key, seed=0)
+    assert type(pipe).__name__ == cls
+    first = next(iter(pipe.transformer.state_dict().values()))
+    assert torch.equal(first, next(iter(M.tiny_pipeline(key, 0).transformer.state_dict().values())))
+    frames = M.generate(pipe, key, "a red robot dancing in the rain", seed=0)
+    assert frames.shape == (n_frames, 32, 32, 3) and frames.dtype == np.float32 and frames.std() > 1e-3
     assert 0.0 <= frames.min() and frames.max() <= 1.0
-    np.testing.assert_array_equal(frames, M.generate(pipe, "sd3", "a red robot dancing in the rain", seed=0))
+    np.testing.assert_array_equal(frames, M.generate(pipe, key, "a red robot dancing in the rain", seed=0))
     quantize(pipe, bps=6.0, progress=False)
-    q = M.generate(pipe, "sd3", "a red robot dancing in the rain", seed=0)
+    q = M.generate(pipe, key, "a red robot dancing in the rain", seed=0)
     psnr = 10 * np.log10(1.0 / float(np.mean((q.astype(np.float64) - frames) ** 2)))
     assert psnr > 30, psnr

@@ -229,13 +229,13 @@ FAMILIES: tuple[Family, ...] = (
         ),
     ),
     Family(
-        key="wan", label="Tiny Wan transformer (random weights)", tiny_models=("tiny-wan",),
+        key="wan", label="Tiny Wan video (random weights)", tiny_models=("tiny-wan",),
         pipeline_classes=("WanPipeline",), transformer_classes=("WanTransformer3DModel",),
         skip=(("patch_embedding*", PATCH_IN), ("proj_out", PATCH_OUT),
               ("condition_embedder.time_*", TIMESTEP), ("condition_embedder.text_embedder.*", CAPTION),
               ("condition_embedder.image_embedder.*", CAPTION)),
         kv_processors=((_TR + "transformer_wan.WanAttnProcessor", "sdpa"),),
-        tiny_builder=_B + "transformers:build_wan", tiny_pipeline=False, video=True,
+        tiny_builder=_B + "pipelines:build_wan", video=True,
         call_defaults=dict(_FAST, num_frames=9, guidance_scale=5.0, max_sequence_length=16, output_type="np"),
         # Wan-AI/Wan2.1-T2V-14B: 40 blocks, 40 heads x 128 = 5120, UMT5-XXL text (4096), FFN 13824.
         # Equal to the WanTransformer3DModel defaults.
@@ -244,7 +244,6 @@ FAMILIES: tuple[Family, ...] = (
             out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40, cross_attn_norm=True,
             qk_norm="rms_norm_across_heads", eps=1e-6,
         ),
-        note="tiny transformer only: its pipeline (UMT5 encoder, Wan VAE) is not built here yet",
     ),
     Family(
         key="cogvideox", label="Tiny CogVideoX transformer (random weights)", tiny_models=("tiny-cogvideox",),

@@ -1,4 +1,4 @@
-"""Tiny builders of the LTX-Video, LTX-2, PixArt-Sigma, Flux and SD3 pipelines (registered in
+"""Tiny builders of the LTX-Video, LTX-2, PixArt-Sigma, Flux, SD3 and Wan pipelines (registered in
 :mod:`hq_diffusion.integrations.families`): each returns the pipeline's components, randomly initialised.
 
 Called through :func:`hq_diffusion.models.tiny_pipeline`, which seeds the RNG, casts and assembles them.
@@ -7,21 +7,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from .sizes import TINY_HEAD_DIM, TINY_HEADS, TINY_HIDDEN, TINY_TEXT
 from .text import clip_text_encoder, clip_tokenizer, gemma3_encoder, gemma_tokenizer, t5_encoder, t5_tokenizer, vocab_size
 
-__all__ = ["TINY_HEADS", "TINY_HEAD_DIM", "TINY_TEXT", "TINY_HIDDEN", "build_ltx", "build_ltx2", "build_pixart",
-           "build_flux",
-           "build_sd3"]
+__all__ = ["build_ltx", "build_ltx2", "build_pixart", "build_flux", "build_sd3", "build_wan"]
 
 # ----------------------------------------------------------------------------------------------------------
 # Tiny pipelines.
 # ----------------------------------------------------------------------------------------------------------
-
-# Transformer sizes shared by the tiny models: 2 heads x 32 = 64 hidden (LTX-2 audio: 2 x 16 = 32), text
-# width 32, latent/packed channels 32, so every transformer nn.Linear has in_features >= 32.
-TINY_HEADS, TINY_HEAD_DIM, TINY_TEXT = 2, 32, 32
-TINY_HIDDEN = TINY_HEADS * TINY_HEAD_DIM
-
 
 def build_ltx() -> dict[str, Any]:
     from diffusers import AutoencoderKLLTXVideo, FlowMatchEulerDiscreteScheduler, LTXVideoTransformer3DModel
@@ -194,3 +187,29 @@ def build_sd3() -> dict[str, Any]:
     return dict(transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=text_encoder,
                 tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,
                 text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3)
+
+
+def build_wan() -> dict[str, Any]:
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    from .transformers import wan_transformer
+
+    tokenizer = t5_tokenizer()
+    text_encoder = UMT5EncoderModel(UMT5Config(
+        vocab_size=vocab_size(tokenizer), d_model=TINY_TEXT, d_kv=16, d_ff=2 * TINY_TEXT, num_layers=2, num_heads=2,
+        relative_attention_num_buckets=8, relative_attention_max_distance=32, dropout_rate=0.0,
+        feed_forward_proj="gated-gelu", is_encoder_decoder=False, use_cache=False,
+        pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+    )).eval()
+    # Spatial x4 (two 2x stages), temporal x2 (the second stage): 9x32x32 px -> 5x8x8 latents -> (1, 2, 2)
+    # patches = 80 tokens. Identity latent normalisation.
+    latent = 8
+    vae = AutoencoderKLWan(
+        base_dim=16, z_dim=latent, dim_mult=[1, 2, 2], num_res_blocks=1, attn_scales=[],
+        temperal_downsample=[False, True], latents_mean=[0.0] * latent, latents_std=[1.0] * latent,
+        scale_factor_temporal=2, scale_factor_spatial=4,
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    return dict(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler,
+                transformer=wan_transformer())
