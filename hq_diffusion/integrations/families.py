@@ -246,14 +246,14 @@ FAMILIES: tuple[Family, ...] = (
         ),
     ),
     Family(
-        key="cogvideox", label="Tiny CogVideoX transformer (random weights)", tiny_models=("tiny-cogvideox",),
+        key="cogvideox", label="Tiny CogVideoX video (random weights)", tiny_models=("tiny-cogvideox",),
         pipeline_classes=("CogVideoXPipeline",), transformer_classes=("CogVideoXTransformer3DModel",),
         # patch_embed.text_proj is the caption projection (listed before the patch embedding's own rule).
         skip=(("patch_embed.text_proj", CAPTION), ("patch_embed.*", PATCH_IN), ("proj_out", PATCH_OUT),
               ("time_embedding.*", TIMESTEP), ("ofs_embedding.*", TIMESTEP), ("norm_out.*", TIMESTEP)),
         kv_processors=((_AP + "CogVideoXAttnProcessor2_0", "sdpa"),
                        (_AP + "FusedCogVideoXAttnProcessor2_0", "sdpa")),
-        tiny_builder=_B + "transformers:build_cogvideox", tiny_pipeline=False, video=True,
+        tiny_builder=_B + "pipelines:build_cogvideox", video=True,
         call_defaults=dict(_FAST, num_frames=9, guidance_scale=6.0, max_sequence_length=16, output_type="np"),
         # THUDM/CogVideoX-5b: 42 blocks, 48 heads x 64 = 3072, T5-XXL text (4096), rotary embeddings.
         real_config=dict(
@@ -261,7 +261,6 @@ FAMILIES: tuple[Family, ...] = (
             text_embed_dim=4096, num_layers=42, sample_width=90, sample_height=60, sample_frames=49,
             patch_size=2, use_rotary_positional_embeddings=True,
         ),
-        note="tiny transformer only: its pipeline (T5 encoder, CogVideoX VAE) is not built here yet",
     ),
     Family(
         key="hunyuanvideo", label="Tiny HunyuanVideo transformer (random weights)",

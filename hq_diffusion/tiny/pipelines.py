@@ -1,4 +1,5 @@
-"""Tiny builders of the LTX-Video, LTX-2, PixArt-Sigma, Flux, SD3 and Wan pipelines (registered in
+"""Tiny builders of the LTX-Video, LTX-2, PixArt-Sigma, Flux, SD3, Wan and CogVideoX
+pipelines (registered in
 :mod:`hq_diffusion.integrations.families`): each returns the pipeline's components, randomly initialised.
 
 Called through :func:`hq_diffusion.models.tiny_pipeline`, which seeds the RNG, casts and assembles them.
@@ -10,7 +11,8 @@ from typing import Any
 from .sizes import TINY_HEAD_DIM, TINY_HEADS, TINY_HIDDEN, TINY_TEXT
 from .text import clip_text_encoder, clip_tokenizer, gemma3_encoder, gemma_tokenizer, t5_encoder, t5_tokenizer, vocab_size
 
-__all__ = ["build_ltx", "build_ltx2", "build_pixart", "build_flux", "build_sd3", "build_wan"]
+__all__ = ["build_ltx", "build_ltx2", "build_pixart", "build_flux", "build_sd3", "build_wan",
+           "build_cogvideox"]
 
 # ----------------------------------------------------------------------------------------------------------
 # Tiny pipelines.
@@ -213,3 +215,21 @@ def build_wan() -> dict[str, Any]:
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
     return dict(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler,
                 transformer=wan_transformer())
+
+
+def build_cogvideox() -> dict[str, Any]:
+    from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler
+
+    from .transformers import cogvideox_transformer
+
+    tokenizer = t5_tokenizer()
+    text_encoder = t5_encoder(vocab_size(tokenizer), TINY_TEXT)
+    # Spatial x4 (three blocks), temporal x4: 9x32x32 px -> 3x8x8 latents -> 2x2 patches = 48 tokens, the
+    # transformer's sample size.
+    vae = AutoencoderKLCogVideoX(
+        in_channels=3, out_channels=3, down_block_types=("CogVideoXDownBlock3D",) * 3,
+        up_block_types=("CogVideoXUpBlock3D",) * 3, block_out_channels=(16, 16, 16), latent_channels=8,
+        layers_per_block=1, norm_num_groups=8, temporal_compression_ratio=4, sample_height=32, sample_width=32,
+    )
+    return dict(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=cogvideox_transformer(),
+                scheduler=CogVideoXDDIMScheduler())
