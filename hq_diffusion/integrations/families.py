@@ -41,6 +41,7 @@ TUNED_KEYS: tuple[str, ...] = (
     "num_inference_steps", "height", "width", "num_frames", "frame_rate", "guidance_scale",
     "audio_guidance_scale", "stg_scale", "audio_stg_scale", "modality_scale", "audio_modality_scale",
     "spatio_temporal_guidance_blocks", "max_sequence_length", "use_resolution_binning",
+    "complex_human_instruction",
 )
 #: Tuned keys that the app always takes from the request (steps, size, frames).
 REQUEST_KEYS: tuple[str, ...] = ("num_inference_steps", "height", "width", "num_frames")
@@ -286,16 +287,17 @@ FAMILIES: tuple[Family, ...] = (
         note="tiny transformer only: its pipeline (Llama + CLIP encoders, Hunyuan VAE) is not built here yet",
     ),
     Family(
-        key="sana", label="Tiny Sana transformer (random weights)", tiny_models=("tiny-sana",),
+        key="sana", label="Tiny Sana image (random weights)", tiny_models=("tiny-sana",),
         pipeline_classes=("SanaPipeline",), transformer_classes=("SanaTransformer2DModel",),
         skip=(("patch_embed.*", PATCH_IN), ("proj_out", PATCH_OUT), ("time_embed.*", TIMESTEP),
               ("caption_projection.*", CAPTION)),
         kv_processors=((_TR + "sana_transformer.SanaAttnProcessor2_0", "sdpa"),),  # cross-attention
         kv_unsupported=((_AP + "SanaLinearAttnProcessor2_0",
                          "linear (ReLU-kernel) self-attention: no softmax attention, no K/V to quantize there"),),
-        tiny_builder=_B + "transformers:build_sana", tiny_pipeline=False,
+        tiny_builder=_B + "pipelines:build_sana",
+        # No clean_caption (needs bs4/ftfy) and no complex human instruction (a long preamble to every prompt).
         call_defaults=dict(_FAST, guidance_scale=4.5, max_sequence_length=16, use_resolution_binning=False,
-                           output_type="np"),
+                           clean_caption=False, complex_human_instruction=None, output_type="np"),
         # Efficient-Large-Model/Sana_1600M_1024px: 20 blocks, 70 heads x 32 = 2240, cross-attention 20 x 112,
         # Gemma-2-2B captions (2304), DC-AE 32 latent channels. Equal to the class defaults.
         real_config=dict(
@@ -303,7 +305,6 @@ FAMILIES: tuple[Family, ...] = (
             num_cross_attention_heads=20, cross_attention_head_dim=112, cross_attention_dim=2240,
             caption_channels=2304, mlp_ratio=2.5, sample_size=32, patch_size=1,
         ),
-        note="tiny transformer only: its pipeline (Gemma-2 encoder, DC-AE) is not built here yet",
     ),
 )
 

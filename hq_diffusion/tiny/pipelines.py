@@ -1,5 +1,5 @@
-"""Tiny builders of the LTX-Video, LTX-2, PixArt-Sigma, Flux, SD3, Wan and CogVideoX
-pipelines (registered in
+"""Tiny builders of the LTX-Video, LTX-2, PixArt-Sigma, Flux, SD3, Wan, CogVideoX
+and Sana pipelines (registered in
 :mod:`hq_diffusion.integrations.families`): each returns the pipeline's components, randomly initialised.
 
 Called through :func:`hq_diffusion.models.tiny_pipeline`, which seeds the RNG, casts and assembles them.
@@ -9,10 +9,13 @@ from __future__ import annotations
 from typing import Any
 
 from .sizes import TINY_HEAD_DIM, TINY_HEADS, TINY_HIDDEN, TINY_TEXT
-from .text import clip_text_encoder, clip_tokenizer, gemma3_encoder, gemma_tokenizer, t5_encoder, t5_tokenizer, vocab_size
+from .text import (
+    clip_text_encoder, clip_tokenizer, gemma2_encoder, gemma3_encoder, gemma_tokenizer, t5_encoder, t5_tokenizer,
+    vocab_size,
+)
 
 __all__ = ["build_ltx", "build_ltx2", "build_pixart", "build_flux", "build_sd3", "build_wan",
-           "build_cogvideox"]
+           "build_cogvideox", "build_sana"]
 
 # ----------------------------------------------------------------------------------------------------------
 # Tiny pipelines.
@@ -233,3 +236,22 @@ def build_cogvideox() -> dict[str, Any]:
     )
     return dict(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=cogvideox_transformer(),
                 scheduler=CogVideoXDDIMScheduler())
+
+
+def build_sana() -> dict[str, Any]:
+    from diffusers import AutoencoderDC, DPMSolverMultistepScheduler
+
+    from .transformers import sana_transformer
+
+    tokenizer = gemma_tokenizer()
+    text_encoder = gemma2_encoder(tokenizer, hidden=TINY_TEXT)
+    # DC-AE x4 (three stages, no attention): 32x32 px -> 8x8x8 latents = 64 tokens.
+    vae = AutoencoderDC(
+        in_channels=3, latent_channels=8, attention_head_dim=8, encoder_block_types="ResBlock",
+        decoder_block_types="ResBlock", encoder_block_out_channels=(16, 16, 16),
+        decoder_block_out_channels=(16, 16, 16), encoder_layers_per_block=(1, 1, 1),
+        decoder_layers_per_block=(1, 1, 1), encoder_qkv_multiscales=((), (), ()),
+        decoder_qkv_multiscales=((), (), ()), scaling_factor=0.41407,
+    )
+    return dict(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=sana_transformer(),
+                scheduler=DPMSolverMultistepScheduler())

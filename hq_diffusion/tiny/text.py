@@ -7,7 +7,7 @@ from __future__ import annotations
 import string
 
 __all__ = ["t5_tokenizer", "clip_tokenizer", "gemma_tokenizer", "vocab_size", "t5_encoder", "clip_text_encoder",
-           "gemma3_encoder"]
+           "gemma3_encoder", "gemma2_encoder"]
 
 # ----------------------------------------------------------------------------------------------------------
 # Tokenizers from an in-memory vocabulary.
@@ -134,6 +134,19 @@ def clip_text_encoder(vocab_size: int, hidden: int = 32, with_projection: bool =
         attention_dropout=0.0, bos_token_id=0, eos_token_id=1, pad_token_id=1,
     )
     return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(cfg).eval()
+
+
+def gemma2_encoder(tokenizer, hidden: int = 32, num_layers: int = 2):
+    """Tiny ``Gemma2Model`` (``hidden`` wide), the text encoder kind of Sana."""
+    from transformers import Gemma2Config, Gemma2Model
+
+    cfg = Gemma2Config(
+        vocab_size=vocab_size(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+        num_hidden_layers=num_layers, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+        query_pre_attn_scalar=16, sliding_window=64, max_position_embeddings=1024,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    return Gemma2Model(cfg).eval()
 
 
 def gemma3_encoder(tokenizer, hidden: int = 32, num_layers: int = 2):

@@ -1,9 +1,9 @@
 """Tiny transformers of the Wan, CogVideoX, HunyuanVideo and Sana families, and example inputs of those and
-of SD3's (the SD3, Wan and CogVideoX tiny pipelines are in
-:mod:`.pipelines`).
+of SD3's (the SD3, Wan, CogVideoX and Sana tiny pipelines
+are in :mod:`.pipelines`).
 
-Each builder (``wan_transformer``, ``cogvideox_transformer``: those of the Wan and CogVideoX pipelines)
-returns a randomly initialised diffusers transformer, 2 heads x 32 = 64 wide, 2 blocks (HunyuanVideo:
+Each builder (``wan_transformer``, ``cogvideox_transformer``, ``sana_transformer``: those of the tiny
+pipelines) returns a randomly initialised diffusers transformer, 2 heads x 32 = 64 wide, 2 blocks (HunyuanVideo:
 1 double-stream + 1 single-stream + 1 token-refiner block), every ``nn.Linear`` with ``in_features >= 32``, under
 400k parameters. Their pipelines are not built (see each family's ``note`` in
 :mod:`hq_diffusion.integrations.families`); :func:`example_inputs` gives a valid forward pass instead.
@@ -17,7 +17,7 @@ import torch
 
 from .sizes import TINY_HEAD_DIM, TINY_HEADS, TINY_HIDDEN, TINY_TEXT
 
-__all__ = ["wan_transformer", "cogvideox_transformer", "build_hunyuanvideo", "build_sana", "example_inputs"]
+__all__ = ["wan_transformer", "cogvideox_transformer", "build_hunyuanvideo", "sana_transformer", "example_inputs"]
 
 _LATENT = 8  # latent channels of every tiny transformer here
 _TEXT_TOKENS = 16
@@ -56,7 +56,7 @@ def build_hunyuanvideo():
     )
 
 
-def build_sana():
+def sana_transformer():
     from diffusers import SanaTransformer2DModel
 
     # 8x8 latents, 1x1 patches: 64 tokens.
