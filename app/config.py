@@ -100,7 +100,8 @@ class AppSettings:
 
     host: str = "127.0.0.1"
     port: int = 7860
-    models: tuple[str, ...] = tuple(TINY_MODELS)
+    # The default offer; every key of TINY_MODELS (one per registered family) may be named.
+    models: tuple[str, ...] = ("tiny-ltx", "tiny-ltx2", "tiny-pixart", "tiny-flux")
     max_concurrency: int = 2
     queue_size: int = 16
     quant_cache_size: int = 2

@@ -5,11 +5,11 @@ Everything here is built from configs in code with random weights: no model hub,
 Public API
 ----------
 - :func:`tiny_pipeline` -- a tiny, seeded, randomly initialised ``LTXPipeline`` / ``LTX2Pipeline`` /
-  ``PixArtSigmaPipeline`` / ``FluxPipeline`` whose every component is real (transformer, VAE, scheduler,
+  ``PixArtSigmaPipeline`` / ``FluxPipeline`` / ``StableDiffusion3Pipeline`` / ``WanPipeline`` /
+  ``CogVideoXPipeline`` / ``HunyuanVideoPipeline`` / ``SanaPipeline`` whose every component is real (transformer, VAE, scheduler,
   text encoder(s), tokenizer(s) built from an in-memory vocabulary; LTX-2 also its audio VAE, vocoder and
   text connectors).
-- :func:`tiny_transformer` -- the tiny transformer of any registered family (SD3, Wan, CogVideoX,
-  HunyuanVideo and Sana have a tiny transformer only).
+- :func:`tiny_transformer` -- the tiny transformer of any registered family.
 - :data:`DEFAULT_CALL_KWARGS` -- per pipeline, the ``__call__`` kwargs of a fast, valid generation.
 - :func:`generate` -- run a pipeline reproducibly and return float32 frames in ``[0, 1]``.
 - :data:`REAL_CONFIGS` / :func:`real_linear_shapes` -- transformer configs of the released checkpoints and the
@@ -88,7 +88,8 @@ def tiny_pipeline(name: str, seed: int = 0, dtype: torch.dtype = torch.float32):
 
     Args:
         name: one of :data:`PIPELINE_NAMES`: ``"ltx"`` (``LTXPipeline``), ``"ltx2"`` (``LTX2Pipeline``),
-            ``"pixart"`` (``PixArtSigmaPipeline``) or ``"flux"`` (``FluxPipeline``).
+            ``"pixart"`` (``PixArtSigmaPipeline``), ``"flux"`` (``FluxPipeline``), ``"sd3"``, ``"wan"``,
+            ``"cogvideox"``, ``"hunyuanvideo"``, ``"sana"`` (each family's first ``pipeline_classes``).
         seed: seeds every random initialisation. Same seed -> bit-identical state dicts; the global torch RNG
             state is saved and restored, so calling this does not disturb the caller's random stream.
         dtype: dtype of every module (e.g. ``torch.bfloat16``); weights are initialised in float32 first, so
@@ -96,7 +97,7 @@ def tiny_pipeline(name: str, seed: int = 0, dtype: torch.dtype = torch.float32):
 
     Returns:
         The pipeline, on CPU, modules in eval mode, progress bar disabled. The transformers are 2 heads x 32
-        (64 wide; LTX-2's audio stream 2 x 16 = 32), 2 blocks (Flux: 1 double + 1 single), and every
+        (64 wide; LTX-2's audio stream 2 x 16 = 32), 2 blocks (Flux, HunyuanVideo: 1 double + 1 single), and every
         ``nn.Linear`` in the transformer has ``in_features >= 32``. Text encoders are 32 wide, tokenizers are
         built from a ~80-word in-memory vocabulary plus single characters. Generate with
         ``DEFAULT_CALL_KWARGS[name]`` (see :func:`generate`).
@@ -117,8 +118,10 @@ def tiny_pipeline(name: str, seed: int = 0, dtype: torch.dtype = torch.float32):
 def tiny_transformer(name: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Module:
     """The tiny transformer of any registered family (``families.keys()``), seeded as in :func:`tiny_pipeline`.
 
-    For families with a tiny pipeline it is that pipeline's transformer; for the others (SD3, Wan, CogVideoX,
-    HunyuanVideo, Sana) see :mod:`hq_diffusion.tiny.transformers` (``example_inputs`` gives a forward pass).
+    For families with a tiny pipeline it is that pipeline's transformer (the other components are built and
+    dropped); for a family registered with ``tiny_pipeline=False`` the builder makes the transformer alone.
+    :func:`hq_diffusion.tiny.transformers.example_inputs` gives a forward pass of the SD3, Wan, CogVideoX,
+    HunyuanVideo and Sana ones.
 
     Raises:
         ValueError: for an unknown ``name``.

@@ -1,5 +1,5 @@
-"""The model-family registry (hq_diffusion.integrations.families) and the five families that have a tiny
-transformer only (SD3, Wan, CogVideoX, HunyuanVideo, Sana): quantized like the four with tiny pipelines."""
+"""The model-family registry (hq_diffusion.integrations.families) and its five new families (SD3, Wan,
+CogVideoX, HunyuanVideo, Sana): tiny transformers quantized like the first four's, tiny pipelines generating."""
 from __future__ import annotations
 
 import fnmatch
@@ -54,27 +54,28 @@ def test_lookups_and_errors_naming_the_valid_choices():
 
 def test_registry_gives_the_eval_and_app_tables():
     """What eval/runner.py and app/ held as their own tables before the registry (the values must not move)."""
-    # ... plus SD3, Wan, CogVideoX and Sana, the new families with a full tiny pipeline.
+    # ... plus the five new families.
     assert families.tiny_aliases() == {"tiny-ltx": "ltx", "tiny-ltx2": "ltx2", "tiny-pixart": "pixart",
                                        "tiny-flux": "flux", "tiny-sd3": "sd3", "tiny-wan": "wan",
-                                       "tiny-cogvideox": "cogvideox", "tiny-sana": "sana"}
+                                       "tiny-cogvideox": "cogvideox", "tiny-hunyuanvideo": "hunyuanvideo",
+                                       "tiny-sana": "sana"}
     assert families.pipeline_classes() == {"LTXPipeline": "ltx", "LTX2Pipeline": "ltx2",
                                            "PixArtSigmaPipeline": "pixart", "PixArtAlphaPipeline": "pixart",
                                            "FluxPipeline": "flux", "StableDiffusion3Pipeline": "sd3",
                                            "WanPipeline": "wan", "CogVideoXPipeline": "cogvideox",
-                                           "SanaPipeline": "sana"}
-    assert families.video_keys() == ("ltx", "ltx2", "wan", "cogvideox")
+                                           "HunyuanVideoPipeline": "hunyuanvideo", "SanaPipeline": "sana"}
+    assert families.video_keys() == ("ltx", "ltx2", "wan", "cogvideox", "hunyuanvideo")
     assert families.tiny_tuned_keys() == (
         "num_inference_steps", "height", "width", "num_frames", "frame_rate", "guidance_scale",
         "audio_guidance_scale", "stg_scale", "audio_stg_scale", "modality_scale", "audio_modality_scale",
         "spatio_temporal_guidance_blocks", "max_sequence_length", "use_resolution_binning",
-        "complex_human_instruction")  # (new: Sana)
+        "complex_human_instruction", "prompt_template")  # (new: Sana, HunyuanVideo)
     assert families.tiny_tuned_keys(request=False) == families.tiny_tuned_keys()[4:]
     from hq_diffusion.app import config, engine
 
     assert config.TINY_KINDS == families.tiny_aliases() and list(config.TINY_MODELS) == list(config.TINY_KINDS)
-    assert config.VIDEO_KINDS == {"ltx", "ltx2", "wan", "cogvideox"} and engine.PIPELINE_CLASSES == families.pipeline_classes()
-    assert M.PIPELINE_NAMES == ("ltx", "ltx2", "pixart", "flux", "sd3", "wan", "cogvideox", "sana")
+    assert config.VIDEO_KINDS == {"ltx", "ltx2", "wan", "cogvideox", "hunyuanvideo"} and engine.PIPELINE_CLASSES == families.pipeline_classes()
+    assert M.PIPELINE_NAMES == families.keys()
 
 
 def test_kv_processor_paths_are_registered_with_their_kind():
@@ -89,13 +90,6 @@ def test_kv_processor_paths_are_registered_with_their_kind():
             assert hasattr(__import__(module, fromlist=[name]), name), path  # the diffusers class exists
         for path, _ in f.kv_unsupported:
             assert path not in kv._KV_PROCESSORS
-
-
-def test_new_families_have_no_tiny_pipeline_and_say_why():
-    for key in ("hunyuanvideo",):
-        with pytest.raises(ValueError, match="tiny_transformer") as err:
-            M.tiny_pipeline(key)
-        assert "ltx" in str(err.value) and families.get(key).note
 
 
 # ---- real checkpoints: configs and skip rules on their module names --------------------------------------
@@ -182,10 +176,11 @@ def test_skip_rules_match_the_tiny_top_level_linears(tiny, key):
             assert any(fnmatch.fnmatchcase(name, p) for p, _ in families.get(key).skip)
 
 
-# ---- SD3, Wan, CogVideoX, Sana: full tiny pipelines-----------------------------------------------------------------
+# ---- the new families' full tiny pipelines-----------------------------------------------------------------
 
 @pytest.mark.parametrize("key,cls,n_frames", [("sd3", "StableDiffusion3Pipeline", 1), ("wan", "WanPipeline", 9),
                                                       ("cogvideox", "CogVideoXPipeline", 9),
+                                                      ("hunyuanvideo", "HunyuanVideoPipeline", 9),
                                                       ("sana", "SanaPipeline", 1)])
 def test_tiny_pipeline_generates_reproducibly_and_quantized(key, cls, n_frames):
     import numpy as np

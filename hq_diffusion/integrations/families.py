@@ -41,7 +41,7 @@ TUNED_KEYS: tuple[str, ...] = (
     "num_inference_steps", "height", "width", "num_frames", "frame_rate", "guidance_scale",
     "audio_guidance_scale", "stg_scale", "audio_stg_scale", "modality_scale", "audio_modality_scale",
     "spatio_temporal_guidance_blocks", "max_sequence_length", "use_resolution_binning",
-    "complex_human_instruction",
+    "complex_human_instruction", "prompt_template",
 )
 #: Tuned keys that the app always takes from the request (steps, size, frames).
 REQUEST_KEYS: tuple[str, ...] = ("num_inference_steps", "height", "width", "num_frames")
@@ -264,7 +264,7 @@ FAMILIES: tuple[Family, ...] = (
         ),
     ),
     Family(
-        key="hunyuanvideo", label="Tiny HunyuanVideo transformer (random weights)",
+        key="hunyuanvideo", label="Tiny HunyuanVideo video (random weights)",
         tiny_models=("tiny-hunyuanvideo",), pipeline_classes=("HunyuanVideoPipeline",),
         transformer_classes=("HunyuanVideoTransformer3DModel",),
         # The token refiner's blocks (context_embedder.token_refiner.refiner_blocks.*) are transformer blocks:
@@ -274,8 +274,10 @@ FAMILIES: tuple[Family, ...] = (
               ("context_embedder.proj_in", CAPTION), ("image_projection.*", CAPTION)),
         kv_processors=((_TR + "transformer_hunyuan_video.HunyuanVideoAttnProcessor2_0", "sdpa"),
                        (_AP + "AttnProcessor2_0", "sdpa")),  # the token refiner's self-attention
-        tiny_builder=_B + "transformers:build_hunyuanvideo", tiny_pipeline=False, video=True,
-        call_defaults=dict(_FAST, num_frames=9, guidance_scale=6.0, max_sequence_length=16, output_type="np"),
+        tiny_builder=_B + "pipelines:build_hunyuanvideo", video=True,
+        # The real chat template's crop_start counts the real Llama tokenizer's tokens: a bare one here.
+        call_defaults=dict(_FAST, num_frames=9, guidance_scale=6.0, max_sequence_length=16,
+                           prompt_template=dict(template="{}", crop_start=0), output_type="np"),
         # hunyuanvideo-community/HunyuanVideo: 20 double + 40 single blocks, 24 heads x 128 = 3072, Llama
         # text (4096), CLIP-L pooled (768), 2 refiner blocks. Equal to the class defaults.
         real_config=dict(
@@ -284,7 +286,6 @@ FAMILIES: tuple[Family, ...] = (
             text_embed_dim=4096, pooled_projection_dim=768,
         ),
         depth_keys=("num_layers", "num_single_layers"),
-        note="tiny transformer only: its pipeline (Llama + CLIP encoders, Hunyuan VAE) is not built here yet",
     ),
     Family(
         key="sana", label="Tiny Sana image (random weights)", tiny_models=("tiny-sana",),

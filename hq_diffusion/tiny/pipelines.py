@@ -1,5 +1,5 @@
-"""Tiny builders of the LTX-Video, LTX-2, PixArt-Sigma, Flux, SD3, Wan, CogVideoX
-and Sana pipelines (registered in
+"""Tiny builders of the LTX-Video, LTX-2, PixArt-Sigma, Flux, SD3, Wan, CogVideoX,
+Sana and HunyuanVideo pipelines (registered in
 :mod:`hq_diffusion.integrations.families`): each returns the pipeline's components, randomly initialised.
 
 Called through :func:`hq_diffusion.models.tiny_pipeline`, which seeds the RNG, casts and assembles them.
@@ -15,7 +15,7 @@ from .text import (
 )
 
 __all__ = ["build_ltx", "build_ltx2", "build_pixart", "build_flux", "build_sd3", "build_wan",
-           "build_cogvideox", "build_sana"]
+           "build_cogvideox", "build_sana", "build_hunyuanvideo"]
 
 # ----------------------------------------------------------------------------------------------------------
 # Tiny pipelines.
@@ -255,3 +255,28 @@ def build_sana() -> dict[str, Any]:
     )
     return dict(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=sana_transformer(),
                 scheduler=DPMSolverMultistepScheduler())
+
+
+def build_hunyuanvideo() -> dict[str, Any]:
+    from diffusers import AutoencoderKLHunyuanVideo, FlowMatchEulerDiscreteScheduler
+    from transformers import LlamaConfig, LlamaModel
+
+    from .transformers import hunyuanvideo_transformer
+
+    # Llama text tower (its third-to-last hidden state is used: 3 layers) on a T5-style tokenizer; CLIP pooled.
+    tokenizer, tokenizer_2 = t5_tokenizer(), clip_tokenizer()
+    text_encoder = LlamaModel(LlamaConfig(
+        vocab_size=vocab_size(tokenizer), hidden_size=TINY_TEXT, intermediate_size=2 * TINY_TEXT,
+        num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+        max_position_embeddings=1024, pad_token_id=0, bos_token_id=2, eos_token_id=1,
+    )).eval()
+    text_encoder_2 = clip_text_encoder(vocab_size(tokenizer_2), TINY_TEXT)
+    # Spatial x8, temporal x4: 9x32x32 px -> 3x4x4 latents = 48 tokens.
+    vae = AutoencoderKLHunyuanVideo(
+        in_channels=3, out_channels=3, latent_channels=8, down_block_types=("HunyuanVideoDownBlock3D",) * 3,
+        up_block_types=("HunyuanVideoUpBlock3D",) * 3, block_out_channels=(16, 16, 16), layers_per_block=1,
+        norm_num_groups=8, temporal_compression_ratio=4, spatial_compression_ratio=8, mid_block_add_attention=False,
+    )
+    return dict(text_encoder=text_encoder, tokenizer=tokenizer, transformer=hunyuanvideo_transformer(), vae=vae,
+                scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0), text_encoder_2=text_encoder_2,
+                tokenizer_2=tokenizer_2)

@@ -1,13 +1,10 @@
-"""Tiny transformers of the Wan, CogVideoX, HunyuanVideo and Sana families, and example inputs of those and
-of SD3's (the SD3, Wan, CogVideoX and Sana tiny pipelines
-are in :mod:`.pipelines`).
+"""Tiny transformers of the Wan, CogVideoX, HunyuanVideo and Sana pipelines (:mod:`.pipelines`), and example
+inputs of those and of SD3's.
 
-Each builder (``wan_transformer``, ``cogvideox_transformer``, ``sana_transformer``: those of the tiny
-pipelines) returns a randomly initialised diffusers transformer, 2 heads x 32 = 64 wide, 2 blocks (HunyuanVideo:
+Each builder returns a randomly initialised diffusers transformer, 2 heads x 32 = 64 wide, 2 blocks (HunyuanVideo:
 1 double-stream + 1 single-stream + 1 token-refiner block), every ``nn.Linear`` with ``in_features >= 32``, under
-400k parameters. Their pipelines are not built (see each family's ``note`` in
-:mod:`hq_diffusion.integrations.families`); :func:`example_inputs` gives a valid forward pass instead.
-Called through :func:`hq_diffusion.models.tiny_transformer`, which seeds the RNG and casts.
+400k parameters. :func:`example_inputs` gives one valid denoising-step forward pass of a tiny transformer
+(e.g. :func:`hq_diffusion.models.tiny_transformer`) without its pipeline.
 """
 from __future__ import annotations
 
@@ -17,7 +14,7 @@ import torch
 
 from .sizes import TINY_HEAD_DIM, TINY_HEADS, TINY_HIDDEN, TINY_TEXT
 
-__all__ = ["wan_transformer", "cogvideox_transformer", "build_hunyuanvideo", "sana_transformer", "example_inputs"]
+__all__ = ["wan_transformer", "cogvideox_transformer", "hunyuanvideo_transformer", "sana_transformer", "example_inputs"]
 
 _LATENT = 8  # latent channels of every tiny transformer here
 _TEXT_TOKENS = 16
@@ -45,7 +42,7 @@ def cogvideox_transformer():
     )
 
 
-def build_hunyuanvideo():
+def hunyuanvideo_transformer():
     from diffusers import HunyuanVideoTransformer3DModel
 
     # 3x4x4 latents, 1x1x1 patches: 48 tokens; rotary axes 8 + 12 + 12 = the head dim.
