@@ -85,7 +85,8 @@ class AppSettings:
         host: interface to bind; loopback (127.0.0.1) by default. The app never opens a share link.
         port: TCP port.
         models: model keys offered in the UI, the first being the default: the tiny embedded pipelines
-            (``"tiny-ltx"``, ``"tiny-ltx2"``, ``"tiny-pixart"``, ``"tiny-flux"``) and/or local diffusers
+            (any key of ``TINY_MODELS``; by default ``"tiny-ltx"``, ``"tiny-ltx2"``, ``"tiny-pixart"``,
+            ``"tiny-flux"``) and/or local diffusers
             pipeline directories.
         max_concurrency: generations that may be in flight at once (the model itself runs one at a time).
         queue_size: requests that may wait in the queue before new ones are turned away.

@@ -136,8 +136,21 @@ def build_pixart() -> dict[str, Any]:
                 scheduler=scheduler)
 
 
+def _vae_x2(latent: int, scaling_factor: float, shift_factor: float):
+    """2D ``AutoencoderKL``, spatial x2 (two blocks), no quant convs (Flux- and SD3-style latents)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=latent,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8, sample_size=32,
+        scaling_factor=scaling_factor, shift_factor=shift_factor, use_quant_conv=False, use_post_quant_conv=False,
+        mid_block_add_attention=False,
+    )
+
+
 def build_flux() -> dict[str, Any]:
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
 
     tokenizer = clip_tokenizer()
     text_encoder = clip_text_encoder(vocab_size(tokenizer), TINY_TEXT)
@@ -145,13 +158,7 @@ def build_flux() -> dict[str, Any]:
     text_encoder_2 = t5_encoder(vocab_size(tokenizer_2), TINY_TEXT)
     # VAE x2 with 8 latent channels: 32x32 px -> 16x16x8 latents -> 2x2-packed 8x8 = 64 tokens of 32 channels.
     latent = 8
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=latent,
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8, sample_size=32,
-        scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False,
-        mid_block_add_attention=False,
-    )
+    vae = _vae_x2(latent, scaling_factor=0.3611, shift_factor=0.1159)
     transformer = FluxTransformer2DModel(
         patch_size=1, in_channels=latent * 4, num_layers=1, num_single_layers=1,
         attention_head_dim=TINY_HEAD_DIM, num_attention_heads=TINY_HEADS, joint_attention_dim=TINY_TEXT,
@@ -166,7 +173,7 @@ def build_flux() -> dict[str, Any]:
 
 
 def build_sd3() -> dict[str, Any]:
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 
     # Two CLIPs with projections (pooled: 32 + 32 = 64) and a T5 as wide as the two CLIPs' concatenated token
     # embeddings (64), which the pipeline pads to the T5 width: joint attention dim 64.
@@ -176,13 +183,7 @@ def build_sd3() -> dict[str, Any]:
     text_encoder_3 = t5_encoder(vocab_size(tokenizer_3), 2 * TINY_TEXT)
     # VAE x2 with 8 latent channels: 32x32 px -> 16x16x8 latents -> 2x2 patches = 64 tokens.
     latent = 8
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=latent,
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8, sample_size=32,
-        scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False,
-        mid_block_add_attention=False,
-    )
+    vae = _vae_x2(latent, scaling_factor=1.5305, shift_factor=0.0609)
     transformer = SD3Transformer2DModel(
         sample_size=16, patch_size=2, in_channels=latent, out_channels=latent, num_layers=2,
         attention_head_dim=TINY_HEAD_DIM, num_attention_heads=TINY_HEADS, joint_attention_dim=2 * TINY_TEXT,
