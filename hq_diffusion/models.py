@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import inspect
 from typing import Any
 
 import numpy as np
@@ -39,6 +40,7 @@ __all__ = [
     "tiny_pipeline",
     "tiny_transformer",
     "generate",
+    "native_call_defaults",
     "real_linear_shapes",
 ]
 
@@ -219,6 +221,24 @@ def generate(pipe, name: str, prompt: str, seed: int = 0, **overrides: Any):
         if vocoder is not None:
             sample_rate = int(vocoder.config.output_sampling_rate)
     return {"frames": frames, "audio": audio_np, "audio_sample_rate": sample_rate}
+
+
+def native_call_defaults(pipeline_class: str, name: str) -> dict[str, Any]:
+    """For a pipeline loaded from a directory: its own ``__call__`` defaults for the keys that
+    ``DEFAULT_CALL_KWARGS[name]`` tunes for the tiny pipelines (the family's ``tuned_keys``).
+
+    Args:
+        pipeline_class: the diffusers pipeline class name (``model_index.json``'s ``_class_name``).
+        name: the family key (``"ltx"``, ...).
+
+    Returns:
+        ``{key: default}`` for each tuned key that ``pipeline_class.__call__`` takes with a default.
+    """
+    import diffusers
+
+    params = inspect.signature(getattr(diffusers, pipeline_class).__call__).parameters
+    return {k: params[k].default for k in families.get(name).tuned_keys
+            if k in params and params[k].default is not inspect.Parameter.empty}
 
 
 # ----------------------------------------------------------------------------------------------------------

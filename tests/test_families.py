@@ -197,3 +197,11 @@ def test_tiny_pipeline_generates_reproducibly_and_quantized(key, cls, n_frames):
     q = M.generate(pipe, key, "a red robot dancing in the rain", seed=0)
     psnr = 10 * np.log10(1.0 / float(np.mean((q.astype(np.float64) - frames) ** 2)))
     assert psnr > 30, psnr
+
+
+def test_native_call_defaults_cover_the_tuned_keys():
+    flux = M.native_call_defaults("FluxPipeline", "flux")
+    assert flux["num_inference_steps"] == 28 and flux["guidance_scale"] == 3.5 and flux["height"] is None
+    assert set(flux) <= set(families.get("flux").tuned_keys)
+    sana = M.native_call_defaults("SanaPipeline", "sana")
+    assert "complex_human_instruction" in sana and sana["complex_human_instruction"]
