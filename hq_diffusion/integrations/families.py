@@ -323,7 +323,12 @@ _BY_KEY: dict[str, Family] = {f.key: f for f in FAMILIES}
 _BY_ALIAS: dict[str, Family] = {a: f for f in FAMILIES for a in f.tiny_models}
 _BY_PIPELINE: dict[str, Family] = {c: f for f in FAMILIES for c in f.pipeline_classes}
 _BY_TRANSFORMER: dict[str, Family] = {c: f for f in FAMILIES for c in f.transformer_classes}
-assert len(_BY_KEY) == len(FAMILIES) and len(_BY_TRANSFORMER) == sum(len(f.transformer_classes) for f in FAMILIES)
+for _table, _names in ((_BY_KEY, [f.key for f in FAMILIES]),
+                       (_BY_ALIAS, [a for f in FAMILIES for a in f.tiny_models]),
+                       (_BY_PIPELINE, [c for f in FAMILIES for c in f.pipeline_classes]),
+                       (_BY_TRANSFORMER, [c for f in FAMILIES for c in f.transformer_classes])):
+    if len(_table) != len(_names):
+        raise ValueError(f"the family registry names one of {sorted(_names)} twice")
 
 
 def _lookup(table: dict[str, Family], name: str, what: str) -> Family:
