@@ -11,6 +11,8 @@ import ipaddress
 import os
 from dataclasses import dataclass, field
 
+from hq_diffusion.integrations import families
+
 __all__ = [
     "TINY_MODELS",
     "TINY_KINDS",
@@ -27,18 +29,13 @@ __all__ = [
 ]
 
 #: Embedded tiny pipelines (random weights, built in code): model key -> label shown in the UI.
-#: The keys are the ``--model`` names of ``hq-diffusion eval`` too.
-TINY_MODELS: dict[str, str] = {
-    "tiny-ltx": "Tiny LTX-Video (random weights)",
-    "tiny-ltx2": "Tiny LTX-2 audio+video (random weights)",
-    "tiny-pixart": "Tiny PixArt-Sigma image (random weights)",
-    "tiny-flux": "Tiny Flux image (random weights)",
-}
-#: tiny model key -> ``hq_diffusion.models`` pipeline name.
-TINY_KINDS: dict[str, str] = {"tiny-ltx": "ltx", "tiny-ltx2": "ltx2", "tiny-pixart": "pixart",
-                              "tiny-flux": "flux"}
+#: The keys are the ``--model`` names of ``hq-diffusion eval`` too. From the family registry
+#: (:mod:`hq_diffusion.integrations.families`, torch-free): the families with a full tiny pipeline.
+TINY_MODELS: dict[str, str] = families.tiny_models()
+#: tiny model key -> ``hq_diffusion.models`` pipeline name (the family key).
+TINY_KINDS: dict[str, str] = families.tiny_aliases()
 #: Pipeline kinds (``hq_diffusion.models.PIPELINE_NAMES``) that make videos; the others make one image.
-VIDEO_KINDS = frozenset({"ltx", "ltx2"})
+VIDEO_KINDS = frozenset(families.video_keys())
 
 # The quantizer's own choices (hq_diffusion.integrations.config); repeated here so that building the UI does
 # not import torch. tests/test_app.py checks that the two lists agree.
@@ -88,7 +85,8 @@ class AppSettings:
         host: interface to bind; loopback (127.0.0.1) by default. The app never opens a share link.
         port: TCP port.
         models: model keys offered in the UI, the first being the default: the tiny embedded pipelines
-            (``"tiny-ltx"``, ``"tiny-ltx2"``, ``"tiny-pixart"``, ``"tiny-flux"``) and/or local diffusers
+            (any key of ``TINY_MODELS``; by default ``"tiny-ltx"``, ``"tiny-ltx2"``, ``"tiny-pixart"``,
+            ``"tiny-flux"``) and/or local diffusers
             pipeline directories.
         max_concurrency: generations that may be in flight at once (the model itself runs one at a time).
         queue_size: requests that may wait in the queue before new ones are turned away.
@@ -103,6 +101,7 @@ class AppSettings:
 
     host: str = "127.0.0.1"
     port: int = 7860
+    # The default offer; every key of TINY_MODELS (one per registered family) may be named.
     models: tuple[str, ...] = ("tiny-ltx", "tiny-ltx2", "tiny-pixart", "tiny-flux")
     max_concurrency: int = 2
     queue_size: int = 16

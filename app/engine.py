@@ -33,11 +33,10 @@ from typing import Any, Callable
 
 import numpy as np
 
-# PIPELINE_CLASSES: diffusers pipeline classes a local directory may hold -> pipeline kind; to_uint8: the
-# evaluator's float [0, 1] -> uint8 frame conversion (raises on NaN / inf frames).
-from hq_diffusion.eval.config import PIPELINE_CLASSES
+# to_uint8: the evaluator's float [0, 1] -> uint8 frame conversion (raises on NaN / inf frames).
 from hq_diffusion.eval.files import release_memory as _release_memory
 from hq_diffusion.eval.files import to_uint8
+from hq_diffusion.integrations import families
 
 from .config import TINY_KINDS, VIDEO_KINDS, AppSettings, GenerationRequest, QuantSettings, is_tiny
 
@@ -47,12 +46,11 @@ __all__ = ["Engine", "GenerationResult", "PIPELINE_CLASSES", "resolve_kind", "to
 log = logging.getLogger(__name__)
 
 
+#: diffusers pipeline class name -> pipeline kind, from the family registry.
+PIPELINE_CLASSES: dict[str, str] = families.pipeline_classes()
 # ``DEFAULT_CALL_KWARGS`` keys tuned for the tiny pipelines; a local checkpoint uses its own ``__call__``
 # defaults for them (steps, size and frames always come from the request).
-_TINY_TUNED_KEYS = (
-    "frame_rate", "guidance_scale", "audio_guidance_scale", "stg_scale", "audio_stg_scale", "modality_scale",
-    "audio_modality_scale", "spatio_temporal_guidance_blocks", "max_sequence_length", "use_resolution_binning",
-)
+_TINY_TUNED_KEYS = families.tiny_tuned_keys(request=False)
 _TINY_FPS = 8.0  # playback rate of the tiny models' few frames
 _DISPLAY_MIN_HEIGHT = 256  # small frames are nearest-upscaled to at least this height for display
 _ERROR_GAINS = (64, 32, 16, 8, 4)  # error-map amplification, the largest that keeps the 99th percentile visible

@@ -1,5 +1,5 @@
 """Configuration of ``hq-diffusion eval``: the model families it knows (``--model`` aliases, pipeline classes
-of a PATH), :class:`EvalConfig` and :func:`build_config`, which validates the parsed arguments before any
+of a PATH, read from the family registry :mod:`hq_diffusion.integrations.families`), :class:`EvalConfig` and :func:`build_config`, which validates the parsed arguments before any
 long work.  The parser itself is :func:`hq_diffusion.eval.cli.build_parser`.
 """
 
@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
-import inspect
 import json
 import math
 import os
@@ -16,34 +15,20 @@ import tempfile
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from hq_diffusion.integrations import families
+
 from . import report as R
 from .files import EvalInputError, default_prompts_file, read_prompts
 
 __all__ = ["EvalConfig", "MODEL_ALIASES", "PIPELINE_CLASSES", "VIDEO_PIPELINES", "DTYPES", "resolve_model",
            "build_config", "fingerprint"]
 
-#: ``--model`` names of the embedded tiny pipelines -> ``hq_diffusion.models`` pipeline names.
-MODEL_ALIASES = {"tiny-ltx": "ltx", "tiny-ltx2": "ltx2", "tiny-pixart": "pixart", "tiny-flux": "flux"}
-
-#: diffusers pipeline classes a ``--model PATH`` may hold -> ``hq_diffusion.models`` pipeline names.
-PIPELINE_CLASSES = {
-    "LTXPipeline": "ltx",
-    "LTX2Pipeline": "ltx2",
-    "PixArtSigmaPipeline": "pixart",
-    "PixArtAlphaPipeline": "pixart",
-    "FluxPipeline": "flux",
-}
-
-VIDEO_PIPELINES = ("ltx", "ltx2")
+#: ``--model`` names of the embedded tiny pipelines -> family keys (``hq_diffusion.models`` pipeline names).
+MODEL_ALIASES: dict[str, str] = families.tiny_aliases()
+#: diffusers pipeline classes a ``--model PATH`` may hold -> family keys.
+PIPELINE_CLASSES: dict[str, str] = families.pipeline_classes()
+VIDEO_PIPELINES: tuple[str, ...] = families.video_keys()
 DTYPES = ("bfloat16", "float16", "float32")
-
-# Keys of models.DEFAULT_CALL_KWARGS that are tuned for the tiny pipelines; for a pipeline loaded from a
-# PATH they are reset to the pipeline's own __call__ defaults (unless given on the command line).
-_TINY_TUNED_KEYS = (
-    "num_inference_steps", "height", "width", "num_frames", "frame_rate", "guidance_scale",
-    "audio_guidance_scale", "stg_scale", "audio_stg_scale", "modality_scale", "audio_modality_scale",
-    "spatio_temporal_guidance_blocks", "max_sequence_length", "use_resolution_binning",
-)
 
 
 # --------------------------------------------------------------------------------------------- config
@@ -180,19 +165,10 @@ def resolve_model(model: str) -> str:
 
 def _native_call_defaults(model: str, pipeline: str) -> dict:
     """For a PATH pipeline: its own ``__call__`` defaults for the keys tuned for the tiny pipelines."""
-    import diffusers
-
-    from hq_diffusion.models import DEFAULT_CALL_KWARGS
+    from hq_diffusion.models import native_call_defaults
 
     with open(os.path.join(model, "model_index.json"), encoding="utf-8") as fh:
-        cls = getattr(diffusers, json.load(fh)["_class_name"])
-    params = inspect.signature(cls.__call__).parameters
-    out = {}
-    for k in _TINY_TUNED_KEYS:
-        if k in DEFAULT_CALL_KWARGS[pipeline] and k in params and \
-                params[k].default is not inspect.Parameter.empty:
-            out[k] = params[k].default
-    return out
+        return native_call_defaults(json.load(fh)["_class_name"], pipeline)
 
 
 def _check_out_dir(out: str) -> str:

@@ -15,7 +15,7 @@ from hq_diffusion import models as M
 # diffusers' DPMSolver scheduler (PixArt) trips a NumPy-2 deprecation inside diffusers itself.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
-NAMES = list(M.PIPELINE_NAMES)
+NAMES = ["ltx", "ltx2", "pixart", "flux"]  # the other families' tiny models: tests/test_families.py
 PROMPT = "a red robot dancing in the rain"
 
 
@@ -164,7 +164,7 @@ def test_generate_overrides_size(pipes):
 
 
 def test_default_call_kwargs_are_fast_and_valid():
-    assert set(M.DEFAULT_CALL_KWARGS) == set(NAMES)
+    assert set(M.DEFAULT_CALL_KWARGS) == set(M.PIPELINE_NAMES)
     for name, kw in M.DEFAULT_CALL_KWARGS.items():
         assert kw["height"] % 32 == 0 and kw["width"] % 32 == 0
         assert kw["num_inference_steps"] <= 4
@@ -181,9 +181,9 @@ def test_default_call_kwargs_are_fast_and_valid():
 @pytest.mark.parametrize(
     "call",
     [
-        lambda: M.tiny_pipeline("sd3"),
-        lambda: M.real_linear_shapes("sd3"),
-        lambda: M.generate(None, "sd3", PROMPT, 0),
+        lambda: M.tiny_pipeline("sdxl"),
+        lambda: M.real_linear_shapes("sdxl"),
+        lambda: M.generate(None, "sdxl", PROMPT, 0),
     ],
 )
 def test_unknown_name_raises_listing_valid_names(call):

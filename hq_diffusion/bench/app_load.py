@@ -141,14 +141,16 @@ def _reference_digest(args, req: dict) -> str:
     """bf16 output digest of ``req`` generated here, independently of the server."""
     import torch
 
-    from hq_diffusion.app.config import TINY_KINDS, AppSettings
+    from hq_diffusion.app.config import AppSettings
     from hq_diffusion.app.engine import frames_digest, to_uint8
+    from hq_diffusion.integrations import families
     from hq_diffusion.models import generate, tiny_pipeline
 
-    kind = TINY_KINDS[args.model]
+    family = families.by_alias(args.model)
+    kind = family.key
     pipe = tiny_pipeline(kind, seed=AppSettings.tiny_seed, dtype=torch.bfloat16)
     kw = dict(num_inference_steps=req["steps"], height=req["height"], width=req["width"])
-    if kind in ("ltx", "ltx2"):
+    if family.video:
         kw["num_frames"] = req["frames"]
     out = generate(pipe, kind, req["prompt"], req["seed"], **kw)
     return frames_digest(to_uint8(out["frames"] if isinstance(out, dict) else out))
@@ -164,8 +166,11 @@ def main(argv=None) -> int:
     if not 1 <= args.requests <= 32:
         print("app_load: --requests must be in 1..32", file=sys.stderr)
         return 2
-    if not args.model.startswith("tiny-"):
-        print("app_load: only the tiny models (tiny-ltx, ...) are supported here", file=sys.stderr)
+    from hq_diffusion.integrations import families
+
+    if args.model not in families.tiny_aliases():
+        print(f"app_load: only the tiny models ({', '.join(families.tiny_aliases())}) are supported here",
+              file=sys.stderr)
         return 2
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
     from gradio_client import Client

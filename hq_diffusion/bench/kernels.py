@@ -22,9 +22,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from hq_diffusion.integrations import families
+
 from ._common import emit, header, table
 
-MODELS = ("ltx", "ltx2")
+MODELS = ("ltx", "ltx2")  # default --models: registered family keys (hq_diffusion.integrations.families)
 TOKENS = (256, 4096, 16384)
 SMALL_TOKENS = (1, 16)
 
@@ -105,7 +107,8 @@ def _check(q, K, dev, gen) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="hq-diffusion bench kernels", description=__doc__.splitlines()[0])
-    p.add_argument("--models", default=",".join(MODELS), help="comma-separated: ltx, ltx2")
+    p.add_argument("--models", default=",".join(MODELS),
+                   help="comma-separated family keys: " + ", ".join(families.keys()))
     p.add_argument("--tokens", default=",".join(map(str, TOKENS)))
     p.add_argument("--bps", type=float, default=4.0)
     p.add_argument("--lattice", default="e8")

@@ -6,9 +6,11 @@ Attention processors (installed by :func:`apply_kv_quantization`, removed by :fu
 - :class:`HQKVLTX2AttnProcessor` replaces ``LTX2AudioVideoAttnProcessor``: LTX-2 ``LTX2Attention``, all six
   modules of a block (attn1, attn2, audio_attn1, audio_attn2, audio_to_video_attn, video_to_audio_attn).
 - :class:`HQKVFluxAttnProcessor` replaces ``FluxAttnProcessor``: Flux double- and single-stream blocks.
-- :class:`HQKVSDPAProcessor` wraps ``AttnProcessor2_0``, ``FusedAttnProcessor2_0``, ``JointAttnProcessor2_0``,
-  ``FusedJointAttnProcessor2_0``, ``WanAttnProcessor`` and ``LTX2PerturbedAttnProcessor``: PixArt, SD3, Wan,
-  Sana's cross-attention, LTX-2 STG blocks (more through :func:`register_kv_processor`).
+- :class:`HQKVSDPAProcessor` wraps every other processor a family of :mod:`.families` lists with kind
+  ``"sdpa"`` (``AttnProcessor2_0``, ``JointAttnProcessor2_0``, ``WanAttnProcessor``, CogVideoX, HunyuanVideo,
+  Sana's cross-attention, LTX-2 STG blocks, …; more through :func:`register_kv_processor`).
+
+Which processor replaces which is read from the family registry (``Family.kv_processors``), the one list.
 
 The first three reproduce the diffusers 0.42 processor math step by step and quantize K/V just before
 ``dispatch_attention_fn`` (any attention backend). :class:`HQKVSDPAProcessor` runs the original processor
@@ -32,6 +34,8 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from hq_diffusion.nn.kv import KVConfig, KVStats, quantize_kv
+
+from . import families
 
 __all__ = [
     "apply_kv_quantization", "remove_kv_quantization", "kv_summary", "reset_kv_state", "register_kv_processor",
@@ -304,18 +308,15 @@ def register_kv_processor(*class_paths: str) -> Callable[[type[HQKVProcessor]], 
     return deco
 
 
-register_kv_processor("diffusers.models.transformers.transformer_ltx.LTXVideoAttnProcessor")(HQKVLTXAttnProcessor)
-register_kv_processor("diffusers.models.transformers.transformer_ltx2.LTX2AudioVideoAttnProcessor")(
-    HQKVLTX2AttnProcessor)
-register_kv_processor("diffusers.models.transformers.transformer_flux.FluxAttnProcessor")(HQKVFluxAttnProcessor)
-register_kv_processor(
-    "diffusers.models.attention_processor.AttnProcessor2_0",
-    "diffusers.models.attention_processor.FusedAttnProcessor2_0",
-    "diffusers.models.attention_processor.JointAttnProcessor2_0",
-    "diffusers.models.attention_processor.FusedJointAttnProcessor2_0",
-    "diffusers.models.transformers.transformer_wan.WanAttnProcessor",
-    "diffusers.models.transformers.transformer_ltx2.LTX2PerturbedAttnProcessor",
-)(HQKVSDPAProcessor)
+#: HQ processor kind (``Family.kv_processors`` of :mod:`.families`) -> processor class.
+KV_KIND_CLASSES: dict[str, type[HQKVProcessor]] = {
+    "ltx": HQKVLTXAttnProcessor, "ltx2": HQKVLTX2AttnProcessor, "flux": HQKVFluxAttnProcessor,
+    "sdpa": HQKVSDPAProcessor,
+}
+# The diffusers processors each registered family names, with the HQ processor of their kind.
+for _family in families.FAMILIES:
+    for _path, _kind in _family.kv_processors:
+        register_kv_processor(_path)(KV_KIND_CLASSES[_kind])
 
 
 def _class_path(obj: Any) -> str:

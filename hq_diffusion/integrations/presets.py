@@ -1,9 +1,10 @@
 """Default skip patterns per DiT architecture: the small, sensitive edges kept in their original dtype.
 
-DESIGN §4: quantize every ``nn.Linear`` inside the transformer blocks — the per-block adaLN modulation
-layers included (in FLUX.1 they hold about a quarter of the linear weights) — and keep the top-level patch
-embedding in/out projections, the timestep / adaLN embedders and the caption projection. The architecture is detected from the
-transformer's class name (:data:`PRESETS`); unknown classes get :data:`GENERIC`.
+See docs/ARCHITECTURE.md: quantize every ``nn.Linear`` inside the transformer blocks — the per-block adaLN
+modulation layers included (in FLUX.1 they hold about a quarter of the linear weights) — and keep the
+top-level patch embedding in/out projections, the timestep / adaLN embedders and the caption projection. The
+architecture is detected from the transformer's class name; the rules of each model family live in the
+registry (:mod:`.families`, ``Family.skip``); unknown classes get :data:`GENERIC`.
 
 A pattern is a glob over the full module name (``fnmatch``; ``*`` also crosses dots) or, with the prefix
 ``"re:"``, a regular expression that must match the whole name. Top-level names are written without wildcards
@@ -17,53 +18,16 @@ import re
 
 from torch import nn
 
-# reasons
-PATCH_IN = "patch embedding (input projection)"
-PATCH_OUT = "output projection (to latent patches)"
-TIMESTEP = "timestep / adaLN embedder"
-CAPTION = "caption / context projection"
+from . import families
+from .families import CAPTION, PATCH_IN, PATCH_OUT, TIMESTEP  # noqa: F401  (the reasons, re-exported)
 
-_LTX = (
-    ("proj_in", PATCH_IN),
-    ("proj_out", PATCH_OUT),
-    ("time_embed.*", TIMESTEP),
-    ("caption_projection.*", CAPTION),
-)
-
-#: transformer class name → ((pattern, reason), ...)
+#: transformer class name → ((pattern, reason), ...), one entry per registered family's transformer class.
 PRESETS: dict[str, tuple[tuple[str, str], ...]] = {
-    "LTXVideoTransformer3DModel": _LTX,
-    "LTX2VideoTransformer3DModel": _LTX + (
-        ("audio_proj_in", PATCH_IN),
-        ("audio_proj_out", PATCH_OUT),
-        ("audio_time_embed.*", TIMESTEP),
-        ("audio_caption_projection.*", CAPTION),
-        ("av_cross_attn_*", TIMESTEP),  # a/v cross-attention scale/shift/gate timestep embedders
-    ),
-    "PixArtTransformer2DModel": (
-        ("pos_embed.*", PATCH_IN),
-        ("proj_out", PATCH_OUT),
-        ("adaln_single.*", TIMESTEP),
-        ("caption_projection.*", CAPTION),
-    ),
-    "FluxTransformer2DModel": (
-        ("x_embedder", PATCH_IN),
-        ("proj_out", PATCH_OUT),
-        ("time_text_embed.*", TIMESTEP),
-        ("norm_out.*", TIMESTEP),
-        ("context_embedder", CAPTION),
-    ),
+    cls: f.skip for f in families.FAMILIES for cls in f.transformer_classes
 }
 
-#: Fallback for other DiTs (SD3, Sana, Wan, ...): the usual diffusers names of the same edges.
-GENERIC: tuple[tuple[str, str], ...] = (
-    ("proj_in", PATCH_IN), ("x_embedder", PATCH_IN), ("patch_embed*", PATCH_IN), ("pos_embed*", PATCH_IN),
-    ("patch_embedding*", PATCH_IN),
-    ("proj_out", PATCH_OUT), ("norm_out.*", TIMESTEP),
-    ("time_embed*", TIMESTEP), ("time_text_embed.*", TIMESTEP), ("adaln_single.*", TIMESTEP),
-    ("condition_embedder.time*", TIMESTEP), ("time_proj*", TIMESTEP),
-    ("caption_projection.*", CAPTION), ("context_embedder", CAPTION), ("condition_embedder.text*", CAPTION),
-)
+#: Fallback for other DiTs: the usual diffusers names of the same edges.
+GENERIC: tuple[tuple[str, str], ...] = families.GENERIC_SKIP
 
 
 def _class_name(model: nn.Module | str) -> str:
@@ -78,7 +42,7 @@ def architecture(model: nn.Module | str) -> str:
 
 def default_skip(model: nn.Module | str) -> list[tuple[str, str]]:
     """The preset ``(pattern, reason)`` pairs for ``model`` (a module or its class name)."""
-    return list(PRESETS.get(_class_name(model), GENERIC))
+    return list(families.skip_rules(_class_name(model)))
 
 
 def resolve_skip(model: nn.Module | str, skip) -> list[tuple[str, str]]:
