@@ -35,6 +35,7 @@ LAYERS = (
     ("hq_diffusion.nn", 3),
     ("hq_diffusion.integrations", 4),
     ("hq_diffusion.models", 5),
+    ("hq_diffusion.tiny", 5),  # the tiny pipelines of hq_diffusion.models
     ("hq_diffusion.eval", 6),
     ("hq_diffusion.app", 7),
     ("hq_diffusion.bench", 8),
