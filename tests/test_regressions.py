@@ -56,6 +56,18 @@ def test_one_encode_pass_at_the_target_rate(monkeypatch, lattice, shape):
         assert bps - 0.004 <= et.total_bits / w.numel() <= bps, (bps, et.total_bits / w.numel())
 
 
+def test_one_encode_pass_when_alpha_is_refined_on_a_sample(monkeypatch):
+    """Above 2**20 symbols α is refined on a row sample with a small safety margin; the margin keeps it to one
+    pass (the rate lands 0.004-0.006 bps under the target)."""
+    calls = _count_passes(monkeypatch)
+    w = torch.randn(2048, 1024, generator=torch.Generator().manual_seed(0))
+    for bps in (2.0, 3.0, 4.0):
+        calls[0] = 0
+        et = core.encode(w, CodecConfig(bps=bps), key="w")
+        assert calls[0] == 1, f"(2048, 1024) at {bps} bps took {calls[0]} encode passes"
+        assert bps - 0.008 <= et.total_bits / w.numel() <= bps
+
+
 @pytest.mark.parametrize("lattice", ["d4", "a2"])
 def test_two_stream_lattices_meet_the_rate_in_few_passes(monkeypatch, lattice):
     calls = _count_passes(monkeypatch)
