@@ -189,3 +189,16 @@ def test_resume_with_other_lpips_weights_recomputes_metrics(tmp_path):
         with open(os.path.join(d, "metrics.json"), "w") as fh:
             json.dump({**metrics, k: v}, fh)
         assert cache.item_status(cfg, it, "/weights/old.pt") == "todo", k
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Validation bounds, at the boundaries (a range test far outside the bounds cannot see an off-by-a-bit bound)
+# ---------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("cls", [CodecConfig, KVConfig])
+def test_bps_bounds_are_exactly_1_25_and_16(cls):
+    for ok in (1.25, 16.0):
+        assert cls(bps=ok).bps == ok
+    for bad in (1.24, 1.0, 16.01):
+        with pytest.raises(ValueError, match="bps"):
+            cls(bps=bad)
