@@ -12,7 +12,8 @@ the import location is checked before anything runs.  Per mutation:
 
 - ``caught``: the tests fail with the mutation applied (they pass on the unmutated copy: checked first);
 - ``survived``: the tests still pass — a hole in the suite;
-- ``stale``: the snippet is not found exactly once (the code moved or changed): update the list.
+- ``stale``: the snippet is not found exactly once (the code moved or changed): update the list;
+- ``timeout`` / ``error``: the tests ran past ``--timeout`` or did not run (not scored).
 
 The score is caught / (caught + survived).  Exit status: 0 when nothing survived and nothing is stale.
 """
@@ -78,7 +79,7 @@ MUTATIONS = [
              "(1 <= frames <= lim.frames_max)", "(1 <= frames <= lim.frames_max + 4)", (REG, "tests/test_app.py")),
     Mutation("validation: codec bps lower bound 1.25 -> 1.0", "validation", "hq_diffusion/codec/config.py",
              "not (1.25 <= float(self.bps) <= 16.0)", "not (1.0 <= float(self.bps) <= 16.0)",
-             ("tests/test_codec.py",)),
+             (REG, "tests/test_codec.py")),
     Mutation("resume: seed not compared", "resume", "eval/cache.py",
              ' and m.get("seed") == it.seed)', ")",
              (REG, "tests/test_eval_runner.py::test_interrupted_run_resumes_without_regenerating")),
@@ -180,19 +181,22 @@ def main(argv: list[str] | None = None) -> int:
                 verdict, secs = run_tests(copy, m.tests, args.timeout)
             finally:
                 path.write_text(text)
-            state = "survived" if verdict == "pass" else "caught"
+            state = {"pass": "survived", "fail": "caught"}.get(verdict, verdict)  # timeout/error: not scored
             results.append((m, state, secs))
             print(f"{state.upper():9} {m.name} ({verdict}, {secs:.0f} s)", flush=True)
     caught = sum(s == "caught" for _, s, _ in results)
     survived = [m.name for m, s, _ in results if s == "survived"]
     stale = [m.name for m, s, _ in results if s == "stale"]
+    unscored = [f"{m.name} ({s})" for m, s, _ in results if s in ("timeout", "error")]
     scored = caught + len(survived)
     print(f"\nmutation score: {caught}/{scored} caught" + (f" ({100 * caught / scored:.0f}%)" if scored else ""))
     if survived:
         print("survived: " + "; ".join(survived))
     if stale:
         print("stale (update scripts/mutation.py): " + "; ".join(stale))
-    return 0 if not survived and not stale else 1
+    if unscored:
+        print("not scored (the tests timed out or did not run): " + "; ".join(unscored))
+    return 0 if not survived and not stale and not unscored else 1
 
 
 if __name__ == "__main__":
