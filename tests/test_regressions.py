@@ -182,6 +182,8 @@ def test_resume_with_other_lpips_weights_recomputes_metrics(tmp_path):
     assert cache.item_status(cfg, it, "/weights/old.pt") == "done"
     assert cache.item_status(cfg, it, "/weights/new.pt") == "metrics"
     assert cache.item_status(cfg, it, None) == "metrics"  # weights removed: recompute (LPIPS now unavailable)
+    os.remove(os.path.join(d, "video.mp4"))
+    assert cache.item_status(cfg, it, "/weights/old.pt") == "metrics"  # the video is written again from frames
     os.remove(os.path.join(d, "frames.npz"))
     assert cache.item_status(cfg, it, "/weights/new.pt") == "todo"  # no frames to recompute from
     # another quantization fingerprint, prompt or seed: generate again
