@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install browser demo test test-slow bench app clean
+.PHONY: install browser demo test test-slow mutation bench app clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -34,6 +34,11 @@ test: $(STAMP) browser
 
 test-slow: $(STAMP)
 	$(BIN)/pytest -q -m slow
+
+# Mutation audit: small deliberate bugs applied one at a time to a scratch copy (scripts/mutation.py);
+# reports caught / survived / stale per mutation and the score. Several minutes.
+mutation: $(STAMP)
+	$(BIN)/python scripts/mutation.py
 
 bench: $(STAMP)
 	$(BIN)/hq-diffusion bench rd

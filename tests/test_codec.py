@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from hq_diffusion.codec import (CodecConfig, EncodedTensor, HQFormatError, RateBudgetWarning, decode, encode,
-                                nearest, rotated_rows)
+                                rotated_rows)
 from hq_diffusion.bench.tails import heavy_tailed
 from hq_diffusion.codec.rate import alpha_for_rate
 
@@ -20,12 +20,56 @@ def _encode(w, cfg, key=0):
         return encode(w, cfg, key=key)
 
 
-def _reference_codes(w, q, cfg, key=0):
-    """The quantizer's lattice integers, recomputed outside the codec's encode path."""
+def _dn_nearest(x):
+    """Nearest point of D_n = {z ∈ Z^n: Σz even} (Conway & Sloane, SPLAG ch. 20): round, and when the sum is odd
+    round the worst coordinate the other way. x: float64 (N, n)."""
+    f = torch.round(x)
+    odd = (f.sum(-1) % 2) != 0
+    err = x - f
+    worst = err.abs().argmax(-1, keepdim=True)
+    step = torch.where(err.gather(-1, worst) >= 0, 1.0, -1.0).to(f.dtype)
+    g = f.scatter_add(-1, worst, step)
+    return torch.where(odd.unsqueeze(-1), g, f)
+
+
+def _closer(v, a, b):
+    return torch.where(((a - v).square().sum(-1) <= (b - v).square().sum(-1)).unsqueeze(-1), a, b)
+
+
+def _independent_nearest(lattice, v):
+    """Nearest lattice point of ``v`` (float64 (N, dim), physical units), written from the lattice definitions,
+    not from the codec: 2·E8 = 2·D8 ∪ (2·D8 + 1); 2·D4; A2 = {(√3·a, b): a + b even} = two rectangular cosets;
+    Z. Returns the physical point, float64 (N, dim)."""
+    if lattice == "z":
+        return torch.round(v)
+    if lattice == "d4":
+        return 2 * _dn_nearest(v / 2)
+    if lattice == "e8":
+        return _closer(v, 2 * _dn_nearest(v / 2), 2 * _dn_nearest((v - 1) / 2) + 1)
+    r3 = math.sqrt(3.0)
+    even = torch.stack([2 * r3 * torch.round(v[:, 0] / (2 * r3)), 2 * torch.round(v[:, 1] / 2)], -1)
+    odd = torch.stack([2 * r3 * torch.round((v[:, 0] - r3) / (2 * r3)) + r3,
+                       2 * torch.round((v[:, 1] - 1) / 2) + 1], -1)
+    return _closer(v, even, odd)
+
+
+def _assert_codes_are_nearest(w, q, cfg, codes, key=0):
+    """The codes are lattice points nearest to the scaled rotated rows, checked against an independent
+    quantizer (ties, where two points are equally near, may go either way)."""
+    from hq_diffusion.codec.lattice import LATTICES, is_member, to_physical
+
     u, _ = rotated_rows(w, cfg.tile, cfg.seed, key)
     s = q.scales.float()
-    u = u / torch.where(s > 0, s, 1.0).unsqueeze(1)
-    return nearest(q.lattice, u * q.alpha)
+    v = (u / torch.where(s > 0, s, 1.0).unsqueeze(1) * q.alpha).reshape(-1, LATTICES[q.lattice].dim)
+    y = codes.reshape(v.shape).to(torch.int64)
+    assert is_member(q.lattice, y).all()
+    v = v.double()
+    ref = _independent_nearest(q.lattice, v)
+    got = to_physical(q.lattice, y).double()
+    d_got, d_ref = (got - v).square().sum(-1), (ref - v).square().sum(-1)
+    assert torch.allclose(d_got, d_ref, atol=1e-4, rtol=1e-6), float((d_got - d_ref).abs().max())
+    differ = ((got - ref).abs() > 1e-3).any(-1)  # another point (a2's √3 is float32 in the codec)
+    assert int(differ.sum()) <= max(2, v.shape[0] // 10000), int(differ.sum())  # ties only
 
 
 def snr_db(w, w_hat):
@@ -43,8 +87,7 @@ def test_codes_are_exact(lattice, shape):
     codes = decode(q, out="codes")
     assert codes.shape == q.codes_shape
     assert codes.dtype == torch.int8 and q.fits_int8
-    ref = _reference_codes(w, q, cfg, key="layer")
-    assert torch.equal(codes.reshape(ref.shape).to(torch.int32), ref)
+    _assert_codes_are_nearest(w, q, cfg, codes, key="layer")
     w_hat = decode(q)
     assert w_hat.shape == w.shape and w_hat.dtype == w.dtype
     assert q.numel == w.numel()
@@ -56,7 +99,7 @@ def test_codes_are_exact_large(lattice):
     w = torch.randn(3072, 5120, dtype=torch.bfloat16)
     cfg = CodecConfig(bps=4.0, lattice=lattice)
     q = encode(w, cfg)
-    assert torch.equal(decode(q, out="codes").to(torch.int32), _reference_codes(w, q, cfg))
+    _assert_codes_are_nearest(w, q, cfg, decode(q, out="codes"))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
@@ -191,7 +234,7 @@ def test_fuzz_mutated_blobs():
     blob = q.to_bytes()
     expect = decode(q)
     rng = random.Random(1234)
-    outcomes = {"error": 0, "same": 0}
+    outcomes = {"error": 0, "unchanged": 0}
     for i in range(1000):
         b = bytearray(blob)
         kind = i % 4
@@ -206,14 +249,15 @@ def test_fuzz_mutated_blobs():
         else:
             j = rng.randrange(len(b))
             b[j] = rng.randrange(256)
-        try:
-            got = decode(EncodedTensor.from_bytes(bytes(b)))
-        except HQFormatError:
-            outcomes["error"] += 1
+        if bytes(b) == blob:  # a flip undone by a second flip, or a byte overwritten by its own value
+            assert torch.equal(decode(EncodedTensor.from_bytes(bytes(b))), expect)
+            outcomes["unchanged"] += 1
             continue
-        assert torch.equal(got, expect), f"mutation {i} decoded to different values"
-        outcomes["same"] += 1
-    assert outcomes["error"] + outcomes["same"] == 1000
+        # every real change (flips, truncation, trailing bytes, overwrites) is detected: never a silent decode
+        with pytest.raises(HQFormatError):
+            EncodedTensor.from_bytes(bytes(b))
+        outcomes["error"] += 1
+    assert outcomes["error"] >= 990, outcomes
 
 
 def test_alpha_table_matches_reference_operating_point():

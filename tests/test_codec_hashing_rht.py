@@ -17,6 +17,35 @@ def test_mix32_matches_python_reference():
     assert got == [hashing.mix32_int(x) for x in xs]
 
 
+def _lowbias32(x: int) -> int:
+    """lowbias32 (C. Wellons' hash-prospector finalizer), written here from its published definition: the
+    constants are literals, not the codec's, so a consistent change of them in the codec fails."""
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & 0xFFFFFFFF
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
+def test_mix32_matches_an_independent_lowbias32():
+    rng = random.Random(1)
+    xs = [0, 1, 2**31, 2**32 - 1] + [rng.randrange(2**32) for _ in range(500)]
+    assert hashing.mix32(torch.tensor(xs, dtype=torch.int64)).tolist() == [_lowbias32(x) for x in xs]
+
+
+def test_hash_and_signs_golden_values():
+    """Frozen outputs (the RHT signs every saved checkpoint was encoded with): a change here is a format change."""
+    assert [hashing.mix32_int(x) for x in (0, 1, 12345, 2**31, 2**32 - 1)] == [
+        0, 1753845952, 2435775735, 3427483940, 1734902346]
+    assert hashing.key_to_u32("blocks.0.attn.to_q") == 1105852652  # CRC-32 of the UTF-8 name
+    assert hashing.stream_base(1, "blocks.0.attn.to_q") == 1779498103
+    assert hashing.stream_base(0, 0) == 2926543089
+    bits = lambda s: "".join("1" if v > 0 else "0" for v in s.tolist())  # noqa: E731
+    assert bits(hashing.rht_signs(64, 1, "blocks.0.attn.to_q")) == (
+        "1011011000111000100100001100101011000100010001011100100010011111")
+    assert bits(hashing.rht_signs(64, 0, 7)) == "1100100011000101110111011010110001011000011101010101010101110110"
+
+
 def test_signs_deterministic_and_key_dependent():
     a = hashing.rht_signs(4096, seed=1, key="blocks.0.attn.to_q")
     assert torch.equal(a, hashing.rht_signs(4096, seed=1, key="blocks.0.attn.to_q"))

@@ -1,5 +1,6 @@
 """Nearest-point quantizers against brute force, lattice membership and the analytic Voronoi MSE."""
 import functools
+import math
 
 import pytest
 import torch
@@ -70,8 +71,42 @@ def test_nearest_on_lattice_points_and_ties(lattice):
         assert torch.equal(y, nearest(lattice, v.clone()))
 
 
-def test_constants():
-    assert LATTICES["e8"].voronoi_mse == pytest.approx(2.2930, abs=1e-3)
-    assert LATTICES["d4"].voronoi_mse == pytest.approx(1.7333, abs=1e-3)
-    assert LATTICES["a2"].voronoi_mse == pytest.approx(5 / 9)
-    assert LATTICES["z"].voronoi_mse == pytest.approx(1 / 12)
+# Closed forms, independent of the code: per-vector MSE of the Voronoi cell = n · G · V^(2/n), with G the
+# normalized second moment (Conway & Sloane, SPLAG ch. 21) and V the cell volume of the integer form the codec
+# uses: 2·E8 (V = 2^8), 2·D4 (det D4 = 2, so V = 2·2^4), the hexagonal lattice of minimum distance 2
+# (V = 2√3), Z (V = 1).
+_G = {"e8": 929 / 12960, "d4": 13 / (120 * math.sqrt(2)), "a2": 5 / (36 * math.sqrt(3)), "z": 1 / 12}
+_VOLUME = {"e8": 2.0**8, "d4": 2.0 * 2**4, "a2": 2 * math.sqrt(3), "z": 1.0}
+
+
+@pytest.mark.parametrize("lattice", sorted(LATTICES))
+def test_constants_match_the_closed_forms(lattice):
+    info = LATTICES[lattice]
+    n = info.dim
+    exact = n * _G[lattice] * _VOLUME[lattice] ** (2 / n)
+    assert info.G == pytest.approx(_G[lattice], rel=1e-12)
+    assert info.voronoi_mse == pytest.approx(exact, rel=1e-12)
+    assert info.shannon_gap_db == pytest.approx(10 * math.log10(2 * math.pi * math.e * _G[lattice]), abs=0.006)
+
+
+def test_constants_exact_values():
+    assert LATTICES["e8"].voronoi_mse == pytest.approx(32 * 929 / 12960, rel=1e-12)  # 2.29383, not 2.2930
+    assert LATTICES["d4"].voronoi_mse == pytest.approx(26 / 15, rel=1e-12)
+    assert LATTICES["a2"].voronoi_mse == pytest.approx(5 / 9, rel=1e-12)
+    assert LATTICES["z"].voronoi_mse == pytest.approx(1 / 12, rel=1e-12)
+
+
+def test_cell_volumes_by_counting_lattice_points():
+    """V of the integer form, independently of the closed forms: count lattice points in a big box."""
+    for lattice, side in (("e8", 2), ("d4", 8), ("a2", 40), ("z", 40)):  # 4·Z^n ⊂ the integer forms
+        n = LATTICES[lattice].dim
+        if lattice == "a2":  # integer form (a, b) -> (√3·a, b): points per physical box of sides 2√3·m, 2·m
+            pts = torch.cartesian_prod(torch.arange(-side, side), torch.arange(-side, side))
+            inside = is_member(lattice, pts).squeeze(-1).sum()
+            volume = (2 * side * math.sqrt(3)) * (2 * side) / float(inside)
+        else:
+            axes = [torch.arange(-side, side)] * n
+            pts = torch.cartesian_prod(*axes).reshape(-1, n)
+            inside = is_member(lattice, pts).squeeze(-1).sum()
+            volume = (2 * side) ** n / float(inside)
+        assert volume == pytest.approx(_VOLUME[lattice], rel=1e-9), lattice

@@ -46,8 +46,9 @@ class LatticeInfo:
 
 
 LATTICES: dict[str, LatticeInfo] = {
-    "e8": LatticeInfo("e8", 8, 0.0716568, 0.0716568 * 4.0 * 8, 0.88),
-    "d4": LatticeInfo("d4", 4, 0.076603, 0.076603 * math.sqrt(32.0) * 4, 1.17),
+    # exact closed forms (Conway & Sloane, ch. 21): G(E8) = 929/12960, G(D4) = 13/(120·√2)
+    "e8": LatticeInfo("e8", 8, 929 / 12960, 929 / 12960 * 4.0 * 8, 0.88),
+    "d4": LatticeInfo("d4", 4, 13 / (120 * math.sqrt(2.0)), 26 / 15, 1.17),
     "a2": LatticeInfo("a2", 2, 5 * SQRT3 / 108, 5.0 / 9.0, 1.37),
     "z": LatticeInfo("z", 1, 1.0 / 12.0, 1.0 / 12.0, 1.53),
 }
