@@ -30,16 +30,29 @@ CUDA = torch.cuda.is_available()
 DEV = torch.device("cuda" if CUDA else "cpu")
 
 
-@pytest.fixture(scope="module")
-def triton_side():
+@pytest.fixture
+def triton_side(monkeypatch):
     """Force the Triton side: on the GPU when there is one, else in the interpreter when this process can use
-    it (the child process of :func:`test_kernels_in_interpreter`)."""
+    it (the child process of :func:`test_kernels_in_interpreter`). The test fails if it used no Triton kernel
+    module at all: a dispatcher that silently ran the torch reference cannot pass a kernel test."""
     pytest.importorskip("triton")
     if not CUDA and not dispatch.interpreter_usable():
         pytest.skip("no GPU: runs in the Triton interpreter, in the child process of test_kernels_in_interpreter")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HQ_KERNELS", "triton")
-        yield
+    from hq_diffusion.kernels import ops
+
+    used = []
+
+    def counting(real):
+        def kernel_module(name):
+            used.append(name)
+            return real(name)
+        return kernel_module
+
+    monkeypatch.setattr(dispatch, "kernel_module", counting(dispatch.kernel_module))
+    monkeypatch.setattr(ops, "kernel_module", counting(ops.kernel_module))
+    monkeypatch.setenv("HQ_KERNELS", "triton")
+    yield
+    assert used, "the test asked for the Triton side but no Triton kernel ran (silent torch fallback?)"
 
 
 def test_kernels_in_interpreter():
