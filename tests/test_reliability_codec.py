@@ -335,3 +335,15 @@ def test_tiny_row_next_to_normal_rows_is_refused_not_zeroed():
         encode(w, CodecConfig(), key="blocks.0.ff")
     q = _encode(w, scale_dtype="float32")
     assert math.isclose(float(q.scales[2]), 1e-30, rel_tol=1e-3)
+
+
+def test_float16_layers_of_ordinary_weights_keep_the_float16_matmul():
+    from hq_diffusion.nn.linear import _matmul_dtype
+
+    lin = nn.Linear(256, 32).half()
+    m = nn.Sequential(lin)
+    hq_diffusion.quantize(m, progress=False)
+    assert _matmul_dtype(m[0], m[0].encoded(), torch.float16) == torch.float16
+    with torch.no_grad():  # new scales (as a load would copy in): the decision follows them
+        m[0].scales.copy_(torch.full((32,), 60000.0, dtype=torch.float16).view(torch.int16))
+    assert _matmul_dtype(m[0], m[0].encoded(), torch.float16) == torch.float32

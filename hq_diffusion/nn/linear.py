@@ -141,8 +141,10 @@ def _matmul_dtype(m, q: EncodedTensor, dt: torch.dtype) -> torch.dtype:
     computed once per state of the scales (cached on the module by the buffer's version)."""
     if dt != torch.float16:
         return dt
-    ver = (q.scales.data_ptr(), q.scales._version)
     cached = getattr(m, "_hq_fp16_ok", None)
+    if torch.compiler.is_compiling():  # no host reads while tracing: the eager decision, else the safe one
+        return dt if cached is not None and cached[1] else torch.float32
+    ver = (q.scales.data_ptr(), q.scales._version)
     if cached is None or cached[0] != ver:
         bound = float(q.scales.float().abs().max()) * (math.sqrt(q.n_pad) + 4.0 / q.alpha)
         cached = (ver, bound < torch.finfo(torch.float16).max / 2)
