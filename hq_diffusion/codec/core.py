@@ -12,8 +12,8 @@ import warnings
 import torch
 
 from .config import SCALE_DTYPES, CodecConfig
-from .errors import HQFormatError
-from .format import EncodedTensor, header_bytes
+from .errors import HQFormatError, HQRangeError
+from .format import ALPHA_RANGE, EncodedTensor, header_bytes
 from .hashing import key_to_u32
 from .lattice import alpha_for_snr, nearest, to_physical
 from .rate import alpha_for_rate
@@ -25,27 +25,40 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _SAMPLE_SYMBOLS = 2**20  # symbols used to refine α before the full encode
 _MAX_ABS_CODE = 2**27
 _MIN_PAYLOAD_RATE = 1.1  # a Rice code spends at least one bit per symbol
+#: Largest ``|w|`` the codec encodes: the float32 rotation of a tile of up to 2048 values stays finite below
+#: it (an unnormalized Hadamard sum grows by at most the tile size). Larger magnitudes raise HQRangeError.
+MAX_ABS_VALUE = 2.0**116
+_RMS_SAFE_FLOAT32 = 1e-18  # below it, float32 squares of the row lose precision: recomputed in float64
 
 
 class RateBudgetWarning(UserWarning):
     """The fixed overhead of a tiny tensor does not fit in the requested rate."""
 
 
-def _validate(w: torch.Tensor) -> None:
+def _what(key, shape) -> str:
+    """How messages name the tensor: its key when it is a name (``quantize`` passes the layer name)."""
+    return f"tensor {key!r} of shape {tuple(shape)}" if isinstance(key, str) else f"tensor of shape {tuple(shape)}"
+
+
+def _validate(w: torch.Tensor, what: str) -> None:
     if not isinstance(w, torch.Tensor):
         raise ValueError(f"expected a torch.Tensor, got {type(w).__name__}")
     if w.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"unsupported dtype {w.dtype}; expected one of {[str(d) for d in SUPPORTED_DTYPES]}")
+        raise ValueError(f"{what}: unsupported dtype {w.dtype}; expected one of "
+                         f"{[str(d) for d in SUPPORTED_DTYPES]}")
     if w.numel() == 0:
         raise ValueError(f"cannot encode an empty tensor of shape {tuple(w.shape)}")
     if w.dim() > 8:
         raise ValueError(f"tensors of more than 8 dimensions are not supported (got {w.dim()})")
     if any(d >= 2**32 for d in w.shape):
         raise ValueError(f"dimension too large: {tuple(w.shape)}")
-    bad = ~torch.isfinite(w)
-    if bool(bad.any()):
+    amax = float(w.abs().amax())  # one pass: NaN propagates, Inf is Inf
+    if not math.isfinite(amax):
         nan, inf = int(torch.isnan(w).sum()), int(torch.isinf(w).sum())
-        raise ValueError(f"tensor contains {nan} NaN and {inf} Inf values; refusing to encode")
+        raise ValueError(f"{what} contains {nan} NaN and {inf} Inf values; refusing to encode")
+    if amax > MAX_ABS_VALUE:
+        raise HQRangeError(f"{what}: largest |value| {amax:.4g} exceeds the codec's range "
+                           f"{MAX_ABS_VALUE:.4g} (2**116; its float32 rotation would overflow)")
 
 
 def rotated_rows(w: torch.Tensor, tile: int, seed: int, key: int | str) -> tuple[torch.Tensor, int]:
@@ -54,6 +67,32 @@ def rotated_rows(w: torch.Tensor, tile: int, seed: int, key: int | str) -> tuple
     h, n_pad = plan_tiles(n, tile)
     x = pad_last(w.reshape(-1, n).to(torch.float32), n_pad)
     return rht(x, seed, key, h), h
+
+
+def _row_scales(u: torch.Tensor, scale_dtype: str, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row scales of the rotated rows ``u`` (float32 (R, n_pad)): their RMS rounded to ``scale_dtype``.
+
+    Returns (scales (R,) in the scale dtype, the same as float64). Rows whose float32 RMS is tiny, zero or
+    not finite are recomputed in float64, so a row of 1e-30 is measured as 1e-30, not 0. A row of exact
+    zeros gets scale 0 (it decodes to exact zeros); any other row whose RMS the scale dtype rounds to 0 or
+    to Inf raises :class:`HQRangeError` (:mod:`.errors`)."""
+    rms = u.square().mean(1).sqrt()
+    redo = ~(rms >= _RMS_SAFE_FLOAT32) | torch.isinf(rms)
+    rms = rms.double()
+    if bool(redo.any()):
+        rms[redo] = u[redo].double().square().mean(1).sqrt()
+    scales = rms.to(SCALE_DTYPES[scale_dtype])
+    sf = scales.to(torch.float64)
+    bad = ~torch.isfinite(sf) | ((rms > 0) & (sf <= 0))
+    if bool(bad.any()):
+        rows = bad.nonzero().squeeze(1)
+        lo, hi = float(rms[bad].min()), float(rms[bad].max())
+        kind = "too large" if bool(torch.isinf(sf[bad]).any()) else "too small"
+        raise HQRangeError(
+            f"{what}: {rows.numel()} row(s) (first: row {int(rows[0])}) have an RMS of {lo:.3g} to {hi:.3g}, "
+            f"{kind} for {scale_dtype} row scales (a row of exact zeros is fine; a nonzero row must have a "
+            f"representable scale); use scale_dtype='float32' (or 'bfloat16')")
+    return scales, sf
 
 
 def _fixed_bits(shape, rows: int, lattice: str, n_pad: int, block: int, scale_bytes: int) -> int:
@@ -78,14 +117,15 @@ def _refine_alpha(u: torch.Tensor, lattice: str, rate: float, block: int) -> flo
     sample = u[::stride]
     sampled = stride > 1
     target = rate - (0.004 if sampled else 0.0)
-    la = math.log2(alpha_for_rate(lattice, max(target, 0.05)))
+    lo, hi = math.log2(ALPHA_RANGE[0]), math.log2(ALPHA_RANGE[1])  # an all-zero tensor has no rate to
+    la = math.log2(alpha_for_rate(lattice, max(target, 0.05)))  # follow: α stops at the range's end
     r = _payload_bits(sample, lattice, 2.0**la, block) / sample.numel()
     slope = 1.0
     for _ in range(8):
         err = r - target
         if -0.003 <= err <= 0.0:
             break
-        la_new = la - err / max(slope, 0.05)
+        la_new = min(max(la - err / max(slope, 0.05), lo), hi)
         r_new = _payload_bits(sample, lattice, 2.0**la_new, block) / sample.numel()
         if la_new != la:
             slope = max((r_new - r) / (la_new - la), 0.05)
@@ -109,23 +149,14 @@ def encode(w: torch.Tensor, cfg: CodecConfig | None = None, key: int | str = 0) 
         encoding and a :class:`RateBudgetWarning`.
     """
     cfg = cfg or CodecConfig()
-    _validate(w)
+    what = _what(key, getattr(w, "shape", ()))
+    _validate(w, what)
     shape = tuple(w.shape)
     lattice = cfg.lattice
     u, h = rotated_rows(w, cfg.tile, cfg.seed, key)
     rows, n_pad = u.shape
     key32 = key_to_u32(key)
-    # per-row scale: RMS of the rotated (padded) row, rounded to the stored dtype
-    sdt = SCALE_DTYPES[cfg.scale_dtype]
-    rms = u.square().mean(1).sqrt().double()
-    if not bool(torch.isfinite(rms).all()):  # float32 squares overflowed: redo in float64
-        rms = u.double().square().mean(1).sqrt()
-    scales = rms.to(sdt)
-    sf = scales.to(torch.float64)
-    if not torch.isfinite(sf).all() or bool(((rms > 0) & (sf <= 0)).any()):
-        raise ValueError(
-            f"row scales out of range for {cfg.scale_dtype} (RMS from {float(rms.min()):.3g} to "
-            f"{float(rms.max()):.3g}); use CodecConfig(scale_dtype='float32') or 'bfloat16'")
+    scales, sf = _row_scales(u, cfg.scale_dtype, what)
     u = u / torch.where(sf > 0, sf, 1.0).to(torch.float32).unsqueeze(1)
     numel = math.prod(shape)
     fixed = _fixed_bits(shape, rows, lattice, n_pad, cfg.block, scales.element_size())
@@ -138,24 +169,28 @@ def encode(w: torch.Tensor, cfg: CodecConfig | None = None, key: int | str = 0) 
         rate = (budget - fixed) / (rows * n_pad)
         if rate < _MIN_PAYLOAD_RATE:
             warnings.warn(
-                f"tensor of shape {shape} is too small for {cfg.bps} bps: its fixed overhead alone is "
+                f"{what} is too small for {cfg.bps} bps: its fixed overhead alone is "
                 f"{fixed / numel:.2f} bits per scalar; spending {cfg.bps} bits per scalar on the payload",
                 RateBudgetWarning, stacklevel=2)
             rate = cfg.bps
             budget = None
         alpha = _refine_alpha(u, lattice, rate, cfg.block)
     for attempt in range(12):
+        if not ALPHA_RANGE[0] <= alpha <= ALPHA_RANGE[1]:
+            raise HQRangeError(f"{what}: operating point alpha={alpha:.4g} outside the format's range "
+                               f"[{ALPHA_RANGE[0]:.3g}, {ALPHA_RANGE[1]:.3g}]")
         y = nearest(lattice, u * alpha)
         max_abs = int(y.abs().max())
         if max_abs > _MAX_ABS_CODE:
-            raise ValueError("lattice integers out of range: the requested rate or SNR is too high")
+            raise HQRangeError(f"{what}: lattice integers reach {max_abs} > {_MAX_ABS_CODE}: the requested "
+                               f"rate or SNR is too high")
         streams = [encode_stream(z, cfg.block) for z in strip(lattice, y)]
         et = EncodedTensor(shape, w.dtype, lattice, h, cfg.block, cfg.seed, key32, alpha, cfg.scale_dtype,
                            scales, streams, max_abs <= 127, meta=meta)
         if budget is None or et.total_bits <= budget:
             break
         if attempt == 11:
-            warnings.warn(f"tensor of shape {shape}: could not meet {cfg.bps} bps, got {et.bps:.3f}",
+            warnings.warn(f"{what}: could not meet {cfg.bps} bps, got {et.bps:.3f}",
                           RateBudgetWarning, stacklevel=2)
             break
         excess = (et.total_bits - budget) / (rows * n_pad)
@@ -188,6 +223,28 @@ def decode(q: EncodedTensor, out: str = "weight") -> torch.Tensor:
         return y.to(torch.int32 if max_abs > 32767 else torch.int16).reshape(q.codes_shape)
     rot = to_physical(q.lattice, y) * (q.scales.to(torch.float32).unsqueeze(1) / q.alpha)
     if out == "rotated":
-        return rot.reshape(q.codes_shape)
-    x = inverse_rht(rot, q.seed, q.key, q.tile)[:, : q.n]
-    return x.reshape(q.shape).to(q.dtype)
+        return _finite(rot, "rotated weight").reshape(q.codes_shape)
+    x = _finite(inverse_rht(rot, q.seed, q.key, q.tile)[:, : q.n], "weight")
+    return to_weight_dtype(x.reshape(q.shape), q.dtype)
+
+
+def to_weight_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A float32 reconstruction ``x`` cast to the weight's ``dtype``, clamped to its finite range first.
+
+    The encoded weight was finite in ``dtype`` (``|w| ≤ finfo(dtype).max``), so clamping a reconstruction
+    that overshoots (quantization error on weights near the maximum, e.g. float16 60000) only moves it
+    closer to the original; it never turns into Inf."""
+    if dtype in (torch.float16, torch.bfloat16):
+        fmax = torch.finfo(dtype).max
+        x = x.clamp(-fmax, fmax)
+    return x.to(dtype)
+
+
+def _finite(x: torch.Tensor, what: str) -> torch.Tensor:
+    """``x`` unchanged when every value is finite; HQFormatError otherwise (a blob whose fields are each in
+    range can still combine to overflow float32: its scales, α and codes contradict the encoder)."""
+    # a sum is finite when every term is (fast); only when it is not, look at the terms themselves
+    if not math.isfinite(float(x.sum())) and not bool(torch.isfinite(x).all()):
+        raise HQFormatError(f"decoded {what} is not finite: the scales, alpha and lattice codes of the encoded "
+                            f"tensor are inconsistent (corrupt or crafted data)")
+    return x

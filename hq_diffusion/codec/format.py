@@ -10,6 +10,14 @@ Byte layout (little-endian), version 1::
     crc32    u32 over everything before it
 
 ``EncodedTensor.total_bits`` is exactly ``8 * len(to_bytes())``: every stored bit counts in the rate.
+
+:meth:`EncodedTensor.from_bytes` checks every header field's range before it allocates anything: ids, ndim,
+flags, the tile against the row length (only a tile the encoder's :func:`~.rht.plan_tiles` can choose for
+that length, so the padded row is at most ``3n + 8`` long), α in :data:`ALPHA_RANGE`, and each stream's
+sizes against its symbol count (a Rice code spends at least one unary bit and at most ``ESC + 1`` per
+symbol, ``KMAX`` remainder bits, at most one escape per ``ESC + 1`` unary bits) and the declared sizes
+against the blob length. A blob therefore cannot claim more symbols than 8 per byte it holds, and
+decoding costs memory and time linear in the output size.
 """
 from __future__ import annotations
 
@@ -22,7 +30,8 @@ import torch
 
 from .config import FORMAT_VERSION, SCALE_DTYPES
 from .errors import HQFormatError
-from .rice import RiceStream, _num_blocks
+from .rht import ALLOWED_TILES, plan_tiles
+from .rice import ESC, KMAX, RiceStream, _num_blocks
 from .strip import NUM_STREAMS, stream_lengths
 
 MAGIC = b"HQCT"
@@ -34,6 +43,9 @@ _FIXED = struct.Struct("<4sBBBBBBBB")
 _TAIL = struct.Struct("<IIf")
 _STREAM = struct.Struct("<IIII")
 _MAX_NDIM = 8
+#: Range of the operating point α that :func:`~hq_diffusion.codec.encode` writes and ``from_bytes`` accepts
+#: (the encoder's α lies in about [0.01, 3e4]; outside this range a decode could overflow).
+ALPHA_RANGE = (2.0**-24, 2.0**24)
 
 
 def _inv(d: dict):
@@ -165,15 +177,20 @@ class EncodedTensor:
             raise HQFormatError(f"empty shape {shape}")
         seed, key, alpha = _TAIL.unpack_from(blob, off)
         off += _TAIL.size
-        if not (math.isfinite(alpha) and alpha > 0):
-            raise HQFormatError(f"invalid alpha {alpha}")
+        if not (math.isfinite(alpha) and ALPHA_RANGE[0] <= alpha <= ALPHA_RANGE[1]):
+            raise HQFormatError(f"invalid alpha {alpha!r}: must be finite and in [{ALPHA_RANGE[0]:.3g}, "
+                                f"{ALPHA_RANGE[1]:.3g}]")
         tile, block = 1 << ltile, 1 << lblock
         n = shape[-1] if ndim else 1
         numel = math.prod(shape)
+        if tile not in _encoder_tiles(n):
+            raise HQFormatError(f"tile {tile} is not one the encoder uses for rows of {n} (expected one of "
+                                f"{sorted(_encoder_tiles(n))})")
         n_pad = -(-n // tile) * tile
         rows = numel // n
         expect_n = stream_lengths(lattice, rows * n_pad)
         stream_heads = []
+        need = rows * SCALE_DTYPES[scale_dtype].itemsize
         for i in range(NUM_STREAMS[lattice]):
             if off + _STREAM.size > len(body):
                 raise HQFormatError("truncated stream header")
@@ -181,7 +198,11 @@ class EncodedTensor:
             off += _STREAM.size
             if sn != expect_n[i]:
                 raise HQFormatError(f"stream {i} has {sn} symbols, expected {expect_n[i]}")
+            _check_stream_sizes(i, sn, ub, rb, ne)
             stream_heads.append((sn, ub, rb, ne))
+            need += 5 * _num_blocks(sn, block) + ub + rb + 4 * ne
+        if need != len(body) - off:
+            raise HQFormatError(f"header declares {need} payload bytes but the blob holds {len(body) - off}")
         scale_t = SCALE_DTYPES[scale_dtype]
         reader = _Reader(body, off)
         scales = reader.take(rows, scale_t)
@@ -193,6 +214,8 @@ class EncodedTensor:
             unary = reader.take(ub, torch.uint8)
             rem = reader.take(rb, torch.uint8)
             esc = reader.take(ne, torch.int32)
+            if nb and int(ks.max()) > KMAX:
+                raise HQFormatError(f"Rice parameter {int(ks.max())} exceeds the maximum {KMAX}")
             streams.append(RiceStream(sn, block, ks, offs, unary, rem, esc))
         if reader.off != len(body):
             raise HQFormatError(f"{len(body) - reader.off} unexpected trailing bytes")
@@ -200,6 +223,23 @@ class EncodedTensor:
             raise HQFormatError("row scales must be finite and non-negative")
         return cls(tuple(shape), dtype, lattice, tile, block, seed, key, float(alpha), scale_dtype, scales,
                    streams, bool(flags & FLAG_FITS_INT8), version)
+
+
+def _encoder_tiles(n: int) -> set[int]:
+    """The tiles :func:`~.rht.plan_tiles` chooses for rows of ``n`` at some allowed maximum tile."""
+    return {plan_tiles(n, t)[0] for t in ALLOWED_TILES}
+
+
+def _check_stream_sizes(i: int, sn: int, ub: int, rb: int, ne: int) -> None:
+    """Sizes of one stream's parts against its ``sn`` symbols (HQFormatError when impossible): unary
+    bytes ``ceil(sn/8) .. ceil(sn·(ESC+1)/8)``, remainder bytes ``≤ KMAX·ceil(sn/8)``, escapes ``≤`` one per
+    ``ESC + 1`` unary bits."""
+    if not -(-sn // 8) <= ub <= -(-sn * (ESC + 1) // 8):
+        raise HQFormatError(f"stream {i}: {ub} unary bytes cannot hold {sn} symbols")
+    if rb > KMAX * -(-sn // 8):
+        raise HQFormatError(f"stream {i}: {rb} remainder bytes exceed {KMAX} bits per symbol of {sn}")
+    if ne * (ESC + 1) > 8 * ub:
+        raise HQFormatError(f"stream {i}: {ne} escapes cannot fit in {ub} unary bytes")
 
 
 class _Reader:

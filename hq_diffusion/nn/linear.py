@@ -57,6 +57,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..codec import EncodedTensor, HQFormatError, decode, encode
+from ..codec.core import to_weight_dtype
 from ..codec.config import SCALE_DTYPES, CodecConfig
 from ..codec.lattice import LATTICES, to_physical
 from ..codec.ops_ref import REFERENCE, OpSet, int8_operand_gain, row_dequant_scale
@@ -131,11 +132,32 @@ def _rotated_weight(m, q: EncodedTensor, ops: OpSet, dtype: torch.dtype) -> torc
     return ops.decode(q, "rotated", dtype).reshape(q.rows, q.n_pad)
 
 
+def _matmul_dtype(m, q: EncodedTensor, dt: torch.dtype) -> torch.dtype:
+    """``dt``, or float32 when ``dt`` is float16 and the rotated weight may exceed float16's range.
+
+    A rotated row is its unit-RMS coordinates (each at most ``√K_pad``) times its scale, so
+    ``max(scale) · (√K_pad + 4/α)`` bounds it (the lattice error is below 4/α); weights near float16's
+    maximum (e.g. all 60000) rotate to values above it and would turn the output into Inf. The bound is
+    computed once per state of the scales (cached on the module by the buffer's version)."""
+    if dt != torch.float16:
+        return dt
+    cached = getattr(m, "_hq_fp16_ok", None)
+    if torch.compiler.is_compiling():  # no host reads while tracing: the eager decision, else the safe one
+        return dt if cached is not None and cached[1] else torch.float32
+    ver = (q.scales.data_ptr(), q.scales._version)
+    if cached is None or cached[0] != ver:
+        bound = float(q.scales.float().abs().max()) * (math.sqrt(q.n_pad) + 4.0 / q.alpha)
+        cached = (ver, bound < torch.finfo(torch.float16).max / 2)
+        m._hq_fp16_ok = cached
+    return dt if cached[1] else torch.float32
+
+
 @register_mma("bf16")
 def _mma_float(m, x: torch.Tensor, ops: OpSet = REFERENCE) -> torch.Tensor:
     q, dt = m.encoded(), x.dtype
-    xr = ops.rht(pad_last(x, q.n_pad), q.seed, q.key, q.tile)  # (M, K_pad) in dt, float32 math
-    return F.linear(xr, _rotated_weight(m, q, ops, dt), _bias(m, dt))
+    ct = _matmul_dtype(m, q, dt)
+    xr = ops.rht(pad_last(x.to(ct), q.n_pad), q.seed, q.key, q.tile)  # (M, K_pad) in ct, float32 math
+    return F.linear(xr, _rotated_weight(m, q, ops, ct), _bias(m, ct)).to(dt)
 
 
 @register_mma("int8")
@@ -380,7 +402,7 @@ class HQLinear(nn.Module):
     def dequantize(self) -> torch.Tensor:
         """The reconstructed weight (N, K) in the original basis and dtype (for inspection and tests)."""
         w = inverse_rht(self.rotated_weight(), self.seed, self.key, self.tile)[:, : self.in_features]
-        return w.to(self.weight_dtype)
+        return to_weight_dtype(w, self.weight_dtype)
 
     @property
     def nbytes(self) -> int:
