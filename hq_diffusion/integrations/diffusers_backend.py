@@ -40,7 +40,8 @@ from .quantize import quantize
 from .manifest import check_directory, find_manifest, verify_manifest
 from .state import (METADATA_KEY, STATE_ATTR, HQState, apply_kv, check_no_meta, check_quantization_config,
                     file_metadata, looks_quantized, manifest_flag, quantization_config, read_checkpoint_metadata,
-                    read_json_file, read_verified_tensors, strip_file_keys, swap_in_empty_hqlinears)
+                    read_json_file, read_verified_tensors, refuse_stripped_config, strip_file_keys,
+                    swap_in_empty_hqlinears)
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -128,7 +129,9 @@ class HQDiffusersQuantizer(DiffusersQuantizer):
 
     def _process_model_before_weight_loading(self, model, **kwargs):
         if self.pre_quantized:
-            swap_in_empty_hqlinears(model, self.checkpoint["layers"], "config.json quantization_config")
+            files = getattr(self, "checkpoint_files", None)
+            where = f"{Path(files[0]).parent / CONFIG_NAME}: quantization_config" if files else "quantization_config"
+            swap_in_empty_hqlinears(model, self.checkpoint["layers"], where)
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
@@ -234,10 +237,8 @@ def guarded_from_pretrained(orig, cls, path: Path, *args, **kwargs):
     config = read_json_file(cfg_path)
     qc = config.get("quantization_config")
     has_qc = isinstance(qc, dict) and qc.get("quant_method") == QuantMethod.HQ_DIFFUSION.value
-    why = looks_quantized(st_path)
-    if why is not None and not has_qc and kwargs.get("quantization_config") is None:
-        raise HQFormatError(f"{cfg_path}: no hq_diffusion quantization_config, but {st_path} is an hq-diffusion "
-                            f"checkpoint ({why}): config.json was edited or replaced")
+    if not has_qc and kwargs.get("quantization_config") is None:
+        refuse_stripped_config(cfg_path, st_path)
     try:
         out = orig(cls, *args, **kwargs)
     except HQFormatError:

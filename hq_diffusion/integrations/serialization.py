@@ -47,7 +47,7 @@ from .config import QuantMethod
 from .manifest import check_directory, verified, write_manifest
 from .state import FORMAT_VERSION  # noqa: F401  (re-exported: the checkpoint format version this build writes)
 from .state import (METADATA_KEY, ST_DTYPES, STATE_ATTR, HQState, apply_kv, canonicalize_safetensors_header,
-                    check_no_meta, check_quantization_config, file_metadata, looks_quantized, manifest_flag,
+                    check_no_meta, check_quantization_config, file_metadata, manifest_flag, refuse_stripped_config,
                     quantization_config, read_checkpoint_metadata, read_json_file,
                     read_verified_tensors, strip_file_keys, swap_in_empty_hqlinears)
 
@@ -280,10 +280,7 @@ def _is_hq_component(path: Path) -> bool:
     qc = _read_json(cfg).get("quantization_config")
     if isinstance(qc, dict) and qc.get("quant_method") == QuantMethod.HQ_DIFFUSION.value:
         return True
-    why = looks_quantized(path / WEIGHTS_NAME)
-    if why is not None:
-        raise HQFormatError(f"{cfg}: no hq_diffusion quantization_config, but {path / WEIGHTS_NAME} is an "
-                            f"hq-diffusion checkpoint ({why}): config.json was edited or replaced")
+    refuse_stripped_config(cfg, path / WEIGHTS_NAME)
     return False
 
 
@@ -352,9 +349,8 @@ def load_component(path, *, model: nn.Module | None = None, device=None, torch_d
     config = _read_json(cfg_path)
     qc_cfg = config.get("quantization_config")
     if not isinstance(qc_cfg, dict) or qc_cfg.get("quant_method") != QuantMethod.HQ_DIFFUSION.value:
-        why = looks_quantized(st_path)
-        raise HQFormatError(f"{cfg_path}: no hq_diffusion quantization_config: not an hq-diffusion checkpoint"
-                            + (f", but {st_path} is one ({why}): config.json was edited or replaced" if why else ""))
+        refuse_stripped_config(cfg_path, st_path)
+        raise HQFormatError(f"{cfg_path}: no hq_diffusion quantization_config: not an hq-diffusion checkpoint")
     hq_config = check_quantization_config(qc_cfg, cfg_path, with_checksums=False)
     qc, header = read_checkpoint_metadata(st_path)
     if strip_file_keys(qc) != qc_cfg:
@@ -390,5 +386,8 @@ def _skeleton(config: dict, cfg_path: Path) -> nn.Module:
     if cls is None or not issubclass(cls, diffusers.ModelMixin):
         raise HQFormatError(f"{cfg_path}: unknown diffusers model class {cls_name!r}")
     init_cfg = {k: v for k, v in config.items() if k != "quantization_config"}
-    with init_empty_weights():
-        return cls.from_config(init_cfg)
+    try:
+        with init_empty_weights():
+            return cls.from_config(init_cfg)
+    except (ValueError, TypeError, KeyError, AttributeError, RuntimeError, AssertionError, RecursionError) as e:
+        raise HQFormatError(f"{cfg_path}: cannot build {cls_name} from this config ({type(e).__name__}: {e})") from None

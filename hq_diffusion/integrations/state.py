@@ -192,6 +192,15 @@ def looks_quantized(st_path) -> str | None:
     return f"it holds HQLinear buffers ({hq[:3]})" if hq else None
 
 
+def refuse_stripped_config(cfg_path, st_path) -> None:
+    """Raise :class:`HQFormatError` when ``st_path`` is an hq-diffusion checkpoint (:func:`looks_quantized`)
+    although ``cfg_path`` (its config.json) carries no hq-diffusion ``quantization_config``."""
+    why = looks_quantized(st_path)
+    if why is not None:
+        raise HQFormatError(f"{cfg_path}: no hq_diffusion quantization_config, but {st_path} is an hq-diffusion "
+                            f"checkpoint ({why}): config.json was edited or replaced")
+
+
 def manifest_flag(st_path) -> bool:
     """Whether the component file ``st_path`` was saved together with a manifest (its metadata records
     ``"manifest": true``, see :mod:`.manifest`); False for an absent file or one without hq-diffusion metadata."""
@@ -336,4 +345,4 @@ __all__ = ["STATE_ATTR", "FORMAT_VERSION", "METADATA_KEY", "QC_KEYS", "HQState",
            "tensor_crc32", "quantization_config", "check_quantization_config", "read_checkpoint_metadata",
            "read_verified_tensors", "swap_in_empty_hqlinears", "FILE_ONLY_KEYS", "ST_DTYPES", "ST_NAMES", "parse_json",
            "read_json_file", "strip_file_keys", "file_metadata", "read_safetensors_header", "looks_quantized",
-           "check_no_meta", "canonicalize_safetensors_header", "manifest_flag"]
+           "check_no_meta", "canonicalize_safetensors_header", "manifest_flag", "refuse_stripped_config"]
