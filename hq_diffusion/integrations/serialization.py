@@ -104,7 +104,9 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(a), str(b))
 
 
-_rename = os.rename  # the rename steps, named so that tests can simulate a crash between them
+def _rename(src: Path, dst: Path) -> None:
+    """One rename step of a save (``os.rename``, looked up at each call so that tests can make it fail)."""
+    os.rename(src, dst)
 
 
 def _leftovers(target: Path, kind: str) -> list[Path]:
