@@ -199,7 +199,12 @@ def _is_hq_dir(path: Path) -> bool:
         claims = cfg.is_file() and b'"hq_diffusion"' in cfg.read_bytes()
     except OSError:
         claims = False
-    return claims or looks_quantized(path / WEIGHTS_NAME) is not None
+    if claims:
+        return True
+    try:
+        return looks_quantized(path / WEIGHTS_NAME) is not None
+    except HQFormatError:  # an unreadable file under a config that does not claim hq-diffusion: diffusers reports it
+        return False
 
 
 def _guarded(orig):
