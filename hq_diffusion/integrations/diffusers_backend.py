@@ -18,9 +18,15 @@ has no public registry; those module-level dicts are what ``ModelMixin.from_pret
   hq-diffusion checkpoint (same config.json and safetensors metadata as ``save_quantized``, but not written
   atomically).
 
-:func:`hq_diffusion.load_quantized` remains the primary path (it also rebuilds
-pipelines and reports errors as :class:`~hq_diffusion.codec.HQFormatError` naming the file; through diffusers,
-a truncated file fails inside diffusers' own reader with diffusers' message).
+:func:`hq_diffusion.load_quantized` remains the primary path (it also rebuilds pipelines and repairs an
+interrupted save). Registering also wraps ``ModelMixin.from_pretrained`` (:func:`guarded_from_pretrained`): for a
+local hq-diffusion component directory every failure is an :class:`~hq_diffusion.codec.HQFormatError` naming the
+file (config.json nested too deeply or with a bad field, a weights file that is an hq-diffusion checkpoint under a
+config.json that lost its ``quantization_config``, a tensor missing from the file), no parameter or buffer may
+be left on ``meta``, and the manifest of the saved directory (:mod:`.manifest`) is verified — for a component of
+a saved pipeline, the whole pipeline's files, so that ``DiffusionPipeline.from_pretrained`` refuses a flipped
+byte in the VAE or text encoder too. Other loads pass through unchanged, except that a non-quantized component
+of a directory with a manifest is checked against it.
 """
 from __future__ import annotations
 

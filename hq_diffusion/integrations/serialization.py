@@ -5,20 +5,33 @@ Layout of a quantized component directory (a diffusers model directory, loadable
     config.json                          the model's diffusers config + "quantization_config" (below)
     diffusion_pytorch_model.safetensors  its full state dict: HQLinear buffers (int tensors) and every other
                                          parameter/buffer in its original dtype; metadata {"format": "pt",
-                                         "hq_diffusion": JSON of quantization_config + "checksums"}
+                                         "hq_diffusion": JSON of quantization_config + "checksums", "dtypes",
+                                         "manifest"}
+    hq_manifest.json                     SHA-256 of every other file (:mod:`.manifest`), at the root of what
+                                         was saved (the pipeline directory, or the component saved alone)
 
 ``quantization_config`` = ``{"quant_method": "hq_diffusion", "format_version": 1, "config": HQConfig.to_dict(),
 "layers": {module name: HQLinear.hq_meta}, "skipped": {module name: reason}, "kv": KVConfig dict or None,
-"kv_modules": [...]}``; the safetensors copy adds ``"checksums": {tensor name: CRC32 of its bytes}``.
-A pipeline directory holds ``model_index.json``, the quantized components in that layout and the other
-components as diffusers/transformers' own ``save_pretrained`` writes them.
+"kv_modules": [...]}``; the safetensors copy adds ``"checksums": {tensor name: CRC32 of its bytes}``,
+``"dtypes": {tensor name: safetensors dtype}`` and ``"manifest": true`` (the last two since the manifest exists;
+optional on load, so that older checkpoints keep loading). A pipeline directory holds ``model_index.json``, the
+quantized components in that layout and the other components as diffusers/transformers' own
+``save_pretrained`` writes them. Saves are byte-reproducible: sorted JSON keys everywhere, the safetensors header
+rewritten with sorted metadata keys (:func:`~.state.canonicalize_safetensors_header`), no timestamps.
 
 Loading builds the model from its config on the ``meta`` device, swaps the quantized ``nn.Linear`` for empty
 :class:`~hq_diffusion.nn.linear.HQLinear` at their final packed shapes, checks every tensor of the file
-against the metadata (names, shapes, integer dtypes, CRC32), then ``load_state_dict(..., assign=True)``: no
-float weight of a quantized layer is ever materialized. Any problem raises :class:`HQFormatError` (a
-``ValueError``) naming the file. Writes go to a temporary directory next to the target, renamed into place
-only when complete, so a failed save never destroys an existing one.
+against the metadata (names, shapes, dtypes against the record, CRC32), then ``load_state_dict(...,
+assign=True)``: no float weight of a quantized layer is ever materialized, and nothing may be left on ``meta``.
+The other files are then checked against the manifest before any of them is read (a directory saved without a
+manifest loads with a warning, see :mod:`.manifest` for why). Any problem raises one :class:`HQFormatError` (a
+``ValueError``) naming the file, and the tensor where one is at fault.
+
+Writes go to a temporary directory next to the target (``.<name>.hq-tmp-*``), manifest written last, then
+exchanged with the target in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``), or — where the exchange
+is missing — moved in by two renames whose crash window the next load or save repairs (:func:`_atomic_dir`).
+At every instant the target loads as the old or the new checkpoint; leftovers of interrupted saves are removed
+by the next save.
 
 The checkpoint form itself (``quantization_config``, its checks, CRC32-verified reads) lives in :mod:`.state`;
 the public ``hq_diffusion.load_quantized`` (:mod:`.api`) also attaches the diffusers quantizer to the loaded
