@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 
 import pytest
 import torch
@@ -440,3 +441,76 @@ def test_next_save_removes_leftovers_of_interrupted_saves(tmp_path):
     ser.save_quantized(net, d)
     assert _siblings(d) == ["other"]
     _assert_is(d, net)
+
+
+# ---- longer sweeps (make test-slow) ---------------------------------------------------------------------------
+
+FRACS = (0.0, 0.05, 0.25, 0.5, 0.75, 0.999)
+
+
+@pytest.mark.slow
+def test_byte_flip_sweep_at_many_offsets(saved, tmp_path):
+    """Six flipped bytes (header to tail) per file of the saved pipeline, one per load: all refused, naming the
+    file (11 files × 6 offsets = 66 loads)."""
+    _, src = saved
+    n = 0
+    for rel in _files(src):
+        for frac in FRACS:
+            d = _copy(src, tmp_path, "t")
+            _flip(d / rel, frac)
+            with pytest.raises(HQFormatError) as e:
+                ser.load_quantized(d)
+            assert rel.split("/")[-1] in str(e.value), (rel, frac, str(e.value))
+            shutil.rmtree(d)
+            n += 1
+    assert n == 66
+
+
+_KILL = """
+import os, sys, torch
+from hq_diffusion.integrations import serialization as ser
+from hq_diffusion.integrations.api import quantize
+torch.manual_seed(0)
+net = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.GELU(), torch.nn.Linear(96, 32))
+quantize(net, bps=3.0, progress=False)
+die_at, exchange = int(sys.argv[2]), sys.argv[3] == "1"
+if not exchange:
+    ser._exchange = lambda a, b: False
+calls, real_rename, real_rmtree = [], os.rename, ser.shutil.rmtree
+def rename(a, b):
+    calls.append(1)
+    if len(calls) == die_at:
+        os._exit(17)
+    real_rename(a, b)
+def rmtree(p, *a, **k):  # dying while deleting the old copy
+    if die_at == 0:
+        os._exit(17)
+    real_rmtree(p, *a, **k)
+os.rename, ser.shutil.rmtree = rename, rmtree
+ser.save_quantized(net, sys.argv[1])
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("exchange", [True, False], ids=["exchange", "two-renames"])
+@pytest.mark.parametrize("die_at", [0, 1, 2])
+def test_killed_save_leaves_old_or_new(tmp_path, exchange, die_at):
+    """A save killed (``os._exit``) at each rename step or while deleting: the target loads as the old or the
+    new checkpoint, and the next save leaves no leftovers."""
+    import subprocess
+    import sys
+
+    old, new = _tiny_net(4.0), _tiny_net(3.0)
+    d = tmp_path / "ck"
+    ser.save_quantized(old, d)
+    r = subprocess.run([sys.executable, "-c", _KILL, str(d), str(die_at), "1" if exchange else "0"],
+                       capture_output=True, timeout=300)
+    assert r.returncode in (0, 17), r.stderr.decode()[-2000:]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the restore warning of the two-renames window
+        back = ser.load_quantized(d, model=_skeleton())
+    x = torch.randn(4, 64)
+    assert torch.equal(back(x), old(x)) or torch.equal(back(x), new(x))
+    ser.save_quantized(new, d)
+    _assert_is(d, new)
+    assert _siblings(d) == []
