@@ -320,6 +320,17 @@ def test_bad_config_value_on_the_diffusers_path_names_the_file(saved, tmp_path):
         ser.load_quantized(d)
 
 
+@pytest.mark.parametrize("kv", [{"bogus": 1}, "x", {"_type": "KVConfig", "_version": 1, "_data": {"bps": "many"}}])
+def test_bad_kv_config_is_a_named_error(saved, tmp_path, kv):
+    d = _old_style(_copy(saved[1], tmp_path))
+    _edit_json(d / TR / "config.json", lambda c: c["quantization_config"].update(kv=kv))
+    _rewrite(_st(d), lambda qc: qc.update(kv=kv))
+    with pytest.raises(HQFormatError, match=r"transformer.config\.json"):
+        ser.load_quantized(d)
+    with pytest.raises(HQFormatError, match=r"transformer.config\.json"):
+        _load_tr_with_diffusers(d / TR)
+
+
 # ---- 6. byte-reproducible saves ----------------------------------------------------------------------------------
 
 def _tiny_net(bps=4.0):

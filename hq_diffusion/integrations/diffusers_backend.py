@@ -252,8 +252,10 @@ def guarded_from_pretrained(orig, cls, path: Path, *args, **kwargs):
         refuse_stripped_config(cfg_path, st_path)
     try:
         out = orig(cls, *args, **kwargs)
-    except HQFormatError:
-        raise
+    except HQFormatError as e:
+        if str(path) in str(e):
+            raise
+        raise HQFormatError(f"{cfg_path}: {e}") from None
     except (ValueError, OSError, TypeError, KeyError, AttributeError, RuntimeError, RecursionError) as e:
         raise HQFormatError(f"{cfg_path}: cannot load this hq-diffusion component ({type(e).__name__}: {e})") from None
     model = out[0] if isinstance(out, tuple) else out

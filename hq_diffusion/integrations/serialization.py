@@ -380,7 +380,10 @@ def load_component(path, *, model: nn.Module | None = None, device=None, torch_d
     state = HQState(config=hq_config, skipped=dict(qc["skipped"]))
     setattr(model, STATE_ATTR, state)
     if qc["kv"] is not None:
-        apply_kv(model, state, kv_dict=qc["kv"])
+        try:
+            apply_kv(model, state, kv_dict=qc["kv"])
+        except (ValueError, TypeError, KeyError) as e:
+            raise HQFormatError(f"{cfg_path}: invalid K/V quantization config ({type(e).__name__}: {e})") from None
     if torch_dtype is not None:
         model.to(torch_dtype)  # floats only: HQLinear buffers are integers
     if device is not None:
