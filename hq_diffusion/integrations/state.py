@@ -298,10 +298,19 @@ def read_verified_tensors(st_path, checksums: dict, *, require_all: bool = True)
     return out
 
 
+def _offloaded(hook) -> bool:
+    """Whether an accelerate hook keeps its module's weights elsewhere (``offload=True``: parameters on meta)."""
+    hooks = getattr(hook, "hooks", None)  # accelerate's SequentialHook
+    return any(_offloaded(h) for h in hooks) if hooks else bool(getattr(hook, "offload", False))
+
+
 def check_no_meta(model: nn.Module, where) -> None:
     """Raise :class:`HQFormatError` naming ``where`` and the tensors when a parameter or buffer of ``model`` is
-    still on the ``meta`` device after a load (a tensor the file lacks)."""
-    left = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.device.type == "meta"]
+    still on the ``meta`` device after a load (a tensor the file lacks). Modules that accelerate offloads
+    (``device_map`` with CPU offload: their weights live in the hook, the parameters on meta) are exempt."""
+    offloaded = [n for n, m in model.named_modules() if _offloaded(getattr(m, "_hf_hook", None))]
+    left = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.device.type == "meta"
+            and not any(o == "" or n.startswith(o + ".") for o in offloaded)]
     if left:
         raise HQFormatError(f"{where}: {len(left)} tensor(s) missing from the file, left uninitialized after "
                             f"loading: {left[:5]}{'...' if len(left) > 5 else ''}")
