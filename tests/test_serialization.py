@@ -69,7 +69,8 @@ def test_layout_and_metadata(saved):
         for name in qc["layers"]:
             assert f"{name}.weight" not in f.keys()
             assert not f.get_tensor(f"{name}.s0_unary").is_floating_point()
-    assert {k: v for k, v in meta.items() if k != "checksums"} == qc
+    assert {k: v for k, v in meta.items() if k not in ("checksums", "dtypes", "manifest")} == qc
+    assert meta["manifest"] is True and set(meta["dtypes"]) == set(meta["checksums"])
 
 
 def test_load_in_process_is_exact(saved):

@@ -18,14 +18,23 @@ has no public registry; those module-level dicts are what ``ModelMixin.from_pret
   hq-diffusion checkpoint (same config.json and safetensors metadata as ``save_quantized``, but not written
   atomically).
 
-:func:`hq_diffusion.load_quantized` remains the primary path (it also rebuilds
-pipelines and reports errors as :class:`~hq_diffusion.codec.HQFormatError` naming the file; through diffusers,
-a truncated file fails inside diffusers' own reader with diffusers' message).
+:func:`hq_diffusion.load_quantized` remains the primary path (it also rebuilds pipelines and repairs an
+interrupted save). Registering also wraps ``ModelMixin.from_pretrained`` (:func:`guarded_from_pretrained`): for a
+local hq-diffusion component directory every failure is an :class:`~hq_diffusion.codec.HQFormatError` naming the
+file (config.json nested too deeply or with a bad field, a weights file that is an hq-diffusion checkpoint under a
+config.json that lost its ``quantization_config``, a tensor missing from the file), no parameter or buffer may
+be left on ``meta``, and the manifest of the saved directory (:mod:`.manifest`) is verified — for a component of
+a saved pipeline, the whole pipeline's files, so that ``DiffusionPipeline.from_pretrained`` refuses a flipped
+byte in the VAE or text encoder too. Other loads pass through unchanged, except that a non-quantized component
+of a directory with a manifest is checked against it.
 """
 from __future__ import annotations
 
 import copy
+import functools
 import json
+import os
+from pathlib import Path
 
 from diffusers.quantizers import auto as _auto
 from diffusers.quantizers.base import DiffusersQuantizer
@@ -34,8 +43,14 @@ from diffusers.quantizers.quantization_config import QuantizationConfigMixin
 from ..codec import HQFormatError
 from .config import HQConfig, QuantMethod
 from .quantize import quantize
-from .state import (METADATA_KEY, STATE_ATTR, HQState, apply_kv, check_quantization_config, quantization_config,
-                    read_checkpoint_metadata, read_verified_tensors, swap_in_empty_hqlinears, tensor_crc32)
+from .manifest import check_directory, find_manifest, verify_manifest
+from .state import (METADATA_KEY, STATE_ATTR, HQState, apply_kv, check_no_meta, check_quantization_config,
+                    file_metadata, looks_quantized, manifest_flag, quantization_config, read_checkpoint_metadata,
+                    read_json_file, read_verified_tensors, refuse_stripped_config, strip_file_keys,
+                    swap_in_empty_hqlinears)
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 
 
 class HQCheckpointConfig(QuantizationConfigMixin):
@@ -102,12 +117,13 @@ class HQDiffusersQuantizer(DiffusersQuantizer):
         if not self.pre_quantized:
             return loaded_keys
         want = self.checkpoint
+        self.checkpoint_files = list(checkpoint_files or [])
         seen = set()
         for f in checkpoint_files or []:
             if not str(f).endswith(".safetensors"):
                 raise HQFormatError(f"{f}: hq_diffusion checkpoints are safetensors files")
             qc, _ = read_checkpoint_metadata(f)
-            if {k: v for k, v in qc.items() if k != "checksums"} != want:
+            if strip_file_keys(qc) != want:
                 raise HQFormatError(f"{f}: metadata disagrees with the quantization_config of config.json")
             tensors = read_verified_tensors(f, qc["checksums"], require_all=False)
             seen |= set(tensors)
@@ -119,11 +135,15 @@ class HQDiffusersQuantizer(DiffusersQuantizer):
 
     def _process_model_before_weight_loading(self, model, **kwargs):
         if self.pre_quantized:
-            swap_in_empty_hqlinears(model, self.checkpoint["layers"], "config.json quantization_config")
+            files = getattr(self, "checkpoint_files", None)
+            where = f"{Path(files[0]).parent / CONFIG_NAME}: quantization_config" if files else "quantization_config"
+            swap_in_empty_hqlinears(model, self.checkpoint["layers"], where)
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         if self.pre_quantized:
+            files = getattr(self, "checkpoint_files", None) or ["the checkpoint"]
+            check_no_meta(model, files[0])  # a tensor the file lacks (its checksum removed with it)
             state = HQState(config=self.hq_config, skipped=dict(self.checkpoint["skipped"]))
             setattr(model, STATE_ATTR, state)
             if self.checkpoint["kv"] is not None:
@@ -141,8 +161,8 @@ class HQDiffusersQuantizer(DiffusersQuantizer):
     def get_state_dict_and_metadata(self, state_dict, safe_serialization=False):
         if not safe_serialization:
             raise ValueError("hq_diffusion checkpoints are saved with safetensors only (safe_serialization=True)")
-        checksums = {k: tensor_crc32(v) for k, v in state_dict.items()}
-        return state_dict, {METADATA_KEY: json.dumps({**self.checkpoint, "checksums": checksums}, sort_keys=True)}
+        meta = file_metadata(self.checkpoint, state_dict, manifest=False)  # no manifest: diffusers writes the files
+        return state_dict, {METADATA_KEY: meta[METADATA_KEY]}
 
     @property
     def is_serializable(self):
@@ -168,11 +188,98 @@ def attach_quantizer(model) -> None:
     model.hf_quantizer = q
 
 
+def _local_dir(name_or_path, subfolder) -> Path | None:
+    if name_or_path is None:
+        return None
+    path = Path(os.fspath(name_or_path))
+    if subfolder:
+        path = path / subfolder
+    return path if path.is_dir() else None
+
+
+def _is_hq_dir(path: Path) -> bool:
+    """Whether the component directory ``path`` is (or claims to be) an hq-diffusion checkpoint: its weights
+    file is one (:func:`~.state.looks_quantized`) or its config.json names ``hq_diffusion``."""
+    cfg = path / CONFIG_NAME
+    try:
+        claims = cfg.is_file() and b'"hq_diffusion"' in cfg.read_bytes()
+    except OSError:
+        claims = False
+    if claims:
+        return True
+    try:
+        return looks_quantized(path / WEIGHTS_NAME) is not None
+    except HQFormatError:  # an unreadable file under a config that does not claim hq-diffusion: diffusers reports it
+        return False
+
+
+def _guarded(orig):
+    """Wrap ``ModelMixin.from_pretrained`` (the function under its classmethod) with the checks an hq-diffusion
+    directory needs and diffusers does not make (see :func:`guarded_from_pretrained`)."""
+
+    @functools.wraps(orig)
+    def from_pretrained(cls, pretrained_model_name_or_path=None, *args, **kwargs):
+        path = _local_dir(pretrained_model_name_or_path, kwargs.get("subfolder"))
+        if path is None:
+            return orig(cls, pretrained_model_name_or_path, *args, **kwargs)
+        if not _is_hq_dir(path):
+            found = find_manifest(path)  # a non-quantized component of a saved pipeline (VAE, ...): its files
+            if found is not None:
+                verify_manifest(*found)
+            return orig(cls, pretrained_model_name_or_path, *args, **kwargs)
+        return guarded_from_pretrained(orig, cls, path, pretrained_model_name_or_path, *args, **kwargs)
+
+    from_pretrained.__hq_guarded__ = True
+    return from_pretrained
+
+
+def guarded_from_pretrained(orig, cls, path: Path, *args, **kwargs):
+    """``cls.from_pretrained`` of the local hq-diffusion component directory ``path``, with every failure an
+    :class:`HQFormatError` naming the file:
+
+    - config.json is read by :func:`~.state.read_json_file` first (malformed or deeply nested JSON);
+    - a weights file that is an hq-diffusion checkpoint under a config.json without its ``quantization_config``
+      (diffusers would load the quantized layers' weights on ``meta``) is refused, unless the caller passes a
+      ``quantization_config``;
+    - diffusers' own errors (config fields, shapes) are re-raised naming config.json;
+    - afterwards no parameter or buffer may be on ``meta``, and the manifest covering ``path`` (the whole saved
+      pipeline when ``path`` is one of its components) is verified (:func:`~.manifest.check_directory`)."""
+    cfg_path, st_path = path / CONFIG_NAME, path / WEIGHTS_NAME
+    config = read_json_file(cfg_path)
+    qc = config.get("quantization_config")
+    has_qc = isinstance(qc, dict) and qc.get("quant_method") == QuantMethod.HQ_DIFFUSION.value
+    if not has_qc and kwargs.get("quantization_config") is None:
+        refuse_stripped_config(cfg_path, st_path)
+    try:
+        out = orig(cls, *args, **kwargs)
+    except HQFormatError as e:
+        if str(path) in str(e):
+            raise
+        raise HQFormatError(f"{cfg_path}: {e}") from None
+    except (ValueError, OSError, TypeError, KeyError, AttributeError, RuntimeError, RecursionError) as e:
+        raise HQFormatError(f"{cfg_path}: cannot load this hq-diffusion component ({type(e).__name__}: {e})") from None
+    model = out[0] if isinstance(out, tuple) else out
+    check_no_meta(model, st_path)
+    found = find_manifest(path)
+    if found is not None:
+        verify_manifest(found[0])  # the whole saved directory: text encoders and tokenizers too
+    else:
+        check_directory(path, flagged=manifest_flag(st_path))
+    return out
+
+
 def register() -> None:
-    """(Re-)register the backend under ``quant_method="hq_diffusion"``."""
+    """(Re-)register the backend under ``quant_method="hq_diffusion"``, and guard ``ModelMixin.from_pretrained``
+    of local hq-diffusion directories (:func:`guarded_from_pretrained`; other loads pass through unchanged but
+    for a manifest check of a saved pipeline's non-quantized components)."""
+    from diffusers import ModelMixin
+
     key = QuantMethod.HQ_DIFFUSION.value
     _auto.AUTO_QUANTIZER_MAPPING[key] = HQDiffusersQuantizer
     _auto.AUTO_QUANTIZATION_CONFIG_MAPPING[key] = HQCheckpointConfig
+    current = ModelMixin.__dict__["from_pretrained"].__func__
+    if not getattr(current, "__hq_guarded__", False):
+        ModelMixin.from_pretrained = classmethod(_guarded(current))
 
 
 register()

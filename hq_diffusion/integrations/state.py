@@ -4,8 +4,14 @@
   installs the K/V quantization it records.
 - :func:`quantization_config`: the JSON-safe ``quantization_config`` of a quantized module (layout in
   :mod:`hq_diffusion.integrations.serialization`); :func:`check_quantization_config` validates one.
-- Reading a checkpoint: :func:`read_checkpoint_metadata`, :func:`read_verified_tensors` (CRC32 per tensor,
-  :func:`tensor_crc32`) and :func:`swap_in_empty_hqlinears` (empty HQLinear at their packed shapes).
+- Reading a checkpoint: :func:`read_json_file` (every JSON error, deep nesting included, an
+  :class:`HQFormatError` naming the file), :func:`read_checkpoint_metadata`, :func:`read_verified_tensors` (CRC32
+  and recorded dtype per tensor, :func:`tensor_crc32`), :func:`swap_in_empty_hqlinears` (empty HQLinear at their
+  packed shapes), :func:`looks_quantized` (a weights file that is an hq-diffusion checkpoint whatever its
+  config.json says) and :func:`check_no_meta` (nothing left on ``meta`` after a load).
+- Writing one: :func:`file_metadata` (the safetensors metadata: ``quantization_config`` + the file-only keys
+  :data:`FILE_ONLY_KEYS`) and :func:`canonicalize_safetensors_header` (byte-reproducible files).
+  The directory manifest (``hq_manifest.json``) lives in :mod:`.manifest`.
 
 This module imports no other module of :mod:`hq_diffusion.integrations` but :mod:`.config`: quantize,
 serialization and diffusers_backend all import it, and :mod:`.api` attaches the diffusers quantizer on top.
@@ -15,6 +21,8 @@ from __future__ import annotations
 
 import importlib
 import json
+import re
+import struct
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +38,17 @@ STATE_ATTR = "hq_state"
 FORMAT_VERSION = 1
 METADATA_KEY = "hq_diffusion"
 QC_KEYS = ("quant_method", "format_version", "config", "layers", "skipped", "kv", "kv_modules")
+# keys of the safetensors copy of quantization_config that config.json does not carry: "checksums" (tensor name →
+# CRC32, always), "dtypes" (tensor name → safetensors dtype string, written since the manifest exists; optional so
+# that older checkpoints load) and "manifest" (True when save_quantized wrote hq_manifest.json next to the file:
+# its absence on load is then an error, see .manifest)
+FILE_ONLY_KEYS = ("checksums", "dtypes", "manifest")
+# the names of HQLinear buffers: a file holding them is an hq-diffusion checkpoint whatever config.json says
+_HQ_BUFFER = re.compile(r"(^|\.)s\d+_(ks|offsets|unary|rem|escapes)$")
+ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+             "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+             "BOOL": torch.bool}
+ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
 
 
 @dataclass
@@ -99,10 +118,50 @@ def quantization_config(model: nn.Module) -> dict:
             "kv": state.kv, "kv_modules": list(state.kv_modules)}
 
 
-def read_checkpoint_metadata(st_path: Path) -> tuple[dict, dict]:
-    """Parse the hq-diffusion metadata of a safetensors file.
+def parse_json(text, where):
+    """``json.loads`` whose every failure (bad syntax, bad UTF-8, nesting too deep for the parser) is an
+    :class:`HQFormatError` naming ``where``."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise HQFormatError(f"{where}: JSON nested too deeply to parse") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise HQFormatError(f"{where}: not valid JSON ({e})") from None
 
-    Returns ``(quantization_config with "checksums", {tensor name: (dtype str, shape tuple)})``."""
+
+def read_json_file(path) -> dict:
+    """Read a JSON object from ``path``; a missing, unreadable, malformed or non-object file is an
+    :class:`HQFormatError` naming it."""
+    try:
+        raw = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise HQFormatError(f"{path}: file is missing") from None
+    except OSError as e:
+        raise HQFormatError(f"{path}: not a readable JSON file ({e})") from None
+    d = parse_json(raw, path)
+    if not isinstance(d, dict):
+        raise HQFormatError(f"{path}: expected a JSON object")
+    return d
+
+
+def strip_file_keys(qc: dict) -> dict:
+    """``qc`` without the keys only the safetensors copy carries (:data:`FILE_ONLY_KEYS`)."""
+    return {k: v for k, v in qc.items() if k not in FILE_ONLY_KEYS}
+
+
+def file_metadata(qc: dict, state_dict: dict[str, torch.Tensor], *, manifest: bool) -> dict[str, str]:
+    """The safetensors metadata of a component: ``qc`` plus the CRC32 and dtype of every tensor (and the
+    ``manifest`` flag when a manifest is written next to the file)."""
+    extra = {"checksums": {k: tensor_crc32(v) for k, v in state_dict.items()},
+             "dtypes": {k: ST_NAMES[v.dtype] for k, v in state_dict.items()}}
+    if manifest:
+        extra["manifest"] = True
+    return {"format": "pt", METADATA_KEY: json.dumps({**qc, **extra}, sort_keys=True)}
+
+
+def read_safetensors_header(st_path) -> tuple[dict, dict]:
+    """``(raw metadata {str: str}, {tensor name: (dtype str, shape tuple)})`` of a safetensors file, without
+    reading any tensor; every failure an :class:`HQFormatError` naming the file."""
     from safetensors import safe_open
 
     try:
@@ -114,20 +173,71 @@ def read_checkpoint_metadata(st_path: Path) -> tuple[dict, dict]:
                 header[k] = (sl.get_dtype(), tuple(sl.get_shape()))
     except FileNotFoundError:
         raise HQFormatError(f"{st_path}: file is missing") from None
+    except RecursionError:
+        raise HQFormatError(f"{st_path}: safetensors header nested too deeply to parse") from None
     except Exception as e:  # safetensors raises SafetensorError (an Exception) for a bad/truncated file
         raise HQFormatError(f"{st_path}: not a valid safetensors file, it may be truncated or corrupt ({e})") from None
+    return raw, header
+
+
+def looks_quantized(st_path) -> str | None:
+    """Why the safetensors file ``st_path`` is an hq-diffusion checkpoint (its metadata key, or HQLinear buffer
+    names), or None when it is not one (or is absent)."""
+    if not Path(st_path).is_file():
+        return None
+    raw, header = read_safetensors_header(st_path)
+    if METADATA_KEY in raw:
+        return f"its metadata carries {METADATA_KEY!r}"
+    hq = sorted(k for k in header if _HQ_BUFFER.search(k))
+    return f"it holds HQLinear buffers ({hq[:3]})" if hq else None
+
+
+def refuse_stripped_config(cfg_path, st_path) -> None:
+    """Raise :class:`HQFormatError` when ``st_path`` is an hq-diffusion checkpoint (:func:`looks_quantized`)
+    although ``cfg_path`` (its config.json) carries no hq-diffusion ``quantization_config``."""
+    why = looks_quantized(st_path)
+    if why is not None:
+        raise HQFormatError(f"{cfg_path}: no hq_diffusion quantization_config, but {st_path} is an hq-diffusion "
+                            f"checkpoint ({why}): config.json was edited or replaced")
+
+
+def manifest_flag(st_path) -> bool:
+    """Whether the component file ``st_path`` was saved together with a manifest (its metadata records
+    ``"manifest": true``, see :mod:`.manifest`); False for an absent file or one without hq-diffusion metadata."""
+    if not Path(st_path).is_file():
+        return False
+    raw, _ = read_safetensors_header(st_path)
+    if METADATA_KEY not in raw:
+        return False
+    qc = parse_json(raw[METADATA_KEY], f"{st_path}: {METADATA_KEY!r} metadata")
+    return isinstance(qc, dict) and qc.get("manifest") is True
+
+
+def read_checkpoint_metadata(st_path: Path) -> tuple[dict, dict]:
+    """Parse the hq-diffusion metadata of a safetensors file.
+
+    Returns ``(quantization_config with the file-only keys, {tensor name: (dtype str, shape tuple)})``; when
+    the metadata records dtypes (``"dtypes"``), each stored tensor's dtype is checked against it here."""
+    raw, header = read_safetensors_header(st_path)
     if METADATA_KEY not in raw:
         raise HQFormatError(f"{st_path}: no {METADATA_KEY!r} metadata: not an hq-diffusion checkpoint")
-    try:
-        qc = json.loads(raw[METADATA_KEY])
-    except json.JSONDecodeError as e:
-        raise HQFormatError(f"{st_path}: {METADATA_KEY!r} metadata is not valid JSON ({e})") from None
+    qc = parse_json(raw[METADATA_KEY], f"{st_path}: {METADATA_KEY!r} metadata")
     check_quantization_config(qc, st_path, with_checksums=True)
+    dtypes = qc.get("dtypes")
+    if dtypes is not None:
+        if set(dtypes) != set(header):
+            raise HQFormatError(f"{st_path}: the dtype record does not list exactly the stored tensors")
+        for k, (dt, _) in sorted(header.items()):
+            if dtypes[k] != dt:
+                raise HQFormatError(f"{st_path}: tensor {k!r} is stored as {dt} but was saved as {dtypes[k]}")
     return qc, header
 
 
 def check_quantization_config(qc, where, *, with_checksums: bool) -> HQConfig:
-    """Validate the structure and versions of a ``quantization_config``; return its :class:`HQConfig`."""
+    """Validate the structure and versions of a ``quantization_config``; return its :class:`HQConfig`.
+
+    ``with_checksums``: the safetensors copy (``"checksums"`` required, ``"dtypes"`` and ``"manifest"``
+    optional) rather than config.json's."""
     if not isinstance(qc, dict):
         raise HQFormatError(f"{where}: quantization_config must be a JSON object")
     if qc.get("quant_method") != QuantMethod.HQ_DIFFUSION.value:
@@ -135,9 +245,10 @@ def check_quantization_config(qc, where, *, with_checksums: bool) -> HQConfig:
     if qc.get("format_version") != FORMAT_VERSION:
         raise HQFormatError(f"{where}: checkpoint format version {qc.get('format_version')!r} is not supported "
                             f"(this build reads version {FORMAT_VERSION})")
-    expected = set(QC_KEYS) | ({"checksums"} if with_checksums else set())
-    if set(qc) != expected:
-        raise HQFormatError(f"{where}: quantization_config keys {sorted(qc)} differ from {sorted(expected)}")
+    required = set(QC_KEYS) | ({"checksums"} if with_checksums else set())
+    allowed = required | (set(FILE_ONLY_KEYS) if with_checksums else set())
+    if not required <= set(qc) <= allowed:
+        raise HQFormatError(f"{where}: quantization_config keys {sorted(qc)} differ from {sorted(required)}")
     try:
         cfg = HQConfig.from_dict(qc["config"])
     except (ValueError, TypeError) as e:
@@ -151,6 +262,11 @@ def check_quantization_config(qc, where, *, with_checksums: bool) -> HQConfig:
             raise HQFormatError(f"{where}: {e}") from None
     if with_checksums and not isinstance(qc["checksums"], dict):
         raise HQFormatError(f"{where}: checksums must be a JSON object")
+    dtypes = qc.get("dtypes")
+    if dtypes is not None and not (isinstance(dtypes, dict) and all(v in ST_DTYPES for v in dtypes.values())):
+        raise HQFormatError(f"{where}: dtypes must map tensor names to {sorted(ST_DTYPES)}")
+    if qc.get("manifest", True) is not True:
+        raise HQFormatError(f"{where}: 'manifest' must be true when present")
     return cfg
 
 
@@ -182,6 +298,43 @@ def read_verified_tensors(st_path, checksums: dict, *, require_all: bool = True)
     return out
 
 
+def _offloaded(hook) -> bool:
+    """Whether an accelerate hook keeps its module's weights elsewhere (``offload=True``: parameters on meta)."""
+    hooks = getattr(hook, "hooks", None)  # accelerate's SequentialHook
+    return any(_offloaded(h) for h in hooks) if hooks else bool(getattr(hook, "offload", False))
+
+
+def check_no_meta(model: nn.Module, where) -> None:
+    """Raise :class:`HQFormatError` naming ``where`` and the tensors when a parameter or buffer of ``model`` is
+    still on the ``meta`` device after a load (a tensor the file lacks). Modules that accelerate offloads
+    (``device_map`` with CPU offload: their weights live in the hook, the parameters on meta) are exempt."""
+    offloaded = [n for n, m in model.named_modules() if _offloaded(getattr(m, "_hf_hook", None))]
+    left = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.device.type == "meta"
+            and not any(o == "" or n.startswith(o + ".") for o in offloaded)]
+    if left:
+        raise HQFormatError(f"{where}: {len(left)} tensor(s) missing from the file, left uninitialized after "
+                            f"loading: {left[:5]}{'...' if len(left) > 5 else ''}")
+
+
+def canonicalize_safetensors_header(st_path) -> None:
+    """Rewrite the JSON header of a safetensors file in place with its ``__metadata__`` keys sorted (the
+    writer's order is random), so that saving the same tensors twice gives the same bytes. The header keeps
+    its length (the same keys and values, reordered), so no tensor offset moves."""
+    with open(st_path, "r+b") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        text = f.read(n)
+        header = json.loads(text)
+        meta = header.pop("__metadata__", None)
+        out = {} if meta is None else {"__metadata__": dict(sorted(meta.items()))}
+        out.update(header)
+        new = json.dumps(out, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        if len(new) > n:
+            raise ValueError(f"{st_path}: canonical safetensors header is longer than the written one "
+                             f"({len(new)} > {n} bytes)")
+        f.seek(8)
+        f.write(new + b" " * (n - len(new)))
+
+
 def swap_in_empty_hqlinears(model: nn.Module, layers: dict, where, *, backend: str = "kernel") -> None:
     """Replace the named ``nn.Linear`` of ``model`` by empty (meta) HQLinear at their packed shapes."""
     for name, meta in layers.items():
@@ -199,4 +352,6 @@ def swap_in_empty_hqlinears(model: nn.Module, layers: dict, where, *, backend: s
 
 __all__ = ["STATE_ATTR", "FORMAT_VERSION", "METADATA_KEY", "QC_KEYS", "HQState", "kv_api", "apply_kv", "set_module",
            "tensor_crc32", "quantization_config", "check_quantization_config", "read_checkpoint_metadata",
-           "read_verified_tensors", "swap_in_empty_hqlinears"]
+           "read_verified_tensors", "swap_in_empty_hqlinears", "FILE_ONLY_KEYS", "ST_DTYPES", "ST_NAMES", "parse_json",
+           "read_json_file", "strip_file_keys", "file_metadata", "read_safetensors_header", "looks_quantized",
+           "check_no_meta", "canonicalize_safetensors_header", "manifest_flag", "refuse_stripped_config"]
