@@ -46,6 +46,17 @@ KV_CORRECTION_CHOICES: tuple[str, ...] = (
 )
 
 
+#: Measured rate of the tiny LTX pipeline on the development CPU (2 shared cores), in frame-pixel-steps per
+#: second of one bf16 generation, from ``python /tmp/rate.py`` timing ``hq_diffusion.models.generate(
+#: tiny_pipeline("ltx"), ...)`` at 9x128x128x2, 17x256x256x2, 33x256x256x1 and 9x128x128x8 (the slowest of
+#: the four is taken): see COST_RATE_NOTE.
+COST_RATE = 24_540
+#: Seconds of model time one request may take (a request runs the bf16 and the quantized pipeline, so twice
+#: the generation time); the budget :attr:`Limits.cost_max` follows from it and :data:`COST_RATE`.
+COST_SECONDS = 120
+COST_MAX = COST_RATE * COST_SECONDS // 2
+
+
 class InputError(ValueError):
     """A request outside the app's limits; ``problems`` lists each problem as one sentence."""
 
@@ -72,6 +83,12 @@ class Limits:
     bps_min: float = 2.0
     bps_max: float = 8.0
     seed_max: int = 2**32 - 1
+    #: The most work one request may ask for, in frames x height x width x steps (see :data:`COST_MAX`).
+    cost_max: int = COST_MAX
+
+    def cost(self, frames: int, height: int, width: int, steps: int) -> int:
+        """Work of one request in frame-pixel-steps (frames x height x width x steps)."""
+        return int(frames) * int(height) * int(width) * int(steps)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -164,6 +181,28 @@ class QuantSettings:
         return (float(self.bps), self.lattice, self.mma, kv)
 
 
+def _text_problem(label: str, text, required: bool, max_chars: int) -> str | None:
+    """The problem with one prompt field (None when it is fine): not text, empty, too long, or not encodable
+    as UTF-8 (a lone surrogate such as ``"\\ud800"``)."""
+    if not isinstance(text, str):
+        return f"The {label} must be text; got {type(text).__name__} {_short_repr(text)}."
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return (f"The {label} contains a character that is not valid text ({text[e.start]!r}, a lone surrogate, "
+                f"at position {e.start}); send it as UTF-8.")
+    if required and not text.strip():
+        return f"The {label} is empty: describe what to generate."
+    if len(text) > max_chars:
+        return f"The {label} has {len(text)} characters; the limit is {max_chars}."
+    return None
+
+
+def _short_repr(v, n: int = 40) -> str:
+    r = repr(v)
+    return r if len(r) <= n else r[: n - 3] + "..."
+
+
 def _is_int(v) -> bool:
     if isinstance(v, bool):
         return False
@@ -208,15 +247,10 @@ class GenerationRequest:
             problems.append(f"Unknown model {self.model!r}; choose one of: {', '.join(settings.models)}.")
         prompt = self.prompt if isinstance(self.prompt, str) else None
         negative = self.negative_prompt if self.negative_prompt is not None else ""
-        if prompt is None or not prompt.strip():
-            problems.append("The prompt is empty: describe what to generate.")
-        elif len(prompt) > lim.prompt_max_chars:
-            problems.append(f"The prompt has {len(prompt)} characters; the limit is {lim.prompt_max_chars}.")
-        if not isinstance(negative, str):
-            problems.append("The negative prompt must be text.")
-        elif len(negative) > lim.prompt_max_chars:
-            problems.append(f"The negative prompt has {len(negative)} characters; the limit is "
-                            f"{lim.prompt_max_chars}.")
+        for label, text, required in (("prompt", self.prompt, True), ("negative prompt", negative, False)):
+            problem = _text_problem(label, text, required, lim.prompt_max_chars)
+            if problem:
+                problems.append(problem)
         if not _is_int(self.seed) or not (0 <= self.seed <= lim.seed_max):
             problems.append(f"Seed must be a whole number from 0 to {lim.seed_max}; got {self.seed!r}.")
         video = kind in VIDEO_KINDS
@@ -251,6 +285,14 @@ class GenerationRequest:
             if q.kv_correction not in KV_CORRECTION_CHOICES:
                 problems.append(f"K/V correction must be one of {', '.join(KV_CORRECTION_CHOICES)}; "
                                 f"got {q.kv_correction!r}.")
+        if not problems:  # every field valid: the work asked for must fit the budget
+            cost = lim.cost(frames, self.height, self.width, self.steps)
+            if cost > lim.cost_max:
+                problems.append(
+                    f"This request asks for {cost:,} frame-pixel-steps (frames {int(frames)} x height "
+                    f"{int(self.height)} x width {int(self.width)} x steps {int(self.steps)}); the limit is "
+                    f"{lim.cost_max:,} (about {COST_SECONDS} s of model time on this server). Lower the frames, "
+                    f"the size or the steps.")
         if problems:
             raise InputError(problems)
         kv_on = bool(q.kv_enabled)
