@@ -46,11 +46,19 @@ KV_CORRECTION_CHOICES: tuple[str, ...] = (
 )
 
 
-#: Measured rate of the tiny LTX pipeline on the development CPU (2 shared cores), in frame-pixel-steps per
-#: second of one bf16 generation, from ``python /tmp/rate.py`` timing ``hq_diffusion.models.generate(
-#: tiny_pipeline("ltx"), ...)`` at 9x128x128x2, 17x256x256x2, 33x256x256x1 and 9x128x128x8 (the slowest of
-#: the four is taken): see COST_RATE_NOTE.
-COST_RATE = 24_540
+#: Measured rate of one bf16 generation of the tiny LTX pipeline on the development CPU (2 cores shared with
+#: other jobs, load average ~4.9), in frame-pixel-steps (frames x height x width x steps) per second. Measured
+#: once (2026-11-27) with::
+#:
+#:     python -c "import time, torch; from hq_diffusion.models import tiny_pipeline, generate
+#:     pipe = tiny_pipeline('ltx', seed=0, dtype=torch.bfloat16)
+#:     for f, s, st in ((9, 128, 2), (17, 256, 2)):
+#:         t = time.perf_counter(); generate(pipe, 'ltx', 'a cat', 0, num_inference_steps=st, height=s,
+#:                                           width=s, num_frames=f); print(f * s * s * st / (time.perf_counter() - t))"
+#:
+#: which gave 24,540 (9x128x128, 2 steps: 12.0 s) and 21,481 (17x256x256, 2 steps: 103.7 s); the slower is
+#: taken. (The issue's 512x512, 33 frames at 54 s per step is ~160,000 per second of a lighter-loaded CPU.)
+COST_RATE = 21_481
 #: Seconds of model time one request may take (a request runs the bf16 and the quantized pipeline, so twice
 #: the generation time); the budget :attr:`Limits.cost_max` follows from it and :data:`COST_RATE`.
 COST_SECONDS = 120
