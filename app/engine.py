@@ -455,6 +455,11 @@ class Engine:
                 self._inflight -= 1
                 self._idle.notify_all()
 
+    @property
+    def inflight(self) -> int:
+        """Runs in progress (validated, not yet returned or raised)."""
+        return self._inflight
+
     def shutdown(self, timeout: float = 30.0) -> bool:
         """Refuse new runs, cancel the running ones at their next step, and wait up to ``timeout`` seconds
         until none is in flight. Returns whether the engine became idle in time."""

@@ -186,7 +186,10 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         pass
     finally:
-        print("hq-diffusion app: stopping", file=sys.stderr, flush=True)
+        engine.shutdown(timeout=0)  # Ctrl+C too: cancel what is in flight
+        n = engine.inflight
+        print("hq-diffusion app: stopping" + (f"; cancelling {n} generation(s) in flight at the next denoising "
+                                              "step" if n else ""), file=sys.stderr, flush=True)
         app.close()
     return 0
 

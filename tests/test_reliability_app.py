@@ -206,7 +206,8 @@ def test_sigterm_during_a_generation_ends_cleanly():
             proc.kill()
             proc.communicate(timeout=10)
     assert proc.returncode == 0, out
-    assert "stopping" in out and "terminate called" not in out and ".part.mp4" not in out, out
+    assert "stopping; cancelling 1 generation(s) in flight" in out, out
+    assert "terminate called" not in out and ".part.mp4" not in out, out
     assert "Traceback" not in out, out
 
 
