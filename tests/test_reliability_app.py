@@ -1,27 +1,18 @@
 """Reliability of the app (issue 10, findings 11-14): per-request K/V state, the work budget, cancellation,
 a bounded queue, clear messages for malformed input, a clean stop on SIGTERM, and the soak benchmark's code
 path on a small count."""
-import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 
 import pytest
 
+from test_app import _api_args  # the /generate arguments of a small request (tests/ is on sys.path)
+
 from hq_diffusion.app.config import COST_MAX, AppSettings, GenerationRequest, InputError, Limits, QuantSettings
 
 FAST = dict(frames=5, height=32, width=32, steps=1)
 KV = QuantSettings(kv_enabled=True, kv_bps=4.0, kv_correction="haar+dither")
-
-
-def _api_args(**over):
-    args = dict(model="tiny-ltx", prompt="a red robot walking in the city", negative_prompt="", seed=0,
-                frames=5, height=32, width=32, steps=1, bps=4.0, lattice="e8", mma="auto", kv_enabled=False,
-                kv_bps=4.0, kv_correction="haar+dither")
-    args.update(over)
-    return args
 
 
 @pytest.fixture(scope="module")
@@ -112,24 +103,16 @@ def test_malformed_prompts_get_specific_messages(prompt, needle):
 
 @pytest.fixture(scope="module")
 def served():
-    pytest.importorskip("gradio_client")
+    """The app with one generation at a time and one waiting place, and a gradio_client on it."""
+    Client = pytest.importorskip("gradio_client").Client
     from hq_diffusion.app.server import start
 
-    app = start(AppSettings(port=0, max_concurrency=1, queue_size=1), preload=False)
-    try:
+    with start(AppSettings(port=0, max_concurrency=1, queue_size=1), preload=False) as app:
+        app.client = Client(app.url, verbose=False)
         yield app
-    finally:
-        app.close()
 
 
-@pytest.fixture(scope="module")
-def client(served):
-    from gradio_client import Client
-
-    return Client(served.url, verbose=False)
-
-
-def test_api_too_few_arguments_and_bad_prompts(served, client):
+def test_api_too_few_arguments_and_bad_prompts(served):
     from gradio_client.exceptions import AppError
 
     from hq_diffusion.bench.app_load import raw_generate
@@ -142,11 +125,11 @@ def test_api_too_few_arguments_and_bad_prompts(served, client):
     assert "not valid text" in out and "TypeError" not in out, out
     for bad, needle in ((12, "must be text; got int"), (["a"], "must be text; got list")):
         with pytest.raises(AppError) as ei:
-            client.predict(**_api_args(prompt=bad), api_name="/generate")
+            served.client.predict(**_api_args(prompt=bad), api_name="/generate")
         assert needle in str(ei.value) and "TypeError" not in str(ei.value), str(ei.value)
 
 
-def test_queue_is_bounded_with_a_clear_message(served, client):
+def test_queue_is_bounded_with_a_clear_message(served):
     """One generation running, one waiting (queue_size=1): the next is turned away with Gradio's message."""
     gate = threading.Event()
     engine = served.engine
@@ -164,7 +147,7 @@ def test_queue_is_bounded_with_a_clear_message(served, client):
                 for i in range(2)]
         time.sleep(2.0)
         with pytest.raises(Exception) as ei:
-            client.predict(**_api_args(seed=9), api_name="/generate")
+            served.client.predict(**_api_args(seed=9), api_name="/generate")
         assert "Queue is full" in str(ei.value), str(ei.value)
     finally:
         gate.set()
@@ -176,35 +159,32 @@ def test_queue_is_bounded_with_a_clear_message(served, client):
 def test_sigterm_during_a_generation_ends_cleanly():
     """`hq-diffusion app` with a generation in flight: SIGTERM cancels it and the process exits 0, with no
     failed video write and no C++ 'terminate called'."""
+    import tempfile
+
     from gradio_client import Client
 
-    from hq_diffusion.app.server import free_port
+    from hq_diffusion.bench import app_load
 
-    port = free_port()
-    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False")
-    proc = subprocess.Popen([sys.executable, "-m", "hq_diffusion.app.server", "--port", str(port), "--model",
-                             "tiny-ltx"], env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.monotonic() + 120
-        client = None
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                client = Client(f"http://127.0.0.1:{port}/", verbose=False)
-                break
-            except Exception:  # noqa: BLE001 - not serving yet
-                time.sleep(0.5)
-        assert client is not None, "the app did not start"
-        job = client.submit(**_api_args(steps=20, frames=5, height=64, width=64), api_name="/generate")
-        while time.monotonic() < deadline and "step" not in str(job.status().progress_data or ""):
-            time.sleep(0.2)
-        assert "step" in str(job.status().progress_data or ""), "the generation never started"
-        proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=90)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate(timeout=10)
+    port = app_load._free_port()
+    url = f"http://127.0.0.1:{port}/"
+    with tempfile.TemporaryFile() as log:
+        # the server as the benchmark starts it: `python -m hq_diffusion.app.server --model tiny-ltx ...`
+        proc = app_load._start_server(app_load._parser().parse_args([]), port, log)
+        try:
+            app_load._wait_ready(proc, log, url, timeout=120)
+            job = Client(url, verbose=False).submit(**_api_args(steps=20, frames=5, height=64, width=64),
+                                                    api_name="/generate")
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline and "step" not in str(job.status().progress_data or ""):
+                time.sleep(0.2)
+            assert "step" in str(job.status().progress_data or ""), "the generation never started"
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=90)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=10)
+        out = app_load._read_log(log)
     assert proc.returncode == 0, out
     assert "stopping; cancelling 1 generation(s) in flight" in out, out
     assert "terminate called" not in out and ".part.mp4" not in out, out

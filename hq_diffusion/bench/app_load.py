@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
+import contextlib
 import math
 import os
 import statistics
@@ -114,6 +115,29 @@ def _stop_server(proc: subprocess.Popen, log) -> str:
     return _read_log(log)
 
 
+@contextlib.contextmanager
+def _server(args):
+    """``(process, url)`` of the app started as a subprocess on a free loopback port and ready to serve;
+    stopped with SIGTERM on exit (its log printed when it did not exit cleanly)."""
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}/"
+    server_log = tempfile.TemporaryFile()
+    proc = _start_server(args, port, server_log)
+    try:
+        _wait_ready(proc, server_log, url)
+        yield proc, url
+    finally:
+        log = _stop_server(proc, server_log)
+        server_log.close()
+        if proc.returncode != 0 and log:
+            print(f"app_load: server log (exit {proc.returncode}):\n{log[-3000:]}", file=sys.stderr)
+
+
+def _server_line(args) -> str:
+    return (f"Server: `hq-diffusion app --model {args.model} --max-concurrency {args.concurrency}` on 127.0.0.1 "
+            f"(subprocess)")
+
+
 def _request(args, i: int) -> dict:
     return dict(model=args.model, prompt=_PROMPTS[(i // 2) % len(_PROMPTS)], negative_prompt="",
                 seed=(i // 2), frames=args.frames, height=args.size, width=args.size, steps=args.steps,
@@ -191,13 +215,8 @@ def main(argv=None) -> int:
 
     from ._common import emit, header, table
 
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}/"
-    server_log = tempfile.TemporaryFile()
-    proc = _start_server(args, port, server_log)
-    try:
-        t0 = time.perf_counter()
-        _wait_ready(proc, server_log, url)
+    t0 = time.perf_counter()
+    with _server(args) as (proc, url):
         start_s = time.perf_counter() - t0
         client = Client(url, verbose=False)
         requests = [_request(args, i) for i in range(args.requests)]
@@ -273,8 +292,7 @@ def main(argv=None) -> int:
                              f"{max(values) * 1e3:.0f} ms", ""])
         text = "\n".join([
             header("Gradio app under load", cmd.strip()),
-            f"Server: `hq-diffusion app --model {args.model} --max-concurrency {args.concurrency}` on 127.0.0.1 "
-            f"(subprocess); requests: {args.frames} frames of {args.size}x{args.size} px, {args.steps} steps, "
+            f"{_server_line(args)}; requests: {args.frames} frames of {args.size}x{args.size} px, {args.steps} steps, "
             f"4 bits/weight E8, {n} concurrent calls ({n // 2 or 1} distinct inputs, each sent twice).",
             "",
             table(["request", "count", "p50 latency", "max latency", "throughput"], rows),
@@ -293,11 +311,6 @@ def main(argv=None) -> int:
         ])
         emit(text, args.out)
         return 0
-    finally:
-        log = _stop_server(proc, server_log)
-        server_log.close()
-        if proc.returncode != 0 and log:
-            print(f"app_load: server log (exit {proc.returncode}):\n{log[-3000:]}", file=sys.stderr)
 
 
 
@@ -361,13 +374,8 @@ def _soak(args, argv) -> int:
     if args.model not in ("tiny-ltx",):
         print("app_load: --soak runs tiny-ltx (its invalid requests name tiny-ltx)", file=sys.stderr)
         return 2
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}/"
-    server_log = tempfile.TemporaryFile()
-    proc = _start_server(args, port, server_log)
     deadline = time.monotonic() + args.timeout
-    try:
-        _wait_ready(proc, server_log, url)
+    with _server(args) as (proc, url):
         client = Client(url, verbose=False)
         outcomes: list[dict] = []
         phases = []
@@ -409,8 +417,7 @@ def _soak(args, argv) -> int:
         lat = [o["seconds"] for o in valid]
         text = "\n".join([
             header("Gradio app soak", cmd.strip()),
-            f"Server: `hq-diffusion app --model {args.model} --max-concurrency {args.concurrency}` on 127.0.0.1; "
-            f"valid requests: {args.frames} frames of {args.size}x{args.size} px, {args.steps} steps, 4 distinct "
+            f"{_server_line(args)}; valid requests: {args.frames} frames of {args.size}x{args.size} px, {args.steps} steps, 4 distinct "
             f"inputs; every fourth request invalid ({', '.join(w for w, _, _ in _INVALID)}).",
             "",
             table(["phase", "requests", "wall", "server RSS after"], rows),
@@ -426,11 +433,6 @@ def _soak(args, argv) -> int:
             print("app_load: soak FAILED:\n  " + "\n  ".join(problems[:20]), file=sys.stderr)
             return 1
         return 0
-    finally:
-        log = _stop_server(proc, server_log)
-        server_log.close()
-        if proc.returncode != 0 and log:
-            print(f"app_load: server log (exit {proc.returncode}):\n{log[-3000:]}", file=sys.stderr)
 
 
 if __name__ == "__main__":
