@@ -79,7 +79,9 @@ def is_tiny(model: str) -> bool:
 
 @dataclass(frozen=True)
 class Limits:
-    """Input limits of one request (inclusive). Frames: ``4k+1`` for video models."""
+    """Input limits of one request (inclusive). Frames: ``4k+1`` for video models. Besides each field's range,
+    the work of a request (frames x height x width x steps) must not exceed ``cost_max``; a request over it is
+    refused with a message before any work is done."""
 
     prompt_max_chars: int = 500
     frames_max: int = 33

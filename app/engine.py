@@ -5,7 +5,10 @@ No Gradio here; :class:`Engine` is driven by the UI (``app/ui.py``), by tests an
 Concurrency: every pipeline call and every quantization runs under one lock (a DiT saturates the device;
 diffusers pipelines keep per-call state on the pipeline and scheduler objects), while metrics and video
 encoding of finished generations run outside it, so several requests overlap. The caches live under the
-same lock.
+same lock. A run can be cancelled (``run(..., cancel=event)``, or :meth:`Engine.shutdown` for all of them):
+it stops at the next denoising step or stage with :class:`GenerationCancelled` and releases the lock. The
+quantized pipeline's K/V state is reset before each of its generations, so identical requests give identical
+frames and K/V byte counts.
 
 Caches:
     * bf16 results, LRU of ``settings.result_cache_size``, keyed by (model, prompt, negative prompt, seed,
