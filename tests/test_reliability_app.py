@@ -129,6 +129,22 @@ def test_api_too_few_arguments_and_bad_prompts(served):
         assert needle in str(ei.value) and "TypeError" not in str(ei.value), str(ei.value)
 
 
+def test_client_cancel_stops_the_generation(served):
+    """gradio_client's Job.cancel(): Gradio cancels the handler's task and the engine stops at its next step."""
+    engine = served.engine
+    job = served.client.submit(**_api_args(steps=20, frames=5, height=64, width=64, seed=5), api_name="/generate")
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and "step" not in str(job.status().progress_data or ""):
+        time.sleep(0.1)
+    assert engine.inflight == 1
+    job.cancel()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and engine.inflight:
+        time.sleep(0.1)
+    assert engine.inflight == 0 and not engine._model_lock.locked()
+    assert not any(k[3] == 5 for k in engine._bf16), "the cancelled generation ran to the end"
+
+
 def test_queue_is_bounded_with_a_clear_message(served):
     """One generation running, one waiting (queue_size=1): the next is turned away with Gradio's message."""
     gate = threading.Event()
