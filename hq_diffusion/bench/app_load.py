@@ -417,15 +417,15 @@ def _soak(args, argv) -> int:
         lat = [o["seconds"] for o in valid]
         text = "\n".join([
             header("Gradio app soak", cmd.strip()),
-            f"{_server_line(args)}; valid requests: {args.frames} frames of {args.size}x{args.size} px, {args.steps} steps, 4 distinct "
-            f"inputs; every fourth request invalid ({', '.join(w for w, _, _ in _INVALID)}).",
+            f"{_server_line(args)}; valid requests: {args.frames} frames of {args.size}x{args.size} px, "
+            f"{args.steps} steps, 4 distinct inputs; every fourth request invalid ({', '.join(w for w, _, _ in _INVALID)}).",
             "",
             table(["phase", "requests", "wall", "server RSS after"], rows),
             "",
             f"RSS after the first {min(16, args.soak_sequential)} requests {rss_base / 2**20:.0f} MiB, at the end "
-            f"{rss_end / 2**20:.0f} MiB ({(rss_end / rss_base - 1) * 100:+.1f}%; limit +10%). Valid requests "
-            f"correct: {len(valid) - len(_check([o['res'] for o in valid], [o['req'] for o in valid]) and valid)}"
-            f"/{len(valid)} (p50 latency {statistics.median(lat) if lat else float('nan'):.2f} s); invalid "
+            f"{rss_end / 2**20:.0f} MiB ({(rss_end / rss_base - 1) * 100:+.1f}%; limit +10%). Valid requests: "
+            f"{len(valid)}, {len(valid) if not check else 'not all'} correct ({len(check)} problem(s) found; p50 "
+            f"latency {statistics.median(lat) if lat else float('nan'):.2f} s); invalid "
             f"requests with their specific message: {sum(o['ok'] for o in invalid)}/{len(invalid)}.",
         ])
         emit(text, args.out)
