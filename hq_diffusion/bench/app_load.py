@@ -418,7 +418,8 @@ def _soak(args, argv) -> int:
         text = "\n".join([
             header("Gradio app soak", cmd.strip()),
             f"{_server_line(args)}; valid requests: {args.frames} frames of {args.size}x{args.size} px, "
-            f"{args.steps} steps, 4 distinct inputs; every fourth request invalid ({', '.join(w for w, _, _ in _INVALID)}).",
+            f"{args.steps} steps, 4 distinct inputs; every fourth request invalid "
+            f"({', '.join(w for w, _, _ in _INVALID)}).",
             "",
             table(["phase", "requests", "wall", "server RSS after"], rows),
             "",
