@@ -43,8 +43,8 @@ from hq_diffusion.integrations import families
 
 from .config import TINY_KINDS, VIDEO_KINDS, AppSettings, GenerationRequest, QuantSettings, is_tiny
 
-__all__ = ["Engine", "GenerationCancelled", "GenerationResult", "PIPELINE_CLASSES", "resolve_kind", "to_uint8", "write_video", "error_gain",
-           "frames_digest"]
+__all__ = ["Engine", "GenerationCancelled", "GenerationResult", "PIPELINE_CLASSES", "resolve_kind", "to_uint8",
+           "write_video", "error_gain", "frames_digest", "reset_kv_state_of"]
 
 log = logging.getLogger(__name__)
 
