@@ -46,6 +46,25 @@ KV_CORRECTION_CHOICES: tuple[str, ...] = (
 )
 
 
+#: Measured rate of one bf16 generation of the tiny LTX pipeline on the development CPU (2 cores shared with
+#: other jobs, load average ~4.9), in frame-pixel-steps (frames x height x width x steps) per second. Measured
+#: once (2026-11-27) with::
+#:
+#:     python -c "import time, torch; from hq_diffusion.models import tiny_pipeline, generate
+#:     pipe = tiny_pipeline('ltx', seed=0, dtype=torch.bfloat16)
+#:     for f, s, st in ((9, 128, 2), (17, 256, 2)):
+#:         t = time.perf_counter(); generate(pipe, 'ltx', 'a cat', 0, num_inference_steps=st, height=s,
+#:                                           width=s, num_frames=f); print(f * s * s * st / (time.perf_counter() - t))"
+#:
+#: which gave 24,540 (9x128x128, 2 steps: 12.0 s) and 21,481 (17x256x256, 2 steps: 103.7 s); the slower is
+#: taken. (The issue's 512x512, 33 frames at 54 s per step is ~160,000 per second of a lighter-loaded CPU.)
+COST_RATE = 21_481
+#: Seconds of model time one request may take (a request runs the bf16 and the quantized pipeline, so twice
+#: the generation time); the budget :attr:`Limits.cost_max` follows from it and :data:`COST_RATE`.
+COST_SECONDS = 120
+COST_MAX = COST_RATE * COST_SECONDS // 2
+
+
 class InputError(ValueError):
     """A request outside the app's limits; ``problems`` lists each problem as one sentence."""
 
@@ -60,7 +79,9 @@ def is_tiny(model: str) -> bool:
 
 @dataclass(frozen=True)
 class Limits:
-    """Input limits of one request (inclusive). Frames: ``4k+1`` for video models."""
+    """Input limits of one request (inclusive). Frames: ``4k+1`` for video models. Besides each field's range,
+    the work of a request (frames x height x width x steps) must not exceed ``cost_max``; a request over it is
+    refused with a message before any work is done."""
 
     prompt_max_chars: int = 500
     frames_max: int = 33
@@ -72,6 +93,12 @@ class Limits:
     bps_min: float = 2.0
     bps_max: float = 8.0
     seed_max: int = 2**32 - 1
+    #: The most work one request may ask for, in frames x height x width x steps (see :data:`COST_MAX`).
+    cost_max: int = COST_MAX
+
+    def cost(self, frames: int, height: int, width: int, steps: int) -> int:
+        """Work of one request in frame-pixel-steps (frames x height x width x steps)."""
+        return int(frames) * int(height) * int(width) * int(steps)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -164,6 +191,28 @@ class QuantSettings:
         return (float(self.bps), self.lattice, self.mma, kv)
 
 
+def _text_problem(label: str, text, required: bool, max_chars: int) -> str | None:
+    """The problem with one prompt field (None when it is fine): not text, empty, too long, or not encodable
+    as UTF-8 (a lone surrogate such as ``"\\ud800"``)."""
+    if not isinstance(text, str):
+        return f"The {label} must be text; got {type(text).__name__} {_short_repr(text)}."
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return (f"The {label} contains a character that is not valid text ({text[e.start]!r}, a lone surrogate, "
+                f"at position {e.start}); send it as UTF-8.")
+    if required and not text.strip():
+        return f"The {label} is empty: describe what to generate."
+    if len(text) > max_chars:
+        return f"The {label} has {len(text)} characters; the limit is {max_chars}."
+    return None
+
+
+def _short_repr(v, n: int = 40) -> str:
+    r = repr(v)
+    return r if len(r) <= n else r[: n - 3] + "..."
+
+
 def _is_int(v) -> bool:
     if isinstance(v, bool):
         return False
@@ -208,15 +257,10 @@ class GenerationRequest:
             problems.append(f"Unknown model {self.model!r}; choose one of: {', '.join(settings.models)}.")
         prompt = self.prompt if isinstance(self.prompt, str) else None
         negative = self.negative_prompt if self.negative_prompt is not None else ""
-        if prompt is None or not prompt.strip():
-            problems.append("The prompt is empty: describe what to generate.")
-        elif len(prompt) > lim.prompt_max_chars:
-            problems.append(f"The prompt has {len(prompt)} characters; the limit is {lim.prompt_max_chars}.")
-        if not isinstance(negative, str):
-            problems.append("The negative prompt must be text.")
-        elif len(negative) > lim.prompt_max_chars:
-            problems.append(f"The negative prompt has {len(negative)} characters; the limit is "
-                            f"{lim.prompt_max_chars}.")
+        for label, text, required in (("prompt", self.prompt, True), ("negative prompt", negative, False)):
+            problem = _text_problem(label, text, required, lim.prompt_max_chars)
+            if problem:
+                problems.append(problem)
         if not _is_int(self.seed) or not (0 <= self.seed <= lim.seed_max):
             problems.append(f"Seed must be a whole number from 0 to {lim.seed_max}; got {self.seed!r}.")
         video = kind in VIDEO_KINDS
@@ -251,6 +295,14 @@ class GenerationRequest:
             if q.kv_correction not in KV_CORRECTION_CHOICES:
                 problems.append(f"K/V correction must be one of {', '.join(KV_CORRECTION_CHOICES)}; "
                                 f"got {q.kv_correction!r}.")
+        if not problems:  # every field valid: the work asked for must fit the budget
+            cost = lim.cost(frames, self.height, self.width, self.steps)
+            if cost > lim.cost_max:
+                problems.append(
+                    f"This request asks for {cost:,} frame-pixel-steps (frames {int(frames)} x height "
+                    f"{int(self.height)} x width {int(self.width)} x steps {int(self.steps)}); the limit is "
+                    f"{lim.cost_max:,} (about {COST_SECONDS} s of model time on this server). Lower the frames, "
+                    f"the size or the steps.")
         if problems:
             raise InputError(problems)
         kv_on = bool(q.kv_enabled)

@@ -5,7 +5,10 @@ No Gradio here; :class:`Engine` is driven by the UI (``app/ui.py``), by tests an
 Concurrency: every pipeline call and every quantization runs under one lock (a DiT saturates the device;
 diffusers pipelines keep per-call state on the pipeline and scheduler objects), while metrics and video
 encoding of finished generations run outside it, so several requests overlap. The caches live under the
-same lock.
+same lock. A run can be cancelled (``run(..., cancel=event)``, or :meth:`Engine.shutdown` for all of them):
+it stops at the next denoising step or stage with :class:`GenerationCancelled` and releases the lock. The
+quantized pipeline's K/V state is reset before each of its generations, so identical requests give identical
+frames and K/V byte counts.
 
 Caches:
     * bf16 results, LRU of ``settings.result_cache_size``, keyed by (model, prompt, negative prompt, seed,
@@ -40,8 +43,8 @@ from hq_diffusion.integrations import families
 
 from .config import TINY_KINDS, VIDEO_KINDS, AppSettings, GenerationRequest, QuantSettings, is_tiny
 
-__all__ = ["Engine", "GenerationResult", "PIPELINE_CLASSES", "resolve_kind", "to_uint8", "write_video", "error_gain",
-           "frames_digest"]
+__all__ = ["Engine", "GenerationCancelled", "GenerationResult", "PIPELINE_CLASSES", "resolve_kind", "to_uint8",
+           "write_video", "error_gain", "frames_digest", "reset_kv_state_of"]
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +58,23 @@ _TINY_FPS = 8.0  # playback rate of the tiny models' few frames
 _DISPLAY_MIN_HEIGHT = 256  # small frames are nearest-upscaled to at least this height for display
 _ERROR_GAINS = (64, 32, 16, 8, 4)  # error-map amplification, the largest that keeps the 99th percentile visible
 _KEEP_RESULT_DIRS = 32
+
+
+class GenerationCancelled(RuntimeError):
+    """A generation stopped before it finished: the client cancelled it or the server is shutting down. Raised
+    between denoising steps (and between the stages of a request), so the model lock is released at once."""
+
+
+def reset_kv_state_of(pipe) -> None:
+    """Zero the K/V dither step counters and rate statistics of every component of ``pipe``, so that a
+    generation repeats the first one whatever ran before it (as ``eval.runner`` does before each generation)."""
+    import torch
+
+    from hq_diffusion.integrations.kv_processors import reset_kv_state
+
+    for module in getattr(pipe, "components", {}).values():
+        if isinstance(module, torch.nn.Module):
+            reset_kv_state(module)
 
 
 def resolve_kind(model: str) -> str:
@@ -283,6 +303,9 @@ class Engine:
         self.stats = {"bf16_generations": 0, "bf16_cache_hits": 0, "quantizations": 0,
                       "quant_cache_hits": 0, "quant_generations": 0}
         self._kinds: dict[str, str] = {}
+        self._shutdown = threading.Event()  # set by shutdown(): new runs are refused, running ones cancelled
+        self._idle = threading.Condition()
+        self._inflight = 0
 
     # ---- models -------------------------------------------------------------------------------------------
 
@@ -373,8 +396,16 @@ class Engine:
 
     # ---- generation ---------------------------------------------------------------------------------------
 
+    def _check(self, cancel: threading.Event | None) -> None:
+        """Raise :class:`GenerationCancelled` when ``cancel`` is set or the engine is shutting down."""
+        if self._shutdown.is_set():
+            raise GenerationCancelled("The generation was stopped: the server is shutting down.")
+        if cancel is not None and cancel.is_set():
+            raise GenerationCancelled("The generation was cancelled.")
+
     def _call(self, loaded: _Loaded, req: GenerationRequest, pipe, report: Callable[[int], None]) -> dict:
-        """Run one pipeline; ``{"frames": uint8, "audio", "audio_rate"}``."""
+        """Run one pipeline; ``{"frames": uint8, "audio", "audio_rate"}``. ``report(step)`` is called after
+        every denoising step and may raise (a cancellation) to stop the pipeline there."""
         from hq_diffusion.models import generate
 
         kw: dict[str, Any] = dict(loaded.call_defaults)
@@ -400,21 +431,60 @@ class Engine:
                     "audio_rate": out.get("audio_sample_rate")}
         return {"frames": to_uint8(out), "audio": None, "audio_rate": None}
 
-    def run(self, request: GenerationRequest, progress: Callable[[float, str], None] | None = None
-            ) -> GenerationResult:
+    def run(self, request: GenerationRequest, progress: Callable[[float, str], None] | None = None,
+            cancel: threading.Event | None = None) -> GenerationResult:
         """Validate ``request``, generate bf16 (or take it from the cache) and quantized outputs, measure.
 
         Args:
-            request: the request (validated here; an :class:`InputError` lists every problem).
+            request: the request (validated here, before any work; an :class:`InputError` lists every
+                problem, the work budget ``Limits.cost_max`` included).
             progress: ``fn(fraction in [0, 1], description)``, called from this thread.
+            cancel: when set (from any thread), the run stops at the next denoising step or stage with
+                :class:`GenerationCancelled`, releasing the model lock; nothing half-done is cached.
         """
+        req = request.validate(self.settings, self.kind(request.model))
+        self._check(cancel)
+        with self._idle:
+            self._inflight += 1
+        try:
+            return self._run(req, progress, cancel)
+        except Exception as e:
+            if self._shutdown.is_set() and not isinstance(e, GenerationCancelled):
+                # e.g. the video encoder was stopped by the same signal: report the shutdown, not its effect
+                raise GenerationCancelled("The generation was stopped: the server is shutting down.") from e
+            raise
+        finally:
+            with self._idle:
+                self._inflight -= 1
+                self._idle.notify_all()
+
+    @property
+    def inflight(self) -> int:
+        """Runs in progress (validated, not yet returned or raised)."""
+        return self._inflight
+
+    def shutdown(self, timeout: float = 30.0) -> bool:
+        """Refuse new runs, cancel the running ones at their next step, and wait up to ``timeout`` seconds
+        until none is in flight. Returns whether the engine became idle in time."""
+        self._shutdown.set()
+        with self._idle:
+            return self._idle.wait_for(lambda: self._inflight == 0, timeout=timeout)
+
+    def _run(self, req: GenerationRequest, progress, cancel) -> GenerationResult:
         t_start = time.perf_counter()
         report = progress or (lambda _f, _d: None)
-        req = request.validate(self.settings, self.kind(request.model))
+
+        def step(lo: float, span: float, label: str) -> Callable[[int], None]:
+            def on_step(i: int) -> None:
+                self._check(cancel)  # between denoising steps: a cancelled request stops here
+                report(lo + span * i / steps, f"{label}: step {i}/{steps}")
+            return on_step
+
         steps = req.steps
         report(0.0, "waiting for the model" if self._model_lock.locked() else "starting")
         with self._model_lock:
             t_wait = time.perf_counter() - t_start
+            self._check(cancel)
             if req.model not in self._loaded:
                 report(0.01, "loading the model")
             loaded = self._load(req.model)
@@ -428,19 +498,22 @@ class Engine:
             else:
                 report(0.02, "bf16: generating")
                 t0 = time.perf_counter()
-                out = self._call(loaded, req, loaded.pipe,
-                                 lambda i: report(0.02 + 0.38 * i / steps, f"bf16: step {i}/{steps}"))
+                out = self._call(loaded, req, loaded.pipe, step(0.02, 0.38, "bf16"))
                 bf16 = _Bf16(out["frames"], out["audio"], out["audio_rate"], time.perf_counter() - t0)
                 self._bf16[bkey] = bf16
                 while len(self._bf16) > self.settings.result_cache_size:
                     self._bf16.popitem(last=False)
                 self.stats["bf16_generations"] += 1
+            self._check(cancel)
             report(0.4, "quantizing the transformer")
             qentry, q_cached = self._quantized(req.model, loaded, req.quant)
+            self._check(cancel)
             report(0.45, "quantized: generating")
             t0 = time.perf_counter()
-            qout = self._call(loaded, req, qentry.pipe,
-                              lambda i: report(0.45 + 0.4 * i / steps, f"quantized: step {i}/{steps}"))
+            # per-request K/V state (dither step counters, rate statistics) starts from zero: identical
+            # requests give identical frames and K/V byte counts, and the summary measures this generation
+            reset_kv_state_of(qentry.pipe)
+            qout = self._call(loaded, req, qentry.pipe, step(0.45, 0.4, "quantized"))
             quant_seconds = time.perf_counter() - t0
             self.stats["quant_generations"] += 1
             summary = self._summary_fn(qentry.pipe)  # after the call: K/V rates are measured
@@ -459,6 +532,7 @@ class Engine:
                 audio_snr = M.audio_snr_db(bf16.audio, qout["audio"])
             except ValueError as e:
                 log.warning("audio SNR not computed: %s", e)
+        self._check(cancel)
         report(0.92, "writing videos")
         d = self._new_result_dir()
         fps = loaded.fps

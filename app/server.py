@@ -12,10 +12,11 @@ import socket
 import sys
 import threading
 from dataclasses import dataclass
+from typing import Callable
 
 from .config import TINY_MODELS, AppSettings, is_tiny
 
-__all__ = ["main", "start", "RunningApp", "free_port", "build_parser"]
+__all__ = ["main", "start", "RunningApp", "free_port", "build_parser", "stop_handler"]
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -38,10 +39,16 @@ class RunningApp:
     url: str
     engine: object
 
-    def close(self) -> None:
+    def close(self, timeout: float = 60.0) -> None:
+        """Stop accepting requests, cancel the generations in flight (they stop at their next denoising step),
+        close the server, wait up to ``timeout`` s for the engine to be idle, then drop the models."""
         try:
+            self.engine.shutdown(timeout=0)
             self.demo.close()
         finally:
+            if not self.engine.shutdown(timeout=timeout):
+                print(f"hq-diffusion app: a generation was still running {timeout:.0f} s after the stop",
+                      file=sys.stderr, flush=True)
             self.engine.close()
 
     def __enter__(self) -> "RunningApp":
@@ -91,6 +98,18 @@ def _preload(engine) -> None:
         engine.preload()
     except Exception as e:  # noqa: BLE001 - the first request reports the same error to the user
         print(f"hq-diffusion app: could not preload {engine.settings.default_model}: {e}", file=sys.stderr)
+
+
+def stop_handler(engine, stop: threading.Event) -> Callable:
+    """The SIGTERM handler of ``hq-diffusion app``: ``stop`` is set (the main loop then closes the server) and
+    the engine refuses new runs and cancels the one in flight at its next denoising step, so the process ends
+    cleanly instead of tearing down a thread that is still inside the model."""
+
+    def handler(signum, frame) -> None:
+        stop.set()
+        engine.shutdown(timeout=0)
+
+    return handler
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -156,8 +175,9 @@ def main(argv=None) -> int:
         print(f"hq-diffusion app: warning: binding {settings.host}: the app is reachable from other machines",
               file=sys.stderr)
     stop = threading.Event()
-    # SIGTERM stops the app like Ctrl+C (SIGINT raises KeyboardInterrupt as usual)
-    signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
+    # SIGTERM stops the app like Ctrl+C (SIGINT raises KeyboardInterrupt as usual); both end in app.close(),
+    # which cancels the generation in flight and waits for it before the process exits
+    signal.signal(signal.SIGTERM, stop_handler(engine, stop))
     app = start(settings, engine, quiet=True)
     print(f"hq-diffusion app: serving on {app.url} (Ctrl+C to stop)", flush=True)
     try:
@@ -166,7 +186,10 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         pass
     finally:
-        print("hq-diffusion app: stopping", file=sys.stderr, flush=True)
+        engine.shutdown(timeout=0)  # Ctrl+C too: cancel what is in flight
+        n = engine.inflight
+        print("hq-diffusion app: stopping" + (f"; cancelling {n} generation(s) in flight at the next denoising "
+                                              "step" if n else ""), file=sys.stderr, flush=True)
         app.close()
     return 0
 

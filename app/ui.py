@@ -11,8 +11,10 @@ the metrics as JSON; ``/limits`` returns the input limits and the offered models
 """
 from __future__ import annotations
 
+import asyncio
 import html
 import logging
+import threading
 import math
 import os
 from typing import Any
@@ -191,6 +193,33 @@ def _model_choices(settings: AppSettings) -> list[tuple[str, str]]:
     return out
 
 
+#: The /generate API's arguments, in order.
+_GENERATE_INPUTS = ("model", "prompt", "negative_prompt", "seed", "frames", "height", "width", "steps", "bps",
+                    "lattice", "mma", "kv_enabled", "kv_bps", "kv_correction")
+
+
+def _arguments_error(got: int):
+    """The ``gr.Error`` for a /generate call with ``got`` arguments instead of 14, naming the missing ones."""
+    import gradio as gr
+
+    missing = ", ".join(_GENERATE_INPUTS[got:]) or "none"
+    return gr.Error(f"/generate takes {len(_GENERATE_INPUTS)} arguments ({', '.join(_GENERATE_INPUTS)}); got "
+                    f"{got}. Missing: {missing}.", title="Invalid input", print_exception=False)
+
+
+def _clear_argument_count_errors(demo) -> None:
+    """Gradio checks the argument count of an API call before the handler runs and reports too few as a bare
+    ValueError, which the client sees as ``{"error": null}``; for /generate, report the missing arguments."""
+    check = demo.validate_inputs
+
+    def validate_inputs(block_fn, inputs):
+        if getattr(block_fn, "api_name", None) == "generate" and len(inputs) < len(_GENERATE_INPUTS):
+            raise _arguments_error(len(inputs))
+        return check(block_fn, inputs)
+
+    demo.validate_inputs = validate_inputs
+
+
 # ---- the app ---------------------------------------------------------------------------------------------
 
 def build_app(settings: AppSettings | None = None, engine=None):
@@ -205,7 +234,7 @@ def build_app(settings: AppSettings | None = None, engine=None):
     """
     import gradio as gr
 
-    from .engine import Engine
+    from .engine import Engine, GenerationCancelled
 
     settings = settings or AppSettings()
     engine = engine or Engine(settings)
@@ -213,18 +242,26 @@ def build_app(settings: AppSettings | None = None, engine=None):
     default_kind = engine.kind(settings.default_model)
     default_video = default_kind in VIDEO_KINDS
 
-    def on_generate(model, prompt, negative_prompt, seed, frames, height, width, steps, bps, lattice, mma,
-                    kv_enabled, kv_bps, kv_correction, progress=gr.Progress()):
+    async def on_generate(model, prompt, negative_prompt, seed, frames, height, width, steps, bps, lattice, mma,
+                          kv_enabled, kv_bps, kv_correction, progress=gr.Progress()):
+        # An async handler running the engine in a worker thread: when the client cancels (or disconnects),
+        # Gradio cancels this task and the engine stops at its next denoising step, freeing the model lock.
         req = GenerationRequest(
             model=model, prompt=prompt, negative_prompt=negative_prompt or "", seed=seed, frames=frames,
             height=height, width=width, steps=steps,
             quant=QuantSettings(bps=bps, lattice=lattice, mma=mma, kv_enabled=kv_enabled, kv_bps=kv_bps,
                                 kv_correction=kv_correction))
+        cancel = threading.Event()
         try:
-            res = engine.run(req, progress=lambda f, d: progress(f, desc=d))
+            res = await asyncio.to_thread(engine.run, req, lambda f, d: progress(f, desc=d), cancel)
+        except asyncio.CancelledError:
+            cancel.set()
+            raise
         except InputError as e:
             raise gr.Error("\n".join(html.escape(p, quote=False) for p in e.problems), title="Invalid input",
                            print_exception=False) from None
+        except GenerationCancelled as e:
+            raise gr.Error(html.escape(str(e), quote=False), title="Stopped", print_exception=False) from None
         except Exception as e:  # noqa: BLE001 - shown to the user as a message, logged with its traceback
             log.exception("generation failed")
             raise gr.Error(f"Generation failed: {type(e).__name__}: {html.escape(str(e), quote=False)}",
@@ -328,6 +365,7 @@ def build_app(settings: AppSettings | None = None, engine=None):
             preprocess=False,
         )
         gr.api(limits, api_name="limits", queue=False)
+    _clear_argument_count_errors(demo)
     demo.queue(max_size=settings.queue_size, default_concurrency_limit=settings.max_concurrency)
     demo.hq_engine = engine
     return demo

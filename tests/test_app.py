@@ -54,9 +54,9 @@ def test_bad_frame_counts(frames):
 def test_valid_request_is_normalized():
     s = AppSettings()
     r = GenerationRequest(model="tiny-ltx", prompt="  a cat  ", seed=3.0, frames=33.0, height=512, width=32,
-                          steps=50, quant=QuantSettings(bps=2, kv_enabled=False, kv_bps=7.0, kv_correction="none"))
+                          steps=1, quant=QuantSettings(bps=2, kv_enabled=False, kv_bps=7.0, kv_correction="none"))
     v = r.validate(s, "ltx")
-    assert (v.prompt, v.seed, v.frames, v.height, v.steps) == ("a cat", 3, 33, 512, 50)
+    assert (v.prompt, v.seed, v.frames, v.height, v.steps) == ("a cat", 3, 33, 512, 1)
     assert isinstance(v.seed, int) and isinstance(v.frames, int)
     # K/V settings do not matter when K/V is off: one cache key
     assert v.quant.key() == QuantSettings(bps=2.0).key()

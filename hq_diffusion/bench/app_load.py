@@ -9,11 +9,20 @@ Prints a markdown table and stops the server. Everything is bounded (request cou
 count, server start and stop timeouts).
 
     hq-diffusion bench app-load [--requests 8] [--concurrency 2]
+
+With ``--soak``: ``--soak-sequential`` (200) requests one after another, then ``--soak-rounds`` (3) rounds of
+``--soak-concurrent`` (16) concurrent requests, every fourth one invalid (a lone surrogate, an int prompt,
+missing arguments, an over-budget request, a bad frame count). Checks that every valid request is correct
+(as above), every invalid one gets its specific message, and the server's resident memory stays flat: RSS at
+the end <= RSS after the first 16 requests + 10%.
+
+    hq-diffusion bench app-load --soak [--soak-sequential 200] [--soak-rounds 3] [--soak-concurrent 16]
 """
 from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
+import contextlib
 import math
 import os
 import statistics
@@ -45,6 +54,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=600.0, help="seconds allowed for the whole load (default 600)")
     p.add_argument("--probe-interval", type=float, default=0.25, help="seconds between probes (default 0.25)")
     p.add_argument("--out", help="also write the markdown table to this file")
+    p.add_argument("--soak", action="store_true", help="the soak run instead of the load check (see above)")
+    p.add_argument("--soak-sequential", type=int, default=200, help="sequential soak requests (default 200)")
+    p.add_argument("--soak-rounds", type=int, default=3, help="rounds of concurrent soak requests (default 3)")
+    p.add_argument("--soak-concurrent", type=int, default=16, help="requests per concurrent round (default 16)")
     return p
 
 
@@ -68,7 +81,7 @@ def _start_server(args, port: int, log) -> subprocess.Popen:
     env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     cmd = [sys.executable, "-m", "hq_diffusion.app.server", "--host", "127.0.0.1", "--port", str(port),
            "--model", args.model, "--max-concurrency", str(args.concurrency),
-           "--queue-size", str(max(16, args.requests + 4))]
+           "--queue-size", str(max(16, args.requests + 4, args.soak_concurrent + 4))]
     return subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
 
 
@@ -100,6 +113,29 @@ def _stop_server(proc: subprocess.Popen, log) -> str:
             proc.kill()
             proc.wait(timeout=10)
     return _read_log(log)
+
+
+@contextlib.contextmanager
+def _server(args):
+    """``(process, url)`` of the app started as a subprocess on a free loopback port and ready to serve;
+    stopped with SIGTERM on exit (its log printed when it did not exit cleanly)."""
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}/"
+    server_log = tempfile.TemporaryFile()
+    proc = _start_server(args, port, server_log)
+    try:
+        _wait_ready(proc, server_log, url)
+        yield proc, url
+    finally:
+        log = _stop_server(proc, server_log)
+        server_log.close()
+        if proc.returncode != 0 and log:
+            print(f"app_load: server log (exit {proc.returncode}):\n{log[-3000:]}", file=sys.stderr)
+
+
+def _server_line(args) -> str:
+    return (f"Server: `hq-diffusion app --model {args.model} --max-concurrency {args.concurrency}` on 127.0.0.1 "
+            f"(subprocess)")
 
 
 def _request(args, i: int) -> dict:
@@ -173,17 +209,14 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+    if args.soak:
+        return _soak(args, argv)
     from gradio_client import Client
 
     from ._common import emit, header, table
 
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}/"
-    server_log = tempfile.TemporaryFile()
-    proc = _start_server(args, port, server_log)
-    try:
-        t0 = time.perf_counter()
-        _wait_ready(proc, server_log, url)
+    t0 = time.perf_counter()
+    with _server(args) as (proc, url):
         start_s = time.perf_counter() - t0
         client = Client(url, verbose=False)
         requests = [_request(args, i) for i in range(args.requests)]
@@ -259,8 +292,7 @@ def main(argv=None) -> int:
                              f"{max(values) * 1e3:.0f} ms", ""])
         text = "\n".join([
             header("Gradio app under load", cmd.strip()),
-            f"Server: `hq-diffusion app --model {args.model} --max-concurrency {args.concurrency}` on 127.0.0.1 "
-            f"(subprocess); requests: {args.frames} frames of {args.size}x{args.size} px, {args.steps} steps, "
+            f"{_server_line(args)}; requests: {args.frames} frames of {args.size}x{args.size} px, {args.steps} steps, "
             f"4 bits/weight E8, {n} concurrent calls ({n // 2 or 1} distinct inputs, each sent twice).",
             "",
             table(["request", "count", "p50 latency", "max latency", "throughput"], rows),
@@ -279,11 +311,129 @@ def main(argv=None) -> int:
         ])
         emit(text, args.out)
         return 0
-    finally:
-        log = _stop_server(proc, server_log)
-        server_log.close()
-        if proc.returncode != 0 and log:
-            print(f"app_load: server log (exit {proc.returncode}):\n{log[-3000:]}", file=sys.stderr)
+
+
+
+# ---- the soak run ------------------------------------------------------------------------------------------
+
+#: Invalid requests of the soak: (what is wrong, the request's overrides or positional arguments, the text
+#: its error message must contain).
+_INVALID = (
+    ("lone surrogate", {"prompt": "a cat \ud800"}, "not valid text"),
+    ("int prompt", {"prompt": 12}, "The prompt must be text; got int"),
+    ("missing arguments", ("tiny-ltx", "a cat"), "takes 14 arguments"),
+    ("over budget", {"frames": 33, "height": 512, "width": 512, "steps": 50}, "frame-pixel-steps"),
+    ("bad frame count", {"frames": 8}, "Frames must be of the form 4k+1"),
+)
+
+
+def _rss_bytes(pid: int) -> int:
+    """Resident set size of process ``pid`` (Linux /proc)."""
+    with open(f"/proc/{pid}/status", encoding="ascii") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for process {pid}")
+
+
+def raw_generate(url: str, data: list, timeout: float = 120.0) -> str:
+    """Call /generate over plain HTTP with the positional ``data`` (JSON-encoded with ASCII escapes, so a lone
+    surrogate travels as ``\\ud800`` as any client may send it; gradio_client cannot). Returns the event
+    stream's text (``event: complete`` or ``event: error`` and its data)."""
+    import json
+
+    r = urllib.request.Request(url + "gradio_api/call/generate", data=json.dumps({"data": data}).encode(),
+                               headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(r, timeout=30) as fh:  # noqa: S310 - loopback URL built here
+        event = json.load(fh)["event_id"]
+    with urllib.request.urlopen(url + f"gradio_api/call/generate/{event}", timeout=timeout) as fh:  # noqa: S310
+        return fh.read().decode("utf-8", "replace")
+
+
+def _soak_one(client, url: str, args, i: int) -> dict:
+    """Request ``i`` of the soak: every fourth one invalid (sent over plain HTTP). Returns what happened."""
+    t = time.perf_counter()
+    if i % 4 == 3:
+        what, over, needle = _INVALID[(i // 4) % len(_INVALID)]
+        data = list(over) if isinstance(over, tuple) else list({**_request(args, i), **over}.values())
+        out = raw_generate(url, data)
+        ok = "event: error" in out and needle in out and "Traceback" not in out
+        return {"valid": False, "ok": ok, "problem": None if ok else f"{what}: unclear answer {out[:300]!r}",
+                "seconds": time.perf_counter() - t}
+    req = _request(args, i % 8)  # 4 distinct inputs, each sent many times
+    out = client.predict(**req, api_name="/generate")
+    res = {"videos": list(out[:3]), "metrics": out[-1]}
+    return {"valid": True, "req": req, "res": res, "seconds": time.perf_counter() - t}
+
+
+def _soak(args, argv) -> int:
+    from gradio_client import Client
+
+    from ._common import emit, header, table
+
+    if args.model not in ("tiny-ltx",):
+        print("app_load: --soak runs tiny-ltx (its invalid requests name tiny-ltx)", file=sys.stderr)
+        return 2
+    deadline = time.monotonic() + args.timeout
+    with _server(args) as (proc, url):
+        client = Client(url, verbose=False)
+        outcomes: list[dict] = []
+        phases = []
+        rss_base = None
+        t0 = time.perf_counter()
+        for i in range(args.soak_sequential):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the soak did not finish within {args.timeout:.0f} s")
+            outcomes.append(_soak_one(client, url, args, i))
+            if i + 1 == min(16, args.soak_sequential):
+                rss_base = _rss_bytes(proc.pid)
+        phases.append(["sequential", args.soak_sequential, time.perf_counter() - t0, _rss_bytes(proc.pid)])
+        clients = [Client(url, verbose=False) for _ in range(args.soak_concurrent)]
+        for r in range(args.soak_rounds):
+            t0 = time.perf_counter()
+            base = args.soak_sequential + r * args.soak_concurrent
+            with cf.ThreadPoolExecutor(max_workers=args.soak_concurrent) as pool:
+                futures = [pool.submit(_soak_one, clients[j], url, args, base + j)
+                           for j in range(args.soak_concurrent)]
+                done, pending = cf.wait(futures, timeout=max(1.0, deadline - time.monotonic()))
+            if pending:
+                raise TimeoutError(f"round {r + 1}: {len(pending)} request(s) did not finish in time")
+            outcomes += [f.result() for f in futures]
+            phases.append([f"concurrent round {r + 1}", args.soak_concurrent, time.perf_counter() - t0,
+                           _rss_bytes(proc.pid)])
+        if rss_base is None:
+            rss_base = phases[0][3]
+        valid = [o for o in outcomes if o["valid"]]
+        invalid = [o for o in outcomes if not o["valid"]]
+        problems = [o["problem"] for o in invalid if not o["ok"]]
+        check = _check([o["res"] for o in valid], [o["req"] for o in valid])
+        problems += check
+        rss_end = phases[-1][3]
+        if rss_end > 1.10 * rss_base:
+            problems.append(f"RSS grew from {rss_base / 2**20:.0f} MiB (after the first 16 requests) to "
+                            f"{rss_end / 2**20:.0f} MiB (more than 10%)")
+        cmd = "hq-diffusion bench app-load " + " ".join(argv if argv is not None else sys.argv[1:])
+        rows = [[name, n, f"{sec:.1f} s", f"{rss / 2**20:.0f} MiB"] for name, n, sec, rss in phases]
+        lat = [o["seconds"] for o in valid]
+        text = "\n".join([
+            header("Gradio app soak", cmd.strip()),
+            f"{_server_line(args)}; valid requests: {args.frames} frames of {args.size}x{args.size} px, "
+            f"{args.steps} steps, 4 distinct inputs; every fourth request invalid "
+            f"({', '.join(w for w, _, _ in _INVALID)}).",
+            "",
+            table(["phase", "requests", "wall", "server RSS after"], rows),
+            "",
+            f"RSS after the first {min(16, args.soak_sequential)} requests {rss_base / 2**20:.0f} MiB, at the end "
+            f"{rss_end / 2**20:.0f} MiB ({(rss_end / rss_base - 1) * 100:+.1f}%; limit +10%). Valid requests: "
+            f"{len(valid)}, {len(valid) if not check else 'not all'} correct ({len(check)} problem(s) found; p50 "
+            f"latency {statistics.median(lat) if lat else float('nan'):.2f} s); invalid "
+            f"requests with their specific message: {sum(o['ok'] for o in invalid)}/{len(invalid)}.",
+        ])
+        emit(text, args.out)
+        if problems:
+            print("app_load: soak FAILED:\n  " + "\n  ".join(problems[:20]), file=sys.stderr)
+            return 1
+        return 0
 
 
 if __name__ == "__main__":
