@@ -44,7 +44,7 @@ from hq_diffusion.integrations import families
 from .config import TINY_KINDS, VIDEO_KINDS, AppSettings, GenerationRequest, QuantSettings, is_tiny
 
 __all__ = ["Engine", "GenerationCancelled", "GenerationResult", "PIPELINE_CLASSES", "resolve_kind", "to_uint8",
-           "write_video", "error_gain", "frames_digest", "reset_kv_state_of"]
+           "write_video", "error_gain", "frames_digest"]
 
 log = logging.getLogger(__name__)
 
@@ -63,18 +63,6 @@ _KEEP_RESULT_DIRS = 32
 class GenerationCancelled(RuntimeError):
     """A generation stopped before it finished: the client cancelled it or the server is shutting down. Raised
     between denoising steps (and between the stages of a request), so the model lock is released at once."""
-
-
-def reset_kv_state_of(pipe) -> None:
-    """Zero the K/V dither step counters and rate statistics of every component of ``pipe``, so that a
-    generation repeats the first one whatever ran before it (as ``eval.runner`` does before each generation)."""
-    import torch
-
-    from hq_diffusion.integrations.kv_processors import reset_kv_state
-
-    for module in getattr(pipe, "components", {}).values():
-        if isinstance(module, torch.nn.Module):
-            reset_kv_state(module)
 
 
 def resolve_kind(model: str) -> str:
@@ -512,7 +500,9 @@ class Engine:
             t0 = time.perf_counter()
             # per-request K/V state (dither step counters, rate statistics) starts from zero: identical
             # requests give identical frames and K/V byte counts, and the summary measures this generation
-            reset_kv_state_of(qentry.pipe)
+            from hq_diffusion.integrations.kv_processors import reset_kv_state
+
+            reset_kv_state(qentry.pipe)  # identical requests give identical results
             qout = self._call(loaded, req, qentry.pipe, step(0.45, 0.4, "quantized"))
             quant_seconds = time.perf_counter() - t0
             self.stats["quant_generations"] += 1

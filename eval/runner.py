@@ -220,21 +220,12 @@ def _fps(cfg: EvalConfig) -> float:
     return float(cfg.call_kwargs().get("frame_rate") or 8)
 
 
-def _reset_quantized_state(pipe) -> None:
-    """Zero the K/V dither step counters and rate statistics of every component, so that each generation
-    of the quantized pipeline is the same whatever ran before it (resumed and sharded runs then reproduce a
-    clean run exactly, and summary.json measures one generation)."""
-    import torch
-
+def _checked_generate(generate_fn: Callable, pipe, cfg: EvalConfig, idx: int, seed: int, bps: float) -> dict:
     from hq_diffusion.integrations.kv_processors import reset_kv_state
 
-    for module in getattr(pipe, "components", {}).values():
-        if isinstance(module, torch.nn.Module):
-            reset_kv_state(module)
-
-
-def _checked_generate(generate_fn: Callable, pipe, cfg: EvalConfig, idx: int, seed: int, bps: float) -> dict:
-    _reset_quantized_state(pipe)
+    # each generation of the quantized pipeline is the same whatever ran before it: resumed and sharded
+    # runs reproduce a clean run exactly, and summary.json measures one generation
+    reset_kv_state(pipe)
     try:
         return generate_fn(pipe, cfg, cfg.prompts[idx], seed)
     except ValueError as e:

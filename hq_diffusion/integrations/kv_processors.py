@@ -377,10 +377,17 @@ def remove_kv_quantization(transformer: torch.nn.Module) -> list[str]:
     return names
 
 
-def reset_kv_state(transformer: torch.nn.Module) -> None:
-    """Zero the statistics and the dither step counters, so that the next generation repeats the first."""
-    for _, _, proc in _installed(transformer):
-        proc.reset()
+def reset_kv_state(obj) -> None:
+    """Zero the statistics and the dither step counters of a module, or of every module component of a
+    pipeline, so that the next generation repeats the first whatever ran before it (the eval runner and the
+    app call it before each quantized generation)."""
+    if isinstance(obj, torch.nn.Module):
+        modules = [obj]
+    else:
+        modules = [m for m in (getattr(obj, "components", None) or {}).values() if isinstance(m, torch.nn.Module)]
+    for module in modules:
+        for _, _, proc in _installed(module):
+            proc.reset()
 
 
 def kv_summary(transformer: torch.nn.Module) -> dict | None:
