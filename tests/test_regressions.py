@@ -186,7 +186,9 @@ def test_resume_with_other_lpips_weights_recomputes_metrics(tmp_path):
     assert cache.item_status(cfg, it, "/weights/old.pt") == "metrics"  # the video is written again from frames
     os.remove(os.path.join(d, "frames.npz"))
     assert cache.item_status(cfg, it, "/weights/new.pt") == "todo"  # no frames to recompute from
-    # another quantization fingerprint, prompt or seed: generate again
+    # another quantization fingerprint, prompt or seed: generate again, even with every file in place
+    for name in ("video.mp4", "frames.npz"):
+        open(os.path.join(d, name), "wb").close()
     for k, v in (("fingerprint", "other"), ("prompt", "a blue robot"), ("seed", 1)):
         with open(os.path.join(d, "metrics.json"), "w") as fh:
             json.dump({**metrics, k: v}, fh)
