@@ -13,7 +13,8 @@ import torch
 
 from .config import SCALE_DTYPES, CodecConfig
 from .errors import HQFormatError, HQRangeError
-from .format import ALPHA_RANGE, EncodedTensor, header_bytes
+from . import rans
+from .format import ALPHA_RANGE, EncodedTensor, header_bytes, rans_contexts
 from .hashing import key_to_u32
 from .lattice import alpha_for_snr, nearest, to_physical
 from .rate import alpha_for_rate
@@ -161,6 +162,8 @@ def encode(w: torch.Tensor, cfg: CodecConfig | None = None, key: int | str = 0) 
     numel = math.prod(shape)
     fixed = _fixed_bits(shape, rows, lattice, n_pad, cfg.block, scales.element_size())
     meta = {"tile_used": h}
+    if cfg.coder == "rans":
+        return _encode_rans(u, cfg, (shape, w.dtype, h, key32, scales, numel, what, meta))
     if cfg.snr_db is not None:
         alpha = float(torch.tensor(alpha_for_snr(lattice, cfg.snr_db), dtype=torch.float32))
         budget = None
@@ -213,7 +216,11 @@ def decode(q: EncodedTensor, out: str = "weight") -> torch.Tensor:
     if len(q.streams) != NUM_STREAMS.get(q.lattice, -1):
         raise HQFormatError(f"{q.lattice} needs {NUM_STREAMS.get(q.lattice)} streams, found {len(q.streams)}")
     rows, n_pad = q.rows, q.n_pad
-    y = unstrip(q.lattice, [decode_stream(s) for s in q.streams], (rows, n_pad))
+    if q.coder == "rans":
+        syms = [_rans_decode(s, rans_contexts(q.lattice, i)) for i, s in enumerate(q.streams)]
+    else:
+        syms = [decode_stream(s) for s in q.streams]
+    y = unstrip(q.lattice, syms, (rows, n_pad))
     if out == "codes":
         max_abs = int(y.abs().max())
         if q.fits_int8:
@@ -226,6 +233,107 @@ def decode(q: EncodedTensor, out: str = "weight") -> torch.Tensor:
         return _finite(rot, "rotated weight").reshape(q.codes_shape)
     x = _finite(inverse_rht(rot, q.seed, q.key, q.tile)[:, : q.n], "weight")
     return to_weight_dtype(x.reshape(q.shape), q.dtype)
+
+
+def _rans_decode(st, num_ctx: int) -> torch.Tensor:
+    """Symbols of one rANS stream on the stream's device (numpy on CPU, the torch twin elsewhere)."""
+    if st.words.device.type == "cpu":
+        return rans.decode_stream(st, num_ctx)
+    return rans.decode_stream_torch(st, num_ctx)
+
+
+# ---- rANS: exact rate ------------------------------------------------------------------------------------
+_RATE_SLACK = 0.001  # the total rate lands in (bps − slack, bps]
+_AIM = 0.0004  # the model aims this far below the budget (bits per scalar); the exact loop corrects
+
+
+def _rans_streams(y: torch.Tensor, lattice: str, block: int) -> list:
+    return [rans.encode_stream(z, block, rans_contexts(lattice, i)) for i, z in enumerate(strip(lattice, y))]
+
+
+def _rans_model_bits(u: torch.Tensor, lattice: str, alpha: float, block: int) -> float:
+    """Estimated stored bits of the streams of ``u`` (float32 (r, n_pad)) at ``alpha``: the table cost of
+    every symbol plus tables, states and offsets, minus the ~16 bits each final state carries."""
+    bits = 0.0
+    for i, z in enumerate(strip(lattice, nearest(lattice, u * alpha))):
+        zn, c = z.cpu().numpy(), rans_contexts(lattice, i)
+        t = min(int(zn.max()), rans.MAX_TABLE - 2) + 2
+        bits += rans.table_cost_bits(zn, c) + 8 * rans.side_bytes(zn.size, block, c, t)
+        bits -= 16 * rans.LANES * rans.num_blocks(zn.size, block)
+    return bits
+
+
+def _encode_rans(u: torch.Tensor, cfg: CodecConfig, head) -> EncodedTensor:
+    """rANS encode of unit-RMS rotated rows ``u`` (float32 (R, n_pad)) at exactly ``cfg.bps`` (within
+    :data:`_RATE_SLACK` below) or at ``cfg.snr_db``. α: the rate table, a secant on a subsample's model
+    cost, a secant on the whole tensor's model cost, then on the exact coded size."""
+    shape, dtype, h, key32, scales, numel, what, meta = head
+    lattice, block = cfg.lattice, cfg.block
+    rows, n_pad = u.shape
+    fixed = 8 * (header_bytes(len(shape), len(stream_lengths(lattice, 1 << 8)), "rans") + rows * scales.element_size())
+
+    def build(alpha):
+        if not ALPHA_RANGE[0] <= alpha <= ALPHA_RANGE[1]:
+            raise HQRangeError(f"{what}: operating point alpha={alpha:.4g} outside the format's range "
+                               f"[{ALPHA_RANGE[0]:.3g}, {ALPHA_RANGE[1]:.3g}]")
+        y = nearest(lattice, u * alpha)
+        max_abs = int(y.abs().max())
+        if max_abs > _MAX_ABS_CODE:
+            raise HQRangeError(f"{what}: lattice integers reach {max_abs} > {_MAX_ABS_CODE}: the requested "
+                               f"rate or SNR is too high")
+        meta["max_abs_code"] = max_abs
+        return EncodedTensor(shape, dtype, lattice, h, block, cfg.seed, key32, alpha, cfg.scale_dtype, scales,
+                             _rans_streams(y, lattice, block), max_abs <= 127, meta=meta, coder="rans")
+
+    f32 = lambda a: float(torch.tensor(a, dtype=torch.float32))  # noqa: E731 — α is stored as float32
+    if cfg.snr_db is not None:
+        return build(f32(alpha_for_snr(lattice, cfg.snr_db)))
+    budget = cfg.bps * numel
+    coords = rows * n_pad
+    rate = (budget - fixed) / coords
+    if rate < _MIN_PAYLOAD_RATE:
+        warnings.warn(f"{what} is too small for {cfg.bps} bps: its fixed overhead alone is {fixed / numel:.2f} "
+                      f"bits per scalar; spending {cfg.bps} bits per scalar on the payload",
+                      RateBudgetWarning, stacklevel=3)
+        return build(f32(alpha_for_rate(lattice, cfg.bps)))
+    lo, hi = math.log2(ALPHA_RANGE[0]), math.log2(ALPHA_RANGE[1])
+    stride = max(1, math.ceil(coords / _SAMPLE_SYMBOLS))
+    sample = u[::stride]
+    aim = budget - _AIM * numel
+
+    def secant(cost, goal, la, tol, iters):
+        r, slope = cost(la), 1.0
+        for _ in range(iters):
+            err = (r - goal) / coords
+            if -tol <= err <= 0.0:
+                break
+            la_new = min(max(la - err / max(slope, 0.05), lo), hi)
+            if la_new == la:
+                break
+            r_new = cost(la_new)
+            slope = max((r_new - r) / coords / (la_new - la), 0.05)
+            la, r = la_new, r_new
+        return la
+
+    scale_s = coords / sample.numel()
+    la = math.log2(alpha_for_rate(lattice, max(rate, 0.05)))
+    la = secant(lambda a: fixed + scale_s * _rans_model_bits(sample, lattice, 2.0**a, block), aim, la, 0.003, 8)
+    la = secant(lambda a: fixed + _rans_model_bits(u, lattice, 2.0**a, block), aim, la,
+                0.5 * _RATE_SLACK * numel / coords, 8)
+    alpha = f32(2.0**la)
+    et = build(alpha)
+    for attempt in range(12):  # exact: the coded size itself
+        err = (et.total_bits - budget) / numel
+        if -_RATE_SLACK < err <= 0.0:
+            return et
+        alpha = f32(alpha * 2.0 ** (-(err + (0.3 * _RATE_SLACK if err > 0 else 0.5 * _RATE_SLACK))
+                                    * numel / coords))
+        prev, et = et, build(alpha)
+        if et.total_bits <= budget < prev.total_bits or prev.total_bits <= budget < et.total_bits:
+            et = et if et.total_bits <= budget else prev  # bracketing: keep the one under budget, refine
+    if et.total_bits > budget:
+        warnings.warn(f"{what}: could not meet {cfg.bps} bps, got {et.bps:.4f}", RateBudgetWarning, stacklevel=3)
+    return et
 
 
 def to_weight_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

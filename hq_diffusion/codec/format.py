@@ -9,6 +9,11 @@ Byte layout (little-endian), version 1::
              unary bytes, remainder bytes, escapes (E × i32)
     crc32    u32 over everything before it
 
+Version 2 (written for ``coder="rans"``; Rice tensors are still written as version 1, byte for byte as
+before) inserts ``u8 coder`` after the fixed header and describes each stream as ``u32 n, u8 prec,
+u16 T, u32 words, u32 escapes``; its payload per stream is ``freqs (C × T u16), states (NB × 8 u32),
+offsets (NB × u32), words (W × u16), escapes (E × i32)`` (:mod:`.rans`; C = 2 for E8's stream, else 1).
+
 ``EncodedTensor.total_bits`` is exactly ``8 * len(to_bytes())``: every stored bit counts in the rate.
 
 :meth:`EncodedTensor.from_bytes` checks every header field's range before it allocates anything: ids, ndim,
@@ -17,7 +22,9 @@ that length, so the padded row is at most ``3n + 8`` long), α in :data:`ALPHA_R
 sizes against its symbol count (a Rice code spends at least one unary bit and at most ``ESC + 1`` per
 symbol, ``KMAX`` remainder bits, at most one escape per ``ESC + 1`` unary bits) and the declared sizes
 against the blob length. A blob therefore cannot claim more symbols than 8 per byte it holds, and
-decoding costs memory and time linear in the output size.
+decoding costs memory and time linear in the output size. For rANS streams the tables are checked
+(precision 12–15, 2 ≤ T ≤ 256, rows summing to M, no entry above 15/16 of M) and a stream must store at
+least one word per 172 symbols beyond what its states hold (what the frequency cap guarantees).
 """
 from __future__ import annotations
 
@@ -31,6 +38,8 @@ import torch
 from .config import FORMAT_VERSION, SCALE_DTYPES
 from .errors import HQFormatError
 from .rht import ALLOWED_TILES, plan_tiles
+from . import rans
+from .rans import RansStream
 from .rice import ESC, KMAX, RiceStream, _num_blocks
 from .strip import NUM_STREAMS, stream_lengths
 
@@ -43,6 +52,10 @@ _FIXED = struct.Struct("<4sBBBBBBBB")
 _TAIL = struct.Struct("<IIf")
 _STREAM = struct.Struct("<IIII")
 _MAX_NDIM = 8
+VERSIONS = (1, 2)  # formats this build reads: 1 (Rice), 2 (coder byte; rANS)
+CODER_IDS = {"rice": 0, "rans": 1}
+_RANS_STREAM = struct.Struct("<IBHII")
+_SYMBOLS_PER_WORD = 256  # at most this many symbols per stored word or half state (see rans.max_freq)
 #: Range of the operating point α that :func:`~hq_diffusion.codec.encode` writes and ``from_bytes`` accepts
 #: (the encoder's α lies in about [0.01, 3e4]; outside this range a decode could overflow).
 ALPHA_RANGE = (2.0**-24, 2.0**24)
@@ -52,9 +65,16 @@ def _inv(d: dict):
     return {v: k for k, v in d.items()}
 
 
-def header_bytes(ndim: int, num_streams: int) -> int:
+def header_bytes(ndim: int, num_streams: int, coder: str = "rice") -> int:
     """Bytes of the fixed-size parts of a blob: header, shape, per-stream headers and the CRC."""
+    if coder == "rans":
+        return _FIXED.size + 1 + 4 * ndim + _TAIL.size + _RANS_STREAM.size * num_streams + 4
     return _FIXED.size + 4 * ndim + _TAIL.size + _STREAM.size * num_streams + 4
+
+
+def rans_contexts(lattice: str, stream: int) -> int:
+    """Contexts of a lattice's rANS stream: 2 for E8 (coordinates 1–7, coordinate 8), else 1."""
+    return 2 if lattice == "e8" and stream == 0 else 1
 
 
 @dataclass
@@ -63,7 +83,7 @@ class EncodedTensor:
 
     Shapes (R = rows = numel / n, n = last dimension of ``shape``, n_pad = ``n`` padded to the tile):
         scales: (R,) in ``scale_dtype`` — the RMS of each rotated row.
-        streams: Rice-coded symbol streams (see :mod:`strip` and :mod:`rice`).
+        streams: coded symbol streams (see :mod:`strip`; :mod:`rice` or :mod:`rans` by ``coder``).
     The lattice integers ``Y`` (R, n_pad) reconstruct the rotated row as ``p(Y) / alpha * scale``.
     """
 
@@ -77,10 +97,11 @@ class EncodedTensor:
     alpha: float
     scale_dtype: str
     scales: torch.Tensor
-    streams: list[RiceStream]
+    streams: list[RiceStream] | list[RansStream]
     fits_int8: bool
     version: int = FORMAT_VERSION
     meta: dict = field(default_factory=dict)  # not serialized: encode-time statistics
+    coder: str = "rice"
 
     # ---- derived sizes -------------------------------------------------------------------------
     @property
@@ -114,7 +135,7 @@ class EncodedTensor:
 
     @property
     def serialized_size(self) -> int:
-        return header_bytes(len(self.shape), len(self.streams)) + self.nbytes
+        return header_bytes(len(self.shape), len(self.streams), self.coder) + self.nbytes
 
     @property
     def nbytes(self) -> int:
@@ -122,21 +143,35 @@ class EncodedTensor:
         return self.scales.numel() * self.scales.element_size() + sum(s.nbytes for s in self.streams)
 
     def to(self, device) -> "EncodedTensor":
-        streams = [RiceStream(s.n, s.block, *(t.to(device) for t in s.tensors().values())) for s in self.streams]
+        if self.coder == "rans":
+            streams = [s.to(device) for s in self.streams]
+        else:
+            streams = [RiceStream(s.n, s.block, *(t.to(device) for t in s.tensors().values()))
+                       for s in self.streams]
         return EncodedTensor(self.shape, self.dtype, self.lattice, self.tile, self.block, self.seed, self.key,
                              self.alpha, self.scale_dtype, self.scales.to(device), streams, self.fits_int8,
-                             self.version, dict(self.meta))
+                             self.version, dict(self.meta), self.coder)
 
     # ---- serialization -------------------------------------------------------------------------
     def to_bytes(self) -> bytes:
         flags = FLAG_FITS_INT8 if self.fits_int8 else 0
+        rans_coded = self.coder == "rans"
         parts = [
-            _FIXED.pack(MAGIC, self.version, LATTICE_IDS[self.lattice], DTYPE_IDS[self.dtype],
+            _FIXED.pack(MAGIC, 2 if rans_coded else self.version, LATTICE_IDS[self.lattice], DTYPE_IDS[self.dtype],
                         SCALE_IDS[self.scale_dtype], len(self.shape), self.tile.bit_length() - 1,
                         self.block.bit_length() - 1, flags),
+            bytes([CODER_IDS["rans"]]) if rans_coded else b"",
             struct.pack(f"<{len(self.shape)}I", *self.shape),
             _TAIL.pack(self.seed, self.key, self.alpha),
         ]
+        if rans_coded:
+            for s in self.streams:
+                parts.append(_RANS_STREAM.pack(s.n, s.prec, s.freqs.shape[1], s.words.numel(), s.escapes.numel()))
+            parts.append(_tensor_bytes(self.scales))
+            for s in self.streams:
+                parts += [_tensor_bytes(t) for t in s.tensors().values()]
+            body = b"".join(parts)
+            return body + struct.pack("<I", zlib.crc32(body) & 0xFFFFFFFF)
         for s in self.streams:
             parts.append(_STREAM.pack(s.n, s.unary.numel(), s.rem.numel(), s.escapes.numel()))
         parts.append(_tensor_bytes(self.scales))
@@ -155,8 +190,8 @@ class EncodedTensor:
         magic, version, lat, dt, sdt, ndim, ltile, lblock, flags = _FIXED.unpack_from(blob, 0)
         if magic != MAGIC:
             raise HQFormatError(f"bad magic {magic!r}: not an hq-diffusion encoded tensor")
-        if version != FORMAT_VERSION:
-            raise HQFormatError(f"encoded tensor has format version {version}; this build reads {FORMAT_VERSION}")
+        if version not in VERSIONS:
+            raise HQFormatError(f"encoded tensor has format version {version}; this build reads {VERSIONS}")
         body, (crc,) = blob[:-4], struct.unpack("<I", blob[-4:])
         if zlib.crc32(body) & 0xFFFFFFFF != crc:
             raise HQFormatError("checksum mismatch: the encoded tensor is corrupt or truncated")
@@ -171,6 +206,14 @@ class EncodedTensor:
         if len(body) < header_bytes(ndim, 0) - 4:
             raise HQFormatError("encoded tensor is truncated")
         off = _FIXED.size
+        coder = "rice"
+        if version == 2:
+            coder = _inv(CODER_IDS).get(blob[off])
+            if coder is None:
+                raise HQFormatError(f"unknown coder id {blob[off]} in header")
+            off += 1
+            if len(body) < header_bytes(ndim, 0, coder) - 4:
+                raise HQFormatError("encoded tensor is truncated")
         shape = struct.unpack_from(f"<{ndim}I", blob, off)
         off += 4 * ndim
         if any(d == 0 for d in shape):
@@ -189,6 +232,9 @@ class EncodedTensor:
         n_pad = -(-n // tile) * tile
         rows = numel // n
         expect_n = stream_lengths(lattice, rows * n_pad)
+        if coder == "rans":
+            return cls._rans_from(blob, body, off, (shape, dtype, lattice, tile, block, seed, key, float(alpha),
+                                                    scale_dtype, rows, expect_n, flags, version))
         stream_heads = []
         need = rows * SCALE_DTYPES[scale_dtype].itemsize
         for i in range(NUM_STREAMS[lattice]):
@@ -223,6 +269,43 @@ class EncodedTensor:
             raise HQFormatError("row scales must be finite and non-negative")
         return cls(tuple(shape), dtype, lattice, tile, block, seed, key, float(alpha), scale_dtype, scales,
                    streams, bool(flags & FLAG_FITS_INT8), version)
+
+    @classmethod
+    def _rans_from(cls, blob, body, off: int, head) -> "EncodedTensor":
+        """The rANS part of :meth:`from_bytes` (format version 2): stream headers, sizes, tables."""
+        shape, dtype, lattice, tile, block, seed, key, alpha, scale_dtype, rows, expect_n, flags, version = head
+        heads, need = [], rows * SCALE_DTYPES[scale_dtype].itemsize
+        for i in range(NUM_STREAMS[lattice]):
+            if off + _RANS_STREAM.size > len(body):
+                raise HQFormatError("truncated stream header")
+            sn, prec, t, nw, ne = _RANS_STREAM.unpack_from(blob, off)
+            off += _RANS_STREAM.size
+            nb, nctx = rans.num_blocks(sn, block), rans_contexts(lattice, i)
+            if sn != expect_n[i]:
+                raise HQFormatError(f"stream {i} has {sn} symbols, expected {expect_n[i]}")
+            if not (rans.PREC_RANGE[0] <= prec <= rans.PREC_RANGE[1] and 2 <= t <= rans.MAX_TABLE):
+                raise HQFormatError(f"stream {i}: rANS precision {prec} or table size {t} out of range")
+            if nw > sn or ne > sn or sn > _SYMBOLS_PER_WORD * (nw + 2 * rans.LANES * nb + 1):
+                raise HQFormatError(f"stream {i}: {nw} words and {ne} escapes do not fit {sn} symbols")
+            heads.append((sn, prec, t, nw, ne, nb, nctx))
+            need += 2 * nctx * t + 4 * rans.LANES * nb + 4 * nb + 2 * nw + 4 * ne
+        if need != len(body) - off:
+            raise HQFormatError(f"header declares {need} payload bytes but the blob holds {len(body) - off}")
+        reader = _Reader(body, off)
+        scales = reader.take(rows, SCALE_DTYPES[scale_dtype])
+        streams = []
+        for sn, prec, t, nw, ne, nb, nctx in heads:
+            freqs = reader.take(nctx * t, torch.uint16).reshape(nctx, t)
+            states = reader.take(nb * rans.LANES, torch.uint32).reshape(nb, rans.LANES)
+            offs = reader.take(nb, torch.uint32)
+            st = RansStream(sn, block, prec, freqs, states, offs, reader.take(nw, torch.uint16),
+                            reader.take(ne, torch.int32))
+            rans.check_tables(st, nctx)
+            streams.append(st)
+        if not torch.isfinite(scales.float()).all() or (scales.float() < 0).any():
+            raise HQFormatError("row scales must be finite and non-negative")
+        return cls(tuple(shape), dtype, lattice, tile, block, seed, key, alpha, scale_dtype, scales, streams,
+                   bool(flags & FLAG_FITS_INT8), FORMAT_VERSION, coder="rans")
 
 
 def _encoder_tiles(n: int) -> set[int]:
