@@ -1,7 +1,8 @@
 """``hq-diffusion bench rd``: rate–distortion of the codec on iid N(0, 1) weights, against baselines.
 
 Every rate is the *total* stored rate (payload, side information, scales, headers). Table 1 gives SNR per
-lattice at 2, 3, 4, 5 bps with the Shannon bound (6.02·R dB). Table 2 puts RTN int-b (group 128), NF4
+lattice at 2, 3, 4, 5 bps with the Shannon bound (6.02·R dB), once per entropy coder (Rice and rANS, each
+at its own total rate). Table 2 puts RTN int-b (group 128), NF4
 (block 64) and a HIGGS-like 2-D Gaussian grid after the RHT at their real rates next to E8 encoded at
 exactly the same total rate.
 """
@@ -26,24 +27,27 @@ def main(argv=None) -> int:
     p.add_argument("--cols", type=int, default=4096)
     p.add_argument("--rates", default="2,3,4,5", help="comma-separated total bps for table 1")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lattices", default=",".join(LATTICES), help="comma-separated lattices for table 1")
+    p.add_argument("--coders", default="rice,rans", help="comma-separated entropy coders for table 1")
     p.add_argument("--no-baselines", action="store_true")
     p.add_argument("--out", help="also write the markdown here")
     a = p.parse_args(argv)
     rates = [float(r) for r in a.rates.split(",")]
     w = torch.randn(a.rows, a.cols, generator=torch.Generator().manual_seed(a.seed))
-    cmd = f"hq-diffusion bench rd --rows {a.rows} --cols {a.cols}"
+    cmd = (f"hq-diffusion bench rd --rows {a.rows} --cols {a.cols} --rates {a.rates} --lattices {a.lattices} "
+           f"--coders {a.coders}" + (" --no-baselines" if a.no_baselines else ""))
+    coders = a.coders.split(",")
     rows = []
-    e8_at = {}
-    jobs = [(lat, r) for lat in LATTICES for r in rates]
+    jobs = [(lat, r) for lat in a.lattices.split(",") for r in rates]
     for lat, r in tqdm(jobs, desc="lattice × rate", leave=False):
-        q = encode(w, CodecConfig(bps=r, lattice=lat))
-        snr = baselines.snr_db(w, decode(q))
-        bound = 6.02 * q.bps
-        rows.append([lat.upper(), f"{r:g}", f"{q.bps:.3f}", snr, bound, bound - snr])
-        if lat == "e8":
-            e8_at[r] = snr
+        row = [lat.upper(), f"{r:g}"]
+        for coder in coders:
+            q = encode(w, CodecConfig(bps=r, lattice=lat, coder=coder))
+            row += [f"{q.bps:.4f}", baselines.snr_db(w, decode(q))]
+        rows.append(row + [6.02 * r, 6.02 * r - row[-1]])
     text = [header(f"Rate–distortion, {a.rows}×{a.cols} iid N(0,1)", cmd)]
-    text.append(table(["lattice", "target bps", "total bps", "SNR dB", "Shannon 6.02·R dB", "gap dB"], rows))
+    cols = [c for coder in coders for c in (f"{coder} total bps", f"{coder} SNR dB")]
+    text.append(table(["lattice", "target bps", *cols, "Shannon 6.02·R dB", f"gap dB ({coders[-1]})"], rows))
     if not a.no_baselines:
         brow = []
         peers = [(f"RTN int{b} g128", lambda b=b: baselines.rtn_groupwise(w, b)) for b in (3, 4, 5)]

@@ -22,6 +22,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--lattices", default="e8")
     p.add_argument("--bps", type=float, default=4.0)
+    p.add_argument("--coder", default="rice", choices=("rice", "rans"))
     p.add_argument("--out")
     a = p.parse_args(argv)
     w = torch.randn(a.rows, a.cols, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
@@ -30,13 +31,13 @@ def main(argv=None) -> int:
     t_lin = median_time(lambda: F.linear(x, w), a.repeat)
     rows = []
     for lat in a.lattices.split(","):
-        cfg = CodecConfig(bps=a.bps, lattice=lat)
+        cfg = CodecConfig(bps=a.bps, lattice=lat, coder=a.coder)
         t_enc = median_time(lambda: encode(w, cfg), a.repeat, warmup=1)
         q = encode(w, cfg)
         t_codes = median_time(lambda: decode(q, out="codes"), a.repeat)
         t_w = median_time(lambda: decode(q), a.repeat)
         rows.append([lat.upper(), f"{q.bps:.3f}", mb / t_enc, mb / t_codes, mb / t_w, f"{t_codes / t_lin:.2f}×"])
-    cmd = f"hq-diffusion bench speed --rows {a.rows} --cols {a.cols} --repeat {a.repeat} --lattices {a.lattices}"
+    cmd = f"hq-diffusion bench speed --rows {a.rows} --cols {a.cols} --repeat {a.repeat} --lattices {a.lattices} --coder {a.coder}"
     text = header(f"Codec speed, {a.rows}×{a.cols} bf16, median of {a.repeat}", cmd)
     text += f"\nOne F.linear with 512 bf16 tokens: {t_lin * 1e3:.1f} ms.\n\n"
     text += table(["lattice", "total bps", "encode MB/s", "decode→codes MB/s", "decode→bf16 weight MB/s",
