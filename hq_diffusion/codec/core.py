@@ -134,6 +134,20 @@ def _refine_alpha(u: torch.Tensor, lattice: str, rate: float, block: int) -> flo
     return float(torch.tensor(2.0**la, dtype=torch.float32))
 
 
+def _lattice_point(u: torch.Tensor, lattice: str, alpha: float, what: str) -> tuple[torch.Tensor, int]:
+    """Nearest lattice integers of ``u · alpha`` (int32, u's shape) and their largest magnitude;
+    HQRangeError when α is outside the format's range or the integers exceed :data:`_MAX_ABS_CODE`."""
+    if not ALPHA_RANGE[0] <= alpha <= ALPHA_RANGE[1]:
+        raise HQRangeError(f"{what}: operating point alpha={alpha:.4g} outside the format's range "
+                           f"[{ALPHA_RANGE[0]:.3g}, {ALPHA_RANGE[1]:.3g}]")
+    y = nearest(lattice, u * alpha)
+    max_abs = int(y.abs().max())
+    if max_abs > _MAX_ABS_CODE:
+        raise HQRangeError(f"{what}: lattice integers reach {max_abs} > {_MAX_ABS_CODE}: the requested "
+                           f"rate or SNR is too high")
+    return y, max_abs
+
+
 def encode(w: torch.Tensor, cfg: CodecConfig | None = None, key: int | str = 0) -> EncodedTensor:
     """Encode a float tensor.
 
@@ -179,14 +193,7 @@ def encode(w: torch.Tensor, cfg: CodecConfig | None = None, key: int | str = 0) 
             budget = None
         alpha = _refine_alpha(u, lattice, rate, cfg.block)
     for attempt in range(12):
-        if not ALPHA_RANGE[0] <= alpha <= ALPHA_RANGE[1]:
-            raise HQRangeError(f"{what}: operating point alpha={alpha:.4g} outside the format's range "
-                               f"[{ALPHA_RANGE[0]:.3g}, {ALPHA_RANGE[1]:.3g}]")
-        y = nearest(lattice, u * alpha)
-        max_abs = int(y.abs().max())
-        if max_abs > _MAX_ABS_CODE:
-            raise HQRangeError(f"{what}: lattice integers reach {max_abs} > {_MAX_ABS_CODE}: the requested "
-                               f"rate or SNR is too high")
+        y, max_abs = _lattice_point(u, lattice, alpha, what)
         streams = [encode_stream(z, cfg.block) for z in strip(lattice, y)]
         et = EncodedTensor(shape, w.dtype, lattice, h, cfg.block, cfg.seed, key32, alpha, cfg.scale_dtype,
                            scales, streams, max_abs <= 127, meta=meta)
@@ -273,14 +280,7 @@ def _encode_rans(u: torch.Tensor, cfg: CodecConfig, head) -> EncodedTensor:
     fixed = 8 * (header_bytes(len(shape), len(stream_lengths(lattice, 1 << 8)), "rans") + rows * scales.element_size())
 
     def build(alpha):
-        if not ALPHA_RANGE[0] <= alpha <= ALPHA_RANGE[1]:
-            raise HQRangeError(f"{what}: operating point alpha={alpha:.4g} outside the format's range "
-                               f"[{ALPHA_RANGE[0]:.3g}, {ALPHA_RANGE[1]:.3g}]")
-        y = nearest(lattice, u * alpha)
-        max_abs = int(y.abs().max())
-        if max_abs > _MAX_ABS_CODE:
-            raise HQRangeError(f"{what}: lattice integers reach {max_abs} > {_MAX_ABS_CODE}: the requested "
-                               f"rate or SNR is too high")
+        y, max_abs = _lattice_point(u, lattice, alpha, what)
         meta["max_abs_code"] = max_abs
         return EncodedTensor(shape, dtype, lattice, h, block, cfg.seed, key32, alpha, cfg.scale_dtype, scales,
                              _rans_streams(y, lattice, block), max_abs <= 127, meta=meta, coder="rans")
