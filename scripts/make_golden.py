@@ -1,6 +1,7 @@
 """Regenerate the golden fixtures of ``tests/test_golden.py`` in ``tests/data/``.
 
-    .venv/bin/python scripts/make_golden.py
+    .venv/bin/python scripts/make_golden.py            # everything
+    .venv/bin/python scripts/make_golden.py --v2-only  # only the format-v2 (rANS) codec fixtures
 
 ONLY run this for a deliberate, version-bumped format change (a new ``FORMAT_VERSION`` of the codec or of the
 checkpoint layout), and then keep the old fixtures next to the new ones: they are the guard that every saved
@@ -12,6 +13,7 @@ Writes:
         (float32 (R, n)), ``<case>/blob`` (uint8: ``EncodedTensor.to_bytes()``), ``<case>/weight`` (the exact
         decoded tensor, float32 (R, n)) and ``<case>/codes`` (int lattice codes, ``(R, n_pad)``); the case list
         is ``CASES`` below, in ``<case>/config`` as JSON (uint8 bytes).
+    tests/data/golden_codec_v2.npz: the same layout for ``V2_CASES`` (``coder="rans"``, format version 2).
     tests/data/golden_ltx/: a one-layer LTX-Video transformer quantized at 4 bps, saved by ``save_quantized``.
     tests/data/golden_ltx_io.pt: its forward inputs and exact output (bfloat16).
 """
@@ -37,6 +39,14 @@ CASES = [
     ("d4_16x64_f32scales", (16, 64), {"lattice": "d4", "bps": 5.0, "scale_dtype": "float32"}),
 ]
 
+# format version 2 (rANS): every lattice, an odd width and the tail-block path (fewer symbols than a block)
+V2_CASES = [
+    *[(f"rans_{lat}_64x128_4p0", (64, 128), {"lattice": lat, "bps": 4.0, "coder": "rans", "block": 64})
+      for lat in ("e8", "d4", "a2", "z")],
+    ("rans_e8_40x77_5p0", (40, 77), {"lattice": "e8", "bps": 5.0, "coder": "rans", "block": 128}),
+    ("rans_e8_16x96_snr20", (16, 96), {"lattice": "e8", "snr_db": 20.0, "coder": "rans"}),
+]
+
 
 def codec_input(name: str, shape: tuple[int, int]) -> torch.Tensor:
     """The input of case ``name``: float32 Gaussian rows with varied row scales (the scales are coded too)."""
@@ -45,11 +55,11 @@ def codec_input(name: str, shape: tuple[int, int]) -> torch.Tensor:
     return x * torch.exp(torch.randn(shape[0], 1, generator=g))
 
 
-def make_codec() -> None:
+def make_codec(cases=CASES, filename: str = "golden_codec.npz") -> None:
     from hq_diffusion.codec import CodecConfig, decode, encode
 
     arrays = {}
-    for name, shape, kw in CASES:
+    for name, shape, kw in cases:
         x = codec_input(name, shape)
         et = encode(x, CodecConfig(**kw), key=f"golden/{name}")
         blob = et.to_bytes()
@@ -58,7 +68,7 @@ def make_codec() -> None:
         arrays[f"{name}/weight"] = decode(et).numpy()
         arrays[f"{name}/codes"] = decode(et, out="codes").numpy()
         arrays[f"{name}/config"] = np.frombuffer(json.dumps({"shape": shape, **kw}).encode(), dtype=np.uint8)
-    np.savez_compressed(DATA / "golden_codec.npz", **arrays)
+    np.savez_compressed(DATA / filename, **arrays)
 
 
 def tiny_transformer() -> torch.nn.Module:
@@ -104,8 +114,10 @@ def make_model() -> None:
 
 def main() -> int:
     DATA.mkdir(parents=True, exist_ok=True)
-    make_codec()
-    make_model()
+    make_codec(V2_CASES, "golden_codec_v2.npz")
+    if "--v2-only" not in sys.argv[1:]:
+        make_codec()
+        make_model()
     total = sum(p.stat().st_size for p in DATA.rglob("*") if p.is_file())
     print(f"wrote {DATA} ({total / 1024:.0f} KiB)")
     return 0

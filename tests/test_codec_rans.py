@@ -2,9 +2,12 @@
 over Rice, and corrupt tables / streams → HQFormatError (never a crash or a hang)."""
 from __future__ import annotations
 
+import json
 import math
 import struct
+import sys
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -106,3 +109,31 @@ def test_corrupt_table_and_states_are_detected():
     for fn in (rans.decode_stream, rans.decode_stream_torch):
         with pytest.raises(HQFormatError):
             fn(bad, 2)
+
+
+# ---- golden format-v2 fixtures (scripts/make_golden.py --v2-only; the v1 fixtures are tests/test_golden.py) ----
+_DATA = Path(__file__).resolve().parent / "data"
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+import make_golden  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def v2_data():
+    with np.load(_DATA / "golden_codec_v2.npz") as z:
+        return {k: z[k] for k in z.files}
+
+
+@pytest.mark.filterwarnings("ignore::hq_diffusion.codec.core.RateBudgetWarning")
+@pytest.mark.parametrize("name", [c[0] for c in make_golden.V2_CASES])
+def test_golden_v2_blob_decodes_and_reencodes_bit_exactly(v2_data, name):
+    blob = v2_data[f"{name}/blob"].tobytes()
+    et = EncodedTensor.from_bytes(blob)
+    assert blob[4] == 2 and et.coder == "rans"
+    assert torch.equal(decode(et), torch.from_numpy(v2_data[f"{name}/weight"]))
+    assert torch.equal(decode(et, out="codes"), torch.from_numpy(v2_data[f"{name}/codes"]))
+    assert et.to_bytes() == blob
+    kw = dict(json.loads(v2_data[f"{name}/config"].tobytes()))
+    shape = kw.pop("shape")
+    x = torch.from_numpy(v2_data[f"{name}/input"])
+    assert tuple(x.shape) == tuple(shape)
+    assert encode(x, CodecConfig(**kw), key=f"golden/{name}").to_bytes() == blob
