@@ -6,7 +6,7 @@ registers, spills or shared memory. This module runs Triton's real pipeline (TTI
 ``ptxas`` → cubin) for an NVIDIA architecture (sm_90 = H100/H200 by default), using the ``ptxas`` and
 ``cuobjdump`` shipped inside the Triton wheel, for exactly the launches the package makes:
 
-1. *Record.* Each launcher of :mod:`.rice_decode`, :mod:`.rotate`, :mod:`.int8_gemm` and :mod:`.fused` runs
+1. *Record.* Each launcher of :mod:`.rice_decode`, :mod:`.rans_decode`, :mod:`.rotate`, :mod:`.int8_gemm` and :mod:`.fused` runs
    on small CPU inputs with its kernel object swapped for a recorder, so the arguments and compile-time
    constants are the ones the CUDA code path passes (tile sizes, modes, lattices), not a hand-written copy.
 2. *Compile.* Triton's own argument binder specialises the recorded arguments for the target (pointer
@@ -105,9 +105,9 @@ class _Recorder:
 
 @contextmanager
 def _recording(sink: list, variant: Callable[[], str]) -> Iterator[None]:
-    from . import fused, int8_gemm, rice_decode, rotate
+    from . import fused, int8_gemm, rans_decode, rice_decode, rotate
 
-    targets = [(rice_decode, "_rice_decode_kernel"), (rotate, "_rht_kernel"), (rotate, "_rht_quant_kernel"),
+    targets = [(rice_decode, "_rice_decode_kernel"), (rans_decode, "_rans_decode_kernel"), (rotate, "_rht_kernel"), (rotate, "_rht_quant_kernel"),
                (int8_gemm, "_int8_gemm_tuned"), (fused, "_fused_decode_gemm_kernel")]
     saved = [(m, n, getattr(m, n)) for m, n in targets]
     try:
@@ -126,7 +126,7 @@ def record_launches(full: bool = True) -> list[Launch]:
     full: every lattice, output, escape and bias variant; otherwise one launch of each kernel."""
     from hq_diffusion.codec import CodecConfig, encode
 
-    from . import _jit, fused, int8_gemm, rice_decode, rotate
+    from . import _jit, fused, int8_gemm, rans_decode, rice_decode, rotate
 
     if _jit.LOADED_INTERPRETED:
         raise AOTUnavailable("the kernels were imported in interpreter mode (TRITON_INTERPRET=1); "
@@ -154,6 +154,10 @@ def record_launches(full: bool = True) -> list[Launch]:
             q = encode(weight(64, 1024, spikes=True), CodecConfig(bps=4.0, lattice="e8"), key="aot")
             label["v"] = "e8 codes, escapes"
             rice_decode.decode_launch(q, "codes")
+        for lat in (("e8", "d4") if full else ("e8",)):
+            q = encode(weight(64, 1024), CodecConfig(bps=4.0, lattice=lat, coder="rans", block=64), key="aot")
+            label["v"] = f"{lat} rANS codes"
+            _record_rans(rans_decode, q)
         for dt in ((torch.bfloat16, torch.float32) if full else (torch.bfloat16,)):
             for tile in ((256, 2048, 64) if full else (256,)):
                 x = torch.randn(256, 2048, generator=g).to(dt)
@@ -175,6 +179,19 @@ def record_launches(full: bool = True) -> list[Launch]:
                 fused.fused_decode_gemm_launch(xq[:m].contiguous(), xs[:m].contiguous(), q,
                                                torch.zeros(256, dtype=torch.bfloat16))
     return sink
+
+
+def _record_rans(rans_decode, q) -> None:
+    """Record the rANS decoder's launches for ``q``: the launcher's end check needs the kernel's output, which
+    a recorder does not write, so its HQFormatError after the (recorded) launch is expected here."""
+    from hq_diffusion.codec.errors import HQFormatError
+    from hq_diffusion.codec.format import rans_contexts
+
+    for i, st in enumerate(q.streams):
+        try:
+            rans_decode.symbols_launch(st, rans_contexts(q.lattice, i))
+        except HQFormatError:
+            pass
 
 
 def _triton_parts():

@@ -123,6 +123,8 @@ def decode(q, out: str = "codes", out_dtype: torch.dtype = torch.bfloat16) -> to
     """Decode an EncodedTensor in the rotated basis: ``"codes"`` (int8 lattice integers, ``q.codes_shape``)
     or ``"rotated"`` (``p(Y)/α·scale`` in ``out_dtype``). ≡ :func:`hq_diffusion.codec.ops_ref.decode_ref`."""
     if backend(q.scales) == "triton":
+        if getattr(q, "coder", "rice") == "rans":
+            return kernel_module("rans_decode").decode_launch(q, out, out_dtype)
         return kernel_module("rice_decode").decode_launch(q, out, out_dtype)
     return ops_ref.decode_ref(q, out, out_dtype)
 
@@ -134,7 +136,7 @@ def fused_decode_gemm(xq: torch.Tensor, xs: torch.Tensor, q, bias: torch.Tensor 
     :func:`hq_diffusion.kernels.fused.fused_supported` holds, else decode + the int8 GEMM."""
     if backend(xq, xs, q.scales, bias) == "triton":
         fused = kernel_module("fused")
-        if fused.fused_supported(q, xq.shape[0]):
+        if getattr(q, "coder", "rice") == "rice" and fused.fused_supported(q, xq.shape[0]):  # rANS: decode + GEMM
             return fused.fused_decode_gemm_launch(xq, xs, q, bias, out_dtype)
         wq = decode(q, "codes").reshape(q.rows, q.n_pad)
         if wq.dtype != torch.int8:

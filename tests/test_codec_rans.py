@@ -137,3 +137,49 @@ def test_golden_v2_blob_decodes_and_reencodes_bit_exactly(v2_data, name):
     x = torch.from_numpy(v2_data[f"{name}/input"])
     assert tuple(x.shape) == tuple(shape)
     assert encode(x, CodecConfig(**kw), key=f"golden/{name}").to_bytes() == blob
+
+
+# ---- the Triton decoder (kernels/rans_decode.py) against the torch twin ------------------------------------
+_KERNEL_CHECK = r'''
+import torch
+from hq_diffusion.codec import CodecConfig, decode, encode, rans
+from hq_diffusion.codec.errors import HQFormatError
+from hq_diffusion.kernels import dispatch, rans_decode as rd
+dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+g = torch.Generator().manual_seed(5)
+for n, block, ctx in [(1, 8, 1), (1000, 4, 1), (8 * 8 * 5 + 13, 8, 1), (4096, 16, 2), (777, 32, 1)]:
+    z = torch.randint(0, 40, (n,), generator=g, dtype=torch.int32)
+    z[::97] = 1000
+    st = rans.encode_stream(z, block, ctx).to(dev)
+    got = rd.symbols_launch(st, ctx)
+    assert torch.equal(got, rans.decode_stream_torch(st, ctx)) and torch.equal(got.cpu(), z), (n, block)
+    bad = rans.RansStream(st.n, st.block, st.prec, st.freqs, st.states.clone(), st.offsets, st.words, st.escapes)
+    bad.states[0, 0] = bad.states[0, 0] ^ 1
+    try:
+        rd.symbols_launch(bad, ctx)
+        raise SystemExit(f"corrupt state not detected for n={n}")
+    except HQFormatError:
+        pass
+for lat in ("e8", "d4", "a2", "z"):
+    q = encode(torch.randn(12, 77, generator=g), CodecConfig(bps=5.0, lattice=lat, coder="rans", block=8)).to(dev)
+    assert torch.equal(rd.decode_launch(q, "codes"), decode(q.to("cpu"), out="codes").to(dev)), lat
+    assert torch.equal(rd.decode_launch(q, "rotated", torch.float32).cpu(), decode(q.to("cpu"), out="rotated")), lat
+print("rans kernel ok")
+'''
+
+
+@pytest.mark.filterwarnings("ignore::hq_diffusion.codec.core.RateBudgetWarning")
+def test_triton_rans_decoder_matches_torch_twin():
+    """Bit-exact against ``decode_stream_torch`` on odd lengths, escapes, every lattice, and a corrupt state →
+    HQFormatError; on the GPU when there is one, else in Triton's interpreter (a child process: the
+    interpreter must be on before Triton's first import)."""
+    pytest.importorskip("triton")
+    import os
+    import subprocess
+
+    env = dict(os.environ)
+    if not torch.cuda.is_available():
+        env["TRITON_INTERPRET"] = "1"
+    r = subprocess.run([sys.executable, "-W", "ignore", "-c", _KERNEL_CHECK], env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0 and "rans kernel ok" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]

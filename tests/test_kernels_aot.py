@@ -29,7 +29,7 @@ def quick_launches():
 def test_recorded_launches_are_the_cuda_path(quick_launches):
     """The recorder sees the CUDA code path's launches: one per kernel, GPU tile sizes, every GEMM config."""
     by = {launch.kernel: launch for launch in quick_launches}
-    assert set(by) == {"rice_decode", "rht", "rht_quant", "int8_gemm", "fused_decode_gemm"}
+    assert set(by) == {"rice_decode", "rans_decode", "rht", "rht_quant", "int8_gemm", "fused_decode_gemm"}
     assert by["rice_decode"].kwargs["CBY"] == 128  # the GPU's chunk, not the interpreter's
     assert by["rht"].kwargs["BM"] == 32 and by["rht_quant"].kwargs["num_stages"] >= 1
     from hq_diffusion.kernels import int8_gemm
@@ -40,7 +40,7 @@ def test_recorded_launches_are_the_cuda_path(quick_launches):
 
 def test_every_kernel_compiles_for_h100(quick_launches):
     res = _compile(quick_launches, 90)
-    assert len(res) == 15  # 2 decode + 2 RHT + 10 GEMM configs + 1 fused
+    assert len(res) == 16  # 2 decode + 1 rANS decode + 2 RHT + 10 GEMM configs + 1 fused
     for c in res:
         assert c.ok, (c.kernel, c.variant, c.config, c.problem)
         assert c.local == 0, f"{c.kernel} {c.variant} {c.config} spills {c.local} bytes per thread"

@@ -222,11 +222,18 @@ def decode(q: EncodedTensor, out: str = "weight") -> torch.Tensor:
         raise ValueError(f"out must be 'weight', 'codes' or 'rotated', got {out!r}")
     if len(q.streams) != NUM_STREAMS.get(q.lattice, -1):
         raise HQFormatError(f"{q.lattice} needs {NUM_STREAMS.get(q.lattice)} streams, found {len(q.streams)}")
-    rows, n_pad = q.rows, q.n_pad
     if q.coder == "rans":
         syms = [_rans_decode(s, rans_contexts(q.lattice, i)) for i, s in enumerate(q.streams)]
     else:
         syms = [decode_stream(s) for s in q.streams]
+    return decode_symbols(q, syms, out)
+
+
+def decode_symbols(q: EncodedTensor, syms: list[torch.Tensor], out: str = "weight") -> torch.Tensor:
+    """The second half of :func:`decode`, from the decoded symbol streams (int32 (n_i,) each, as
+    :func:`~.strip.strip` makes them) to ``out`` (``"weight"``, ``"codes"`` or ``"rotated"``, see
+    :func:`decode`). Shared by every entropy decoder (numpy, torch, Triton)."""
+    rows, n_pad = q.rows, q.n_pad
     y = unstrip(q.lattice, syms, (rows, n_pad))
     if out == "codes":
         max_abs = int(y.abs().max())
@@ -277,7 +284,9 @@ def _encode_rans(u: torch.Tensor, cfg: CodecConfig, head) -> EncodedTensor:
     shape, dtype, h, key32, scales, numel, what, meta = head
     lattice, block = cfg.lattice, cfg.block
     rows, n_pad = u.shape
-    fixed = 8 * (header_bytes(len(shape), len(stream_lengths(lattice, 1 << 8)), "rans") + rows * scales.element_size())
+    lens = stream_lengths(lattice, rows * n_pad)
+    fixed = 8 * (header_bytes(len(shape), len(lens), "rans") + rows * scales.element_size()
+                 + sum(rans.side_bytes(sn, block, rans_contexts(lattice, i), 2) for i, sn in enumerate(lens)))
 
     def build(alpha):
         y, max_abs = _lattice_point(u, lattice, alpha, what)
@@ -326,8 +335,10 @@ def _encode_rans(u: torch.Tensor, cfg: CodecConfig, head) -> EncodedTensor:
         err = (et.total_bits - budget) / numel
         if -_RATE_SLACK < err <= 0.0:
             return et
-        alpha = f32(alpha * 2.0 ** (-(err + (0.3 * _RATE_SLACK if err > 0 else 0.5 * _RATE_SLACK))
-                                    * numel / coords))
+        step = 2.0 ** (-(err + (0.3 * _RATE_SLACK if err > 0 else 0.5 * _RATE_SLACK)) * numel / coords)
+        alpha = f32(min(max(alpha * step, ALPHA_RANGE[0]), ALPHA_RANGE[1]))
+        if alpha == et.alpha:  # at the end of α's range: nothing left to refine
+            break
         prev, et = et, build(alpha)
         if et.total_bits <= budget < prev.total_bits or prev.total_bits <= budget < et.total_bits:
             et = et if et.total_bits <= budget else prev  # bracketing: keep the one under budget, refine

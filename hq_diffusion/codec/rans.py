@@ -395,9 +395,15 @@ def decode_stream_torch(st: RansStream, num_ctx: int = 1) -> torch.Tensor:
         raise HQFormatError("rANS stream is corrupt: a block does not end in its initial state with its words "
                             "used up")
     flat = torch.cat([out[:nfull].reshape(-1), tail_out.reshape(-1)[: tail]])
-    sym = lut[flat]
+    return apply_escapes_torch(lut[flat], t, st.escapes)
+
+
+def apply_escapes_torch(sym: torch.Tensor, t: int, escapes: torch.Tensor) -> torch.Tensor:
+    """Table entries ``sym`` (int (n,)) → int32 symbols: the escape entry ``t − 1`` replaced by ``escapes``
+    (int32 (E,), stream order). HQFormatError when the counts differ or an escape value is below ``t − 1``."""
+    dev = sym.device
     esc = sym == t - 1
-    escapes = st.escapes.to(dev)
+    escapes = escapes.to(dev)
     if int(esc.sum()) != escapes.numel():
         raise HQFormatError(f"rANS stream has {int(esc.sum())} escaped symbols but {escapes.numel()} escape values")
     if escapes.numel() and int(escapes.min()) < t - 1:
