@@ -202,30 +202,35 @@ def encode_stream(z: torch.Tensor, block: int, num_ctx: int = 1, prec: int = DEF
 
 def _encode_blocks(sym: np.ndarray, last: int, fq, cm, ctx_off, prec: int):
     """Encode (nb, S, K) symbols (lanes ``≥ last`` of the last step are absent) → states uint32 (nb, K),
-    word counts (nb,), words uint16 in decoder order. States are int64 (exact below 2**32); ``x // f``
-    runs as a float64 division, exact for these magnitudes (a quotient's error is below 2**-20 < 1/f)."""
+    word counts (nb,), words uint16 in decoder order. Works step-major ((S, nb, K), so each step is one
+    contiguous slice); states are int64 (exact below 2**32) and ``x // f`` runs as a float64 division, exact
+    for these magnitudes (a quotient's error is below 2**-20 < 1/f)."""
     nb, steps, k = sym.shape
     x = np.full((nb, k), STATE_LOW, np.int64)
-    g = sym + ctx_off  # index into the flat tables
+    g = np.ascontiguousarray((sym + ctx_off).transpose(1, 0, 2))  # (S, nb, K) index into the flat tables
     f_all, c_all = fq[g], cm[g]
-    words = np.zeros((nb, steps, k), np.uint16)
-    emit = np.zeros((nb, steps, k), bool)
-    xmax_f = ((STATE_LOW >> prec) << WORD_BITS) * f_all
     ff_all = f_all.astype(np.float64)
+    xmax_all = ((STATE_LOW >> prec) << WORD_BITS) * f_all
+    words = np.zeros((steps, nb, k), np.uint16)
+    emit = np.zeros((steps, nb, k), bool)
     for t in range(steps - 1, -1, -1):
         w = last if t == steps - 1 else k
-        xs, f = (x, f_all[:, t]) if w == k else (x[:, :w], f_all[:, t, :w])
-        e = xs >= xmax_f[:, t, :w]
-        emit[:, t, :w] = e
-        words[:, t, :w] = xs
-        xs = xs >> (e * WORD_BITS)
-        q = np.floor_divide(xs, ff_all[:, t, :w]).astype(np.int64)
-        xs = (q << prec) + xs - q * f + c_all[:, t, :w]
+        if w == k:
+            xs, f, ff, c, xm = x, f_all[t], ff_all[t], c_all[t], xmax_all[t]
+        else:
+            xs, f, ff, c, xm = x[:, :w], f_all[t, :, :w], ff_all[t, :, :w], c_all[t, :, :w], xmax_all[t, :, :w]
+        e = xs >= xm
+        emit[t, :, :w] = e
+        words[t, :, :w] = xs
+        xs = np.where(e, xs >> WORD_BITS, xs)
+        q = np.floor_divide(xs, ff).astype(np.int64)
+        xs = (q << prec) + c + xs - q * f
         if w == k:
             x = xs
         else:
             x[:, :w] = xs
-    return x.astype(np.uint32), emit.sum((1, 2)), words[emit]
+    emit_b = emit.transpose(1, 0, 2)
+    return x.astype(np.uint32), emit_b.sum((1, 2)), words.transpose(1, 0, 2)[emit_b]
 
 
 def decode_stream(st: RansStream, num_ctx: int = 1) -> torch.Tensor:
