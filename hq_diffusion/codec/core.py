@@ -215,7 +215,8 @@ def decode(q: EncodedTensor, out: str = "weight") -> torch.Tensor:
     rows, n_pad = q.rows, q.n_pad
     y = unstrip(q.lattice, [decode_stream(s) for s in q.streams], (rows, n_pad))
     if out == "codes":
-        max_abs = int(y.abs().max())
+        lo, hi = torch.aminmax(y)  # one pass, no temporary (abs().max() is ~10× slower on the CPU)
+        max_abs = max(-int(lo), int(hi))
         if q.fits_int8:
             if max_abs > 127:
                 raise HQFormatError("codes flagged as int8 but out of range")
