@@ -2,17 +2,18 @@
 
 Legend: M tokens, K = K_pad the padded contraction length, N output features.
 
-The generic ``"bf16"`` path decodes the weight to ``W_rot = p(Y) / α · scale`` (N, K) in float32 and casts it
-to the activation dtype — four passes over N·K floats on top of the decode. On the CPU, where those passes
-cost more than the matmul, this path keeps the weight as integers until the matmul:
+The generic ``"bf16"`` path decodes the weight through int32 lattice integers to ``W_rot = p(Y) / α · scale``
+(N, K) float32 and casts it to the activation dtype: five passes over N·K values after the Rice decode.
+On the CPU, where those passes cost more than the matmul, this path decodes an E8 Rice stream straight to
+int8 integers ``Y`` (SWAR unstrip, no int32 array) and keeps them as integers until the matmul:
 
     out = (rht(x) ⊙ g) @ Yᵀ · (scale / α) + bias
 
-with ``Y`` the lattice integers (int8, exact in bfloat16 and float32), ``g`` the per-column gain of
-:func:`~hq_diffusion.codec.ops_ref.int8_operand_gain` (√3 on the first axis of every A2 pair, else none) and
-the per-row ``scale / α`` applied in float32 to the (M, N) output. The integers are exact in the matmul dtype,
-so the only roundings are those of the rotated activations and of the output (the generic path also rounds
-every weight to bf16).
+with ``g`` the per-column gain of :func:`~hq_diffusion.codec.ops_ref.int8_operand_gain` (√3 on the first axis
+of every A2 pair, else none) and the per-row ``scale / α`` applied in float32 to the (M, N) output. ``Y`` is
+exact in bf16/fp32, so no weight is rounded (the generic path rounds every ``p(Y) · scale / α`` to bf16):
+the outputs differ from the generic path's by output-rounding only. :data:`ENABLED` switches the path off
+(e.g. to reproduce a forward recorded with the generic path bit for bit).
 
 Decoding once per denoising step (:func:`cached_codes`): inside the ``with`` block every Rice-stored
 :class:`~hq_diffusion.nn.linear.HQLinear` under a module decodes its integers at its first forward and keeps
@@ -34,14 +35,17 @@ from ..codec.rht import pad_last
 from ..codec.rice import RiceStream, decode_stream
 from ..codec.strip import unstrip_e8_int8
 
+#: Whether the ``"bf16"`` path of a layer on the CPU takes :func:`mma_codes_cpu` (see the module docstring).
+ENABLED = True
 _CACHE_ATTR = "_hq_cached_codes"  # None: caching on, nothing decoded yet; a tensor: the cached int8 codes
 
 
 def codes_path_applies(m, x: torch.Tensor) -> bool:
     """Whether :func:`mma_codes_cpu` runs for layer ``m`` and activations ``x`` (M, K): on the CPU, with
     lattice integers that fit int8 (stored ``codes`` of dtype int8, or Rice streams flagged ``fits_int8``)
-    and bf16/fp32/fp16 activations, outside ``torch.compile`` tracing."""
-    if x.device.type != "cpu" or torch.compiler.is_compiling():
+    and bf16/fp32 activations (float16 keeps the generic path and its overflow guard), outside
+    ``torch.compile`` tracing."""
+    if not ENABLED or x.device.type != "cpu" or x.dtype not in (torch.bfloat16, torch.float32) or torch.compiler.is_compiling():
         return False
     codes = getattr(m, "codes", None)
     return codes.dtype == torch.int8 if codes is not None else bool(m.encoded().fits_int8)
@@ -78,18 +82,19 @@ def _int8_codes(m, q, ops: OpSet) -> torch.Tensor:
 
 
 def mma_codes_cpu(m, x: torch.Tensor, ops: OpSet) -> torch.Tensor:
-    """``x Wᵀ + b`` for x (M, K_in) bf16/fp16/fp32 on the CPU → (M, N) in x.dtype (see the module docstring).
+    """``x Wᵀ + b`` for x (M, K_in) bf16/fp32 on the CPU → (M, N) in x.dtype (see the module docstring).
 
-    The matmul runs in bfloat16 for bf16 activations and in float32 otherwise (float16 CPU matmuls are slow
-    and the unscaled integer products could exceed float16's range); the output scale is float32."""
+    The matmul runs in x.dtype with the integers exact in it; the output is rescaled in float32."""
     q, dt = m.encoded(), x.dtype
-    ct = torch.bfloat16 if dt == torch.bfloat16 else torch.float32
-    xr = ops.rht(pad_last(x.to(ct), q.n_pad), q.seed, q.key, q.tile)  # (M, K) in ct, float32 math
+    ws = row_dequant_scale(q)  # float32 (N,)
+    if not bool(torch.isfinite(ws).all()):
+        raise HQFormatError(f"{getattr(m, 'name', '') or 'HQLinear'}: row scales / alpha are not finite "
+                            f"(corrupt or crafted data)")
+    xr = ops.rht(pad_last(x, q.n_pad), q.seed, q.key, q.tile)  # (M, K) in dt, float32 math
     gain = int8_operand_gain(q)
     if gain is not None:
-        xr = (xr.to(torch.float32) * gain).to(ct)
-    y = _int8_codes(m, q, ops).to(ct)  # exact: |Y| ≤ 127
-    out = F.linear(xr, y).to(torch.float32) * row_dequant_scale(q)
+        xr = (xr.to(torch.float32) * gain).to(dt)
+    out = F.linear(xr, _int8_codes(m, q, ops).to(dt)).to(torch.float32) * ws  # |Y| ≤ 127: exact in dt
     if m.bias is not None:
         out = out + m.bias.to(torch.float32)
     return out.to(dt)
