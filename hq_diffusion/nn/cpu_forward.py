@@ -34,19 +34,23 @@ from ..codec.ops_ref import OpSet, int8_operand_gain, row_dequant_scale
 from ..codec.rht import pad_last
 from ..codec.rice import RiceStream, decode_stream
 from ..codec.strip import unstrip_e8_int8
+from ..kernels import dispatch
 
 #: Whether the ``"bf16"`` path of a layer on the CPU takes :func:`mma_codes_cpu` (see the module docstring).
 ENABLED = True
 _CACHE_ATTR = "_hq_cached_codes"  # None: caching on, nothing decoded yet; a tensor: the cached int8 codes
 
 
-def codes_path_applies(m, x: torch.Tensor) -> bool:
-    """Whether :func:`mma_codes_cpu` runs for layer ``m`` and activations ``x`` (M, K): on the CPU, with
+def codes_path_applies(m, x: torch.Tensor, ops: OpSet) -> bool:
+    """Whether :func:`mma_codes_cpu` runs for layer ``m``, activations ``x`` (M, K) and op set ``ops`` (either
+    backend: the path composes ``ops`` too): unless ``HQ_KERNELS=triton`` asks for the kernels, with
     lattice integers that fit int8 (stored ``codes`` of dtype int8, or Rice streams flagged ``fits_int8``)
     and bf16/fp32 activations (float16 keeps the generic path and its overflow guard), outside
     ``torch.compile`` tracing."""
     if not ENABLED or x.device.type != "cpu" or x.dtype not in (torch.bfloat16, torch.float32) or torch.compiler.is_compiling():
         return False
+    if dispatch.requested_backend() == "triton":
+        return False  # kernels asked for (Triton's CPU interpreter): the generic path runs them
     codes = getattr(m, "codes", None)
     return codes.dtype == torch.int8 if codes is not None else bool(m.encoded().fits_int8)
 

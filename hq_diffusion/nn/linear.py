@@ -155,7 +155,7 @@ def _matmul_dtype(m, q: EncodedTensor, dt: torch.dtype) -> torch.dtype:
 
 @register_mma("bf16")
 def _mma_float(m, x: torch.Tensor, ops: OpSet = REFERENCE) -> torch.Tensor:
-    if codes_path_applies(m, x):  # CPU: integers in the matmul, scale in the epilogue (nn/cpu_forward.py)
+    if codes_path_applies(m, x, ops):  # CPU: integers in the matmul, scale in the epilogue (nn/cpu_forward.py)
         return mma_codes_cpu(m, x, ops)
     q, dt = m.encoded(), x.dtype
     ct = _matmul_dtype(m, q, dt)
