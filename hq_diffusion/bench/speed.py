@@ -2,6 +2,10 @@
 
 Throughput is MB/s of bf16 input (2 bytes per weight). Also the ratio of one decode to one ``F.linear``
 of the same matrix with 512 tokens, the cost a weight-only path pays per forward on the CPU.
+
+``--forward``: one quantized linear layer's CPU forward (default 4096×4096, 16 bf16 tokens, one thread) side by
+side with its peers — diffusers' ``GGUFLinear`` with Q4_0 (gguf-py), bitsandbytes NF4 and optimum-quanto
+qint4 when installed (a peer that cannot run is listed with the reason) — timed interleaved, median of N.
 """
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ import torch.nn.functional as F
 from hq_diffusion.codec import CodecConfig, decode, encode
 
 from ._common import emit, header, median_time, table
+from .forward_peers import forward_table
 
 
 def main(argv=None) -> int:
@@ -23,8 +28,14 @@ def main(argv=None) -> int:
     p.add_argument("--lattices", default="e8")
     p.add_argument("--bps", type=float, default=4.0)
     p.add_argument("--coder", default="rice", choices=("rice", "rans"))
+    p.add_argument("--tokens", type=int, default=16, help="--forward: tokens per forward")
+    p.add_argument("--threads", type=int, default=1, help="--forward: torch threads")
+    p.add_argument("--forward", action="store_true", help="time one layer's CPU forward against its peers")
     p.add_argument("--out")
     a = p.parse_args(argv)
+    if a.forward:
+        emit(forward_table(a.rows, a.cols, a.tokens, a.bps, a.repeat, a.threads), a.out)
+        return 0
     w = torch.randn(a.rows, a.cols, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
     mb = w.numel() * 2 / 1e6
     x = torch.randn(512, a.cols, dtype=torch.bfloat16)

@@ -17,8 +17,8 @@ offsets (NB × u32), words (W × u16), escapes (E × i32)`` (:mod:`.rans`; C = 2
 ``EncodedTensor.total_bits`` is exactly ``8 * len(to_bytes())``: every stored bit counts in the rate.
 
 :meth:`EncodedTensor.from_bytes` checks every header field's range before it allocates anything: ids, ndim,
-flags, the tile against the row length (only a tile the encoder's :func:`~.rht.plan_tiles` can choose for
-that length, so the padded row is at most ``3n + 8`` long), α in :data:`ALPHA_RANGE`, and each stream's
+flags, the tile against the row length (only a tile an encoder's plan, :func:`~.rht.plan_tiles` or
+:func:`~.rht.legacy_plan_tiles`, can choose for that length, so the padded row is at most ``3n + 8`` long), α in :data:`ALPHA_RANGE`, and each stream's
 sizes against its symbol count (a Rice code spends at least one unary bit and at most ``ESC + 1`` per
 symbol, ``KMAX`` remainder bits, at most one escape per ``ESC + 1`` unary bits) and the declared sizes
 against the blob length. A blob therefore cannot claim more symbols than 8 per byte it holds, and
@@ -37,9 +37,10 @@ import torch
 
 from .config import FORMAT_VERSION, SCALE_DTYPES
 from .errors import HQFormatError
-from .rht import ALLOWED_TILES, plan_tiles
+
 from . import rans
 from .rans import RansStream
+from .rht import decodable_tiles
 from .rice import ESC, KMAX, RiceStream, _num_blocks
 from .strip import NUM_STREAMS, stream_lengths
 
@@ -309,8 +310,10 @@ class EncodedTensor:
 
 
 def _encoder_tiles(n: int) -> set[int]:
-    """The tiles :func:`~.rht.plan_tiles` chooses for rows of ``n`` at some allowed maximum tile."""
-    return {plan_tiles(n, t)[0] for t in ALLOWED_TILES}
+    """The tiles an encoder chooses for rows of ``n`` at some allowed maximum tile: the current
+    :func:`~.rht.plan_tiles` and the first encoder's :func:`~.rht.legacy_plan_tiles` (blobs written with it
+    still decode; the tile is recorded in the header)."""
+    return decodable_tiles(n)
 
 
 def _check_stream_sizes(i: int, sn: int, ub: int, rb: int, ne: int) -> None:

@@ -5,8 +5,8 @@ For a row ``x`` of length ``n_pad`` split into tiles of ``H`` consecutive coordi
 ``(seed, key, column)`` (:mod:`hashing`). The transform is orthonormal, so ``x Wᵀ = rht(x) rht(W)ᵀ``: a
 weight is stored rotated and the activations are rotated online.
 
-Lengths that no allowed tile divides are zero-padded (:func:`plan_tiles`); the padded coordinates are
-stored like any other and counted in the rate.
+Rows are zero-padded to a multiple of the tile (:func:`plan_tiles`: at most ~0.8% beyond the multiple of 8
+the lattice needs); the padded coordinates are stored like any other and counted in the rate.
 """
 from __future__ import annotations
 
@@ -19,28 +19,62 @@ from .hashing import rht_signs
 
 ALLOWED_TILES = tuple(2**i for i in range(3, 12))  # 8 .. 2048
 MIN_DIVIDING_TILE = 32
+#: Padding the tile plan may add beyond the lattice's own (rounding ``n`` up to a multiple of 8), as a
+#: fraction of ``n``: a larger tile is taken only while the padding stays within it.
+PAD_FRACTION = 1.0 / 128
 _MATMUL_MAX = 256
+
+
+def _round_up(n: int, h: int) -> int:
+    return -(-n // h) * h
 
 
 def plan_tiles(n: int, max_tile: int, multiple: int = 8) -> tuple[int, int]:
     """Choose the tile size ``H`` and padded length ``n_pad`` for a row of ``n`` coordinates.
 
-    The largest power of two ``≤ max_tile`` that divides ``n`` is used when it is at least
-    ``min(32, max_tile)``; otherwise ``n`` is zero-padded to a multiple of ``min(max_tile, next_pow2(n))``
-    (at least 8). ``n_pad`` is always a multiple of ``multiple`` (the lattice dimension, ≤ 8).
+    ``H`` is the largest power of two in ``[8, max_tile]`` whose padding ``n_pad − n`` (``n_pad`` = ``n``
+    rounded up to a multiple of ``H``) is at most ``max(n8 − n, ⌊n · PAD_FRACTION⌋)``, with ``n8`` = ``n``
+    rounded up to a multiple of 8 (the padding no plan can avoid for an 8-dimensional lattice). So the padding
+    is at most ~0.8% of the row plus the 7 coordinates E8 itself needs: 1000 → (8, 1000), 777 → (16, 784),
+    4095 → (256, 4096) at ``max_tile`` 256, 3000 → (64, 3008). A smaller padding is never traded for a
+    tile below the one a larger padding allows only up to that bound, and the chosen tile reproduces
+    itself: ``plan_tiles(n, H) == (H, n_pad)`` (the stored tile is enough to re-plan; see
+    :func:`legacy_plan_tiles` for the plan of format-1 blobs). ``n_pad`` is a multiple of ``multiple``
+    (the lattice dimension, ≤ 8).
     """
-    if n <= 0:
-        raise ValueError(f"cannot plan RHT tiles for a row of length {n}")
-    if max_tile not in ALLOWED_TILES:
-        raise ValueError(f"tile must be a power of two in {ALLOWED_TILES}, got {max_tile}")
+    _check_plan_args(n, max_tile)
+    slack = max(_round_up(n, 8) - n, int(n * PAD_FRACTION))
+    h = max_tile
+    while h > 8 and _round_up(n, h) - n > slack:
+        h //= 2
+    n_pad = _round_up(n, h)
+    assert n_pad % multiple == 0
+    return h, n_pad
+
+
+def legacy_plan_tiles(n: int, max_tile: int) -> tuple[int, int]:
+    """The tile plan of the first encoder (still valid to decode): the largest power of two ``≤ max_tile``
+    dividing ``n`` when it is at least ``min(32, max_tile)``, else ``n`` zero-padded to a multiple of
+    ``min(max_tile, next_pow2(n))`` (at least 8) — up to 3× the row for short rows, and 2.4% for 1000."""
+    _check_plan_args(n, max_tile)
     low = n & -n  # largest power of two dividing n
     h = min(low, max_tile)
     if h >= min(MIN_DIVIDING_TILE, max_tile):  # max_tile ≥ 8, so h ≥ 8 here
         return h, n
     h = min(max_tile, max(8, 1 << (n - 1).bit_length()))
-    n_pad = -(-n // h) * h
-    assert n_pad % multiple == 0
-    return h, n_pad
+    return h, _round_up(n, h)
+
+
+def decodable_tiles(n: int) -> set[int]:
+    """Every tile an encoder (current or legacy plan, any allowed maximum) chooses for rows of ``n``."""
+    return {plan(n, t)[0] for t in ALLOWED_TILES for plan in (plan_tiles, legacy_plan_tiles)}
+
+
+def _check_plan_args(n: int, max_tile: int) -> None:
+    if n <= 0:
+        raise ValueError(f"cannot plan RHT tiles for a row of length {n}")
+    if max_tile not in ALLOWED_TILES:
+        raise ValueError(f"tile must be a power of two in {ALLOWED_TILES}, got {max_tile}")
 
 
 @functools.lru_cache(maxsize=16)

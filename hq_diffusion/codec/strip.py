@@ -107,6 +107,45 @@ def _unstrip_e8(z: np.ndarray) -> np.ndarray:
     return out
 
 
+_LOW8 = np.uint64(0x0101010101010101)  # bit 0 of every byte of a uint64
+_LOW7 = np.uint64(0x0001010101010101)  # bit 0 of bytes 0..6
+_HALF8 = np.uint64(0x7F7F7F7F7F7F7F7F)
+_EVEN7 = np.uint64(0x00FEFEFEFEFEFEFE)
+_SWAR_CHUNK = 1 << 16  # vectors per chunk: a few 512 KiB uint64 temporaries
+
+
+def unstrip_e8_int8(z: torch.Tensor) -> torch.Tensor:
+    """:func:`unstrip` of an E8 stream straight to int8, for lattice integers that fit int8.
+
+    z: int32 (8·M,) symbols on the CPU, every one ≤ 127 (which holds whenever ``|y| ≤ 127``: ``zz(s)`` with
+    ``|s| ≤ 64``). Returns int8 (M, 8), equal to ``unstrip("e8", [z], (M, 8))``. Each vector is one uint64
+    of 8 byte symbols, undone with SWAR arithmetic on whole words (bytes 0..6 unzigzagged at once; the
+    parity of s₁..s₇ by popcount; byte 7 separately). Raises ValueError when a symbol exceeds 127 (use
+    :func:`unstrip`) or the length is not a multiple of 8."""
+    if z.numel() % 8:
+        raise ValueError(f"an E8 stream has a multiple of 8 symbols, got {z.numel()}")
+    zn = to_numpy(z.to(torch.int32).reshape(-1))
+    if zn.size and (int(zn.max()) > 127 or int(zn.min()) < 0):
+        raise ValueError(f"E8 symbols span [{int(zn.min())}, {int(zn.max())}]; the int8 unstrip needs 0..127")
+    w = zn.astype(np.uint8).view(np.uint64)
+    out = np.empty_like(w)
+    one = np.uint64(1)
+    for s in range(0, w.size, _SWAR_CHUNK):
+        wc = w[s:s + _SWAR_CHUNK]
+        a = (wc >> one) & _HALF8
+        a ^= (wc & _LOW8) * np.uint64(0xFF)  # unzigzag of every byte: (z >> 1) ^ −(z & 1)
+        c = (wc >> np.uint64(56)) & one  # y₁'s parity, the low bit of symbol 8
+        par = (np.bitwise_count(a & _LOW7) & 1).astype(np.int64)  # parity of s₁ + … + s₇
+        h = (wc >> np.uint64(57)).astype(np.int64)  # zz(t)
+        t = (h >> 1) ^ -(h & 1)
+        y8 = (4 * t + 2 * par + c.astype(np.int64)).astype(np.uint64) & np.uint64(0xFF)  # 2·(2t + par) + c
+        o = (a << one) & _EVEN7  # y = 2s + c for coordinates 1..7
+        o |= c * _LOW7
+        o |= y8 << np.uint64(56)
+        out[s:s + _SWAR_CHUNK] = o
+    return to_torch(out.view(np.int8).reshape(-1, 8), z.device)
+
+
 def strip(lattice: str, y: torch.Tensor) -> list[torch.Tensor]:
     """Lattice integers → symbol streams. y: (..., n) int32, n a multiple of the lattice dimension.
     Returns a list of 1-D int32 tensors on y's device (see module docstring)."""

@@ -61,10 +61,11 @@ from ..codec.core import to_weight_dtype
 from ..codec.config import SCALE_DTYPES, CodecConfig
 from ..codec.lattice import LATTICES, to_physical
 from ..codec.ops_ref import REFERENCE, OpSet, int8_operand_gain, row_dequant_scale
-from ..codec.rht import ALLOWED_TILES, inverse_rht, pad_last, plan_tiles
+from ..codec.rht import ALLOWED_TILES, inverse_rht, legacy_plan_tiles, pad_last, plan_tiles
 from ..codec.rice import RiceStream, _num_blocks
 from ..codec.strip import NUM_STREAMS, stream_lengths
 from ..kernels import DISPATCHED
+from .cpu_forward import codes_path_applies, mma_codes_cpu
 from .lowp import FAKE_QUANT
 
 META_VERSION = 1
@@ -154,6 +155,8 @@ def _matmul_dtype(m, q: EncodedTensor, dt: torch.dtype) -> torch.dtype:
 
 @register_mma("bf16")
 def _mma_float(m, x: torch.Tensor, ops: OpSet = REFERENCE) -> torch.Tensor:
+    if codes_path_applies(m, x, ops):  # CPU: integers in the matmul, scale in the epilogue (nn/cpu_forward.py)
+        return mma_codes_cpu(m, x, ops)
     q, dt = m.encoded(), x.dtype
     ct = _matmul_dtype(m, q, dt)
     xr = ops.rht(pad_last(x.to(ct), q.n_pad), q.seed, q.key, q.tile)  # (M, K_pad) in ct, float32 math
@@ -510,8 +513,10 @@ def validate_meta(meta: dict, name: str = "") -> dict:
     n_in, n_out = meta["in_features"], meta["out_features"]
     if not (0 < n_in < 2**31 and 0 < n_out < 2**31):
         bad(f"bad shape ({n_out}, {n_in})")
-    # the stored tile is the one actually used, so planning with it as the maximum reproduces it
-    if meta["tile"] not in ALLOWED_TILES or plan_tiles(n_in, meta["tile"]) != (meta["tile"], meta["n_pad"]):
+    # the stored tile is the one actually used, so planning with it as the maximum reproduces it (with the
+    # current plan, or the legacy one of checkpoints written before it)
+    if meta["tile"] not in ALLOWED_TILES or (meta["tile"], meta["n_pad"]) not in (
+            plan_tiles(n_in, meta["tile"]), legacy_plan_tiles(n_in, meta["tile"])):
         bad(f"tile {meta['tile']} / padded length {meta['n_pad']} inconsistent with in_features {n_in}")
     if not (math.isfinite(meta["alpha"]) and meta["alpha"] > 0):
         bad(f"invalid alpha {meta['alpha']!r}")
