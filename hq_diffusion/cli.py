@@ -22,6 +22,7 @@ BENCHES = {
     "kv": ("hq_diffusion.bench.kv", "main", "K/V bias-correction variants: bias and attention SNR"),
     "e2e": ("hq_diffusion.bench.e2e", "main", "tiny LTX pipeline: hq-diffusion vs a 4-bit peer"),
     "app-load": ("hq_diffusion.bench.app_load", "main", "8 concurrent /generate calls against a local app"),
+    "peers": ("hq_diffusion.bench.peers", "main", "installed peer libraries (bnb, HQQ, quanto, torchao, gguf, SDNQ), every bit counted"),
 }
 
 
