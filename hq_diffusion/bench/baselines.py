@@ -127,8 +127,10 @@ def grid_mse(cb: torch.Tensor, pts: torch.Tensor, wts: torch.Tensor) -> float:
 
 def train_gaussian_grid_2d(bits_per_dim: int, n: int = 512, half_width: float = 6.0, seed: int = 0,
                            tol: float = 1e-6, max_iters: int = 400) -> tuple[torch.Tensor, int, float]:
-    """Train the asset's grid: Lloyd on the quadrature of N(0, I₂) from a jittered product grid of normal
-    quantiles, until one iteration changes the MSE by less than ``tol`` (relative).
+    """Train the asset's grid: Lloyd on the quadrature of N(0, I₂) (:func:`gaussian_quadrature_2d`), started
+    from the product grid of normal quantiles ``(i + 0.5) / 2**bits`` plus N(0, (0.05·spacing)²) jitter
+    (``numpy.random.default_rng(seed)``, spacing = the two central quantiles' distance), until one iteration
+    changes the MSE by less than ``tol`` (relative).
 
     Returns (codebook float64 (4**bits, 2), iterations, MSE per dimension). Minutes for 5 bits/dim."""
     side = 2**bits_per_dim
