@@ -92,7 +92,13 @@ def test_peer_bits_match_real_storage(name):
         pytest.skip(f"{lib} not installed")
     w = torch.randn(32, 256, generator=torch.Generator().manual_seed(0))
     _, bits = fn(w)
-    assert bits == _real_storage_bits(lib, label, w)
+    real = _real_storage_bits(lib, label, w)
+    if lib == "gguf-py":
+        # the file grows by the block data plus the tensor-info entry, minus/plus the header's 32-byte
+        # alignment padding that entry shifts: equal up to that padding, never below the block data
+        assert abs(bits - real) < 8 * 32 and real >= bits - 8 * peers.gguf_tensor_info_bytes("weight", 2)
+    else:
+        assert bits == real
 
 
 def test_bench_peers_runs_and_reports_every_peer(capsys):
