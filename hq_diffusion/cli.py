@@ -13,6 +13,8 @@ COMMANDS = {
     "demo": ("hq_diffusion.demo", "main", "quantize the embedded tiny LTX pipeline and report (the main job)"),
     "eval": ("hq_diffusion.eval.cli", "main", "bf16 vs quantized evaluation over a prompt suite"),
     "app": ("hq_diffusion.app.server", "main", "Gradio app: bf16 and quantized side by side"),
+    "quantize": ("hq_diffusion.integrations.convert_cli", "main",
+                 "quantize a float diffusers checkpoint on disk, one tensor at a time (bounded memory)"),
 }
 BENCHES = {
     "rd": ("hq_diffusion.bench.rd", "main", "rate–distortion table on iid N(0,1) vs baselines"),
@@ -22,6 +24,7 @@ BENCHES = {
     "kv": ("hq_diffusion.bench.kv", "main", "K/V bias-correction variants: bias and attention SNR"),
     "e2e": ("hq_diffusion.bench.e2e", "main", "tiny LTX pipeline: hq-diffusion vs a 4-bit peer"),
     "app-load": ("hq_diffusion.bench.app_load", "main", "8 concurrent /generate calls against a local app"),
+    "convert": ("hq_diffusion.bench.convert", "main", "real-width LTX-2 slice: streaming conversion, RSS and MB/s"),
 }
 
 

@@ -135,7 +135,11 @@ def _check_weights(todo, *, on_invalid, prefix) -> set[str]:
 def _quantize_module(model, cfg, todo, state, *, invalid, backend, bar):
     codec_cfg = cfg.codec_config()
     replaced: dict[int, HQLinear] = {}
-    for name, lin in todo:
+    for i in range(len(todo)):
+        # take the layer out of the plan: once swapped out of the model, nothing here keeps its float weight
+        # alive, so the peak is the loaded model plus one layer's encoding work
+        name, lin = todo[i]
+        todo[i] = (name, None)
         if name in invalid:
             state.skipped[name] = NONFINITE
             bar.update(1)
@@ -145,6 +149,7 @@ def _quantize_module(model, cfg, todo, state, *, invalid, backend, bar):
                                       backend=backend, name=name)
         replaced[id(lin)] = hq
         set_module(model, name, hq)
+        del lin
         bar.update(1)
     # a Linear shared under several names is replaced everywhere by the same HQLinear
     for name, mod in list(model.named_modules(remove_duplicate=False)):
