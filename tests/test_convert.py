@@ -277,3 +277,23 @@ def test_cuda_encode_bit_identical_to_cpu(src, reference, tmp_path):
     assert _same_tree(reference, out) == []
     m = hq.load_quantized(reference, device="cuda")
     assert all(t.device.type == "cuda" for t in m.state_dict().values())
+
+
+def test_quantize_on_load_per_parameter(src, reference, monkeypatch):
+    """from_pretrained(d, quantization_config=HQConfig(...)) encodes each layer as its weight loads (the
+    "load everything, then quantize" path is never taken) and gives the in-process result."""
+    from diffusers import LTXVideoTransformer3DModel
+
+    from hq_diffusion.integrations import diffusers_backend
+    from hq_diffusion.integrations.config import HQConfig
+
+    def refuse(*a, **k):
+        raise AssertionError("quantize() after loading: the per-parameter path was not used")
+
+    monkeypatch.setattr(diffusers_backend, "quantize", refuse)
+    m = LTXVideoTransformer3DModel.from_pretrained(str(src / "transformer"), torch_dtype=torch.bfloat16,
+                                                   quantization_config=HQConfig(bps=4.0))
+    ref = hq.load_quantized(reference).state_dict()
+    sd = m.state_dict()
+    assert sd.keys() == ref.keys() and all(torch.equal(sd[k], ref[k]) for k in ref)
+    assert hq.summary(m).layers
