@@ -535,6 +535,7 @@ def convert(src, dst, config: HQConfig | None = None, *, components=("transforme
     except BaseException as e:
         if world_size > 1 and rank != 0:
             keep = True
+            work.mkdir(parents=True, exist_ok=True)
             (work / f"failed-rank{rank}").write_text(f"{type(e).__name__}: {e}")
         raise
     finally:
