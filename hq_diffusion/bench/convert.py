@@ -101,6 +101,14 @@ def build_slice(path: Path, blocks: int, seed: int = 0, max_shard_size: int = 2 
 
 
 def measure(kind: str, timeout: float, **fmt) -> dict:
+    """:func:`_measure`, reported on stderr as soon as it is done."""
+    r = _measure(kind, timeout, **fmt)
+    print(f"bench convert: {kind} {fmt.get('workers', '')}: peak RSS {r['rss'] / GB:.2f} GB, {r['wall']:.0f} s",
+          file=sys.stderr, flush=True)
+    return r
+
+
+def _measure(kind: str, timeout: float, **fmt) -> dict:
     """Run one snippet in a fresh interpreter: {"rss": peak bytes, "wall": seconds} (RuntimeError on failure)."""
     code = ("import resource, time, json, warnings; warnings.simplefilter('ignore'); t = time.perf_counter()\n"
             + SNIPPETS[kind].format(**fmt) + "\n"
@@ -132,7 +140,12 @@ def main(argv=None) -> int:
     try:
         src, out = root / "slice", root / "slice-hq"
         t = time.perf_counter()
-        info = build_slice(src, args.blocks)
+        saved = src / "bench_slice.json"
+        if saved.is_file() and json.loads(saved.read_text()).get("blocks") == args.blocks:
+            info = json.loads(saved.read_text())  # a slice kept by an earlier --keep run
+        else:
+            info = build_slice(src, args.blocks)
+            saved.write_text(json.dumps({**info, "blocks": args.blocks}))
         print(f"slice: {args.blocks} blocks, {info['params'] / 1e9:.3f}B params, {info['bytes'] / GB:.2f} GB bf16 "
               f"(built in {time.perf_counter() - t:.0f} s)", file=sys.stderr)
         fmt = {"src": str(src), "out": str(out), "bps": args.bps}

@@ -40,7 +40,7 @@ import torch
 from ..codec import HQFormatError
 from ..nn.linear import HQLinear
 from .config import HQConfig, QuantMethod, resolve_config
-from .quantize import NONFINITE, ON_INVALID, _plan
+from .quantize import NONFINITE, ON_INVALID, _plan, check_finite
 from .serialization import CONFIG_NAME, PIPELINE_INDEX, _atomic_dir, _skeleton
 from .shards import (INDEX_NAME, WEIGHTS_NAME, nbytes, plan_shards, shard_names, write_index,
                      write_safetensors)
@@ -192,13 +192,11 @@ def encode_job(job: Job, cfg: HQConfig, dtype, device: str, on_invalid: str) -> 
     w = _read(*job.weight, dtype)
     read = w.numel() * w.element_size()
     b = _read(*job.bias, dtype) if job.bias is not None else None
-    if not bool(torch.isfinite(w).all()):
-        if on_invalid == "raise":
-            raise ConvertError(f"{job.weight[0]}: tensor {job.weight[1]!r} has {int(torch.isnan(w).sum())} NaN "
-                               f"and {int(torch.isinf(w).sum())} Inf values; refusing to quantize it "
-                               f"(--on-invalid skip keeps such layers unquantized)")
-        warnings.warn(f"layer {job.name!r} has non-finite weights; kept in {w.dtype} (on_invalid='skip')",
-                      stacklevel=2)
+    with warnings.catch_warnings():  # a kept layer is reported once, when the pieces are assembled
+        warnings.simplefilter("ignore")
+        finite = check_finite(w, f"{job.weight[0]}: tensor {job.weight[1]!r}", job.name, on_invalid=on_invalid,
+                              hint="--on-invalid skip keeps such layers unquantized", error=ConvertError)
+    if not finite:
         _write_piece(Path(job.piece), {}, {"name": job.name, "invalid": True})
         return read
     if device != "cpu":
@@ -214,7 +212,6 @@ def encode_job(job: Job, cfg: HQConfig, dtype, device: str, on_invalid: str) -> 
 
 def _worker_init():
     torch.set_num_threads(1)
-    warnings.simplefilter("ignore")  # the main process reports non-finite layers when it reads the pieces
 
 
 def _worker_run(args):
@@ -226,14 +223,15 @@ def _worker_run(args):
         return job.index, 0, str(e)
 
 
-def read_piece(path: Path):
-    """(tensors, meta) of a piece file; HQFormatError naming it when it is unreadable or fails its CRC32."""
+def read_piece(path: Path, key: str | None = None):
+    """(tensors, meta) of a piece file (only tensor ``key`` when given); HQFormatError naming it when it is
+    unreadable or a tensor fails its CRC32."""
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = json.loads((f.metadata() or {})["piece"])
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {k: f.get_tensor(k) for k in (f.keys() if key is None else [key])}
     except Exception as e:
         raise HQFormatError(f"{path}: unreadable piece ({e})") from None
     for k, t in tensors.items():
@@ -378,7 +376,7 @@ def _assemble_plan(comp: Component, model, cfg: HQConfig, jobs, skipped, dtype, 
 def _fetch(source: tuple, dtype) -> torch.Tensor:
     kind = source[0]
     if kind == "piece":
-        tensors, _ = read_piece(Path(source[1]))
+        tensors, _ = read_piece(Path(source[1]), source[2])
         return tensors[source[2]]
     if kind == "src":
         return _read(source[1], source[2], dtype)
