@@ -101,7 +101,8 @@ def build_slice(path: Path, blocks: int, seed: int = 0, max_shard_size: int = 2 
 
 
 def measure(kind: str, timeout: float, **fmt) -> dict:
-    """:func:`_measure`, reported on stderr as soon as it is done."""
+    """:func:`_measure` ({"rss": the process's peak, "child": the largest peak of its child processes,
+    "wall"}), reported on stderr as soon as it is done."""
     r = _measure(kind, timeout, **fmt)
     print(f"bench convert: {kind} {fmt.get('workers', '')}: peak RSS {r['rss'] / GB:.2f} GB, {r['wall']:.0f} s",
           file=sys.stderr, flush=True)
@@ -113,6 +114,7 @@ def _measure(kind: str, timeout: float, **fmt) -> dict:
     code = ("import resource, time, json, warnings; warnings.simplefilter('ignore'); t = time.perf_counter()\n"
             + SNIPPETS[kind].format(**fmt) + "\n"
             "print('HQRESULT', json.dumps({'rss': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "
+            "'child': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024, "
             "'wall': time.perf_counter() - t}))")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
     line = [x for x in p.stdout.splitlines() if x.startswith("HQRESULT")]
@@ -166,6 +168,8 @@ def main(argv=None) -> int:
         bounds = {"load_quantized": load_bound}
         rows = []
         for name, r in runs.items():
+            if name.startswith("convert") and r.get("child"):  # worker processes run concurrently: count each
+                r["rss"] += args.workers * r["child"]
             bound = bounds.get(name, conv_bound if name != "imports" else None)
             mbs = info["bytes"] / r["wall"] / 1e6 if name.startswith("convert") else None
             rows.append([name, f"{r['rss'] / GB:.2f}", "-" if bound is None else f"{bound / GB:.2f}",
