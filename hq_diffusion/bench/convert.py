@@ -37,7 +37,7 @@ SNIPPETS = {
                "assert main([{src!r}, '--out', {out!r}, '--bps', '{bps}', '--workers', '{workers}', "
                "'--no-progress', '--overwrite']) == 0",
     "on-load": "import torch, diffusers; from hq_diffusion import HQConfig; from hq_diffusion.integrations import "
-               "api; m = diffusers.LTX2VideoTransformer3DModel.from_pretrained({src!r}, torch_dtype=torch.bfloat16, "
+               "diffusers_backend; m = diffusers.LTX2VideoTransformer3DModel.from_pretrained({src!r}, torch_dtype=torch.bfloat16, "
                "quantization_config=HQConfig(bps={bps}))",
     "quantize": "import torch, diffusers, hq_diffusion as hq; m = diffusers.LTX2VideoTransformer3DModel."
                 "from_pretrained({src!r}, torch_dtype=torch.bfloat16); hq.quantize(m, bps={bps}, progress=False); "
