@@ -14,6 +14,8 @@ COMMANDS = {
     "eval": ("hq_diffusion.eval.cli", "main", "bf16 vs quantized evaluation over a prompt suite"),
     "app": ("hq_diffusion.app.server", "main", "Gradio app: bf16 and quantized side by side"),
     "inspect": ("hq_diffusion.bench.inspect", "main", "per-layer weight statistics before/after the RHT, bits and SNR"),
+    "quantize": ("hq_diffusion.integrations.convert_cli", "main",
+                 "quantize a float diffusers checkpoint on disk, one tensor at a time (bounded memory)"),
 }
 BENCHES = {
     "rd": ("hq_diffusion.bench.rd", "main", "rate–distortion table on iid N(0,1) vs baselines"),
@@ -24,6 +26,7 @@ BENCHES = {
     "e2e": ("hq_diffusion.bench.e2e", "main", "tiny LTX pipeline: hq-diffusion vs a 4-bit peer"),
     "app-load": ("hq_diffusion.bench.app_load", "main", "8 concurrent /generate calls against a local app"),
     "peers": ("hq_diffusion.bench.peers", "main", "installed peer libraries (bnb, HQQ, quanto, torchao, gguf, SDNQ), every bit counted"),
+    "convert": ("hq_diffusion.bench.convert", "main", "real-width LTX-2 slice: streaming conversion, RSS and MB/s"),
 }
 
 
@@ -45,7 +48,7 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, _, help_) in COMMANDS.items():
         sub.add_parser(name, help=help_, add_help=False)
-    bench = sub.add_parser("bench", help="benchmarks (rd, speed, tails, kernels, kv, e2e, app-load)", add_help=False)
+    bench = sub.add_parser("bench", help="benchmarks (" + ", ".join(BENCHES) + ")", add_help=False)
     bench.add_argument("which", nargs="?", choices=sorted(BENCHES))
     if not argv or argv[0] in ("-h", "--help"):
         parser.print_help()

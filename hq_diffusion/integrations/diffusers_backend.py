@@ -42,6 +42,7 @@ from diffusers.quantizers.quantization_config import QuantizationConfigMixin
 
 from ..codec import HQFormatError
 from .config import HQConfig, QuantMethod
+from . import load_quantize
 from .quantize import quantize
 from .manifest import check_directory, find_manifest, verify_manifest
 from .state import (METADATA_KEY, STATE_ATTR, HQState, apply_kv, check_no_meta, check_quantization_config,
@@ -138,7 +139,16 @@ class HQDiffusersQuantizer(DiffusersQuantizer):
             files = getattr(self, "checkpoint_files", None)
             where = f"{Path(files[0]).parent / CONFIG_NAME}: quantization_config" if files else "quantization_config"
             swap_in_empty_hqlinears(model, self.checkpoint["layers"], where)
+        else:  # quantize each planned layer as its weight loads (integrations/load_quantize.py)
+            load_quantize.prepare(self, model, self.hq_config)
         return model
+
+    def check_if_quantized_param(self, model, param_value, param_name, state_dict, **kwargs) -> bool:
+        return not self.pre_quantized and load_quantize.is_target(self, param_name)
+
+    def create_quantized_param(self, model, param_value, param_name, target_device, state_dict,
+                               unexpected_keys=None, **kwargs):
+        load_quantize.create(self, model, param_value, param_name, target_device, state_dict, kwargs.get("dtype"))
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         if self.pre_quantized:
@@ -149,7 +159,8 @@ class HQDiffusersQuantizer(DiffusersQuantizer):
             if self.checkpoint["kv"] is not None:
                 apply_kv(model, state, kv_dict=self.checkpoint["kv"])
         else:
-            quantize(model, config=self.hq_config, progress=False)
+            if not load_quantize.finish(self, model):
+                quantize(model, config=self.hq_config, progress=False)
             self.checkpoint = quantization_config(model)
             self.pre_quantized = True
         # what diffusers' save_pretrained will write to config.json

@@ -120,22 +120,34 @@ def _check_weights(todo, *, on_invalid, prefix) -> set[str]:
         full = f"{prefix}.{name}" if prefix else name
         if w.device.type == "meta":
             raise ValueError(f"layer {full!r}: weight is on the meta device; load the weights before quantizing")
-        if bool(torch.isfinite(w).all()):
-            continue
-        if on_invalid == "raise":
-            raise ValueError(f"layer {full!r} has {int(torch.isnan(w).sum())} NaN and "
-                             f"{int(torch.isinf(w).sum())} Inf weights; refusing to quantize it "
-                             f"(quantize(..., on_invalid='skip') keeps such layers unquantized)")
-        warnings.warn(f"layer {full!r} has non-finite weights; kept in {w.dtype} (on_invalid='skip')",
-                      stacklevel=4)
-        bad.add(name)
+        if not check_finite(w, f"layer {full!r}", full, on_invalid=on_invalid,
+                            hint="quantize(..., on_invalid='skip') keeps such layers unquantized", stacklevel=5):
+            bad.add(name)
     return bad
+
+
+def check_finite(w: torch.Tensor, what: str, layer: str, *, on_invalid: str, hint: str, error=ValueError,
+                 stacklevel: int = 3) -> bool:
+    """True when the weight ``w`` is finite; else raise ``error`` naming ``what`` (``on_invalid="raise"``) or
+    warn naming ``layer`` and return False (``"skip"``: the layer stays unquantized)."""
+    if bool(torch.isfinite(w).all()):
+        return True
+    if on_invalid == "raise":
+        raise error(f"{what} has {int(torch.isnan(w).sum())} NaN and {int(torch.isinf(w).sum())} Inf weights; "
+                    f"refusing to quantize it ({hint})")
+    warnings.warn(f"layer {layer!r} has non-finite weights; kept in {w.dtype} (on_invalid='skip')",
+                  stacklevel=stacklevel)
+    return False
 
 
 def _quantize_module(model, cfg, todo, state, *, invalid, backend, bar):
     codec_cfg = cfg.codec_config()
     replaced: dict[int, HQLinear] = {}
-    for name, lin in todo:
+    for i in range(len(todo)):
+        # take the layer out of the plan: once swapped out of the model, nothing here keeps its float weight
+        # alive, so the peak is the loaded model plus one layer's encoding work
+        name, lin = todo[i]
+        todo[i] = (name, None)
         if name in invalid:
             state.skipped[name] = NONFINITE
             bar.update(1)
@@ -145,6 +157,7 @@ def _quantize_module(model, cfg, todo, state, *, invalid, backend, bar):
                                       backend=backend, name=name)
         replaced[id(lin)] = hq
         set_module(model, name, hq)
+        del lin
         bar.update(1)
     # a Linear shared under several names is replaced everywhere by the same HQLinear
     for name, mod in list(model.named_modules(remove_duplicate=False)):

@@ -58,6 +58,7 @@ from ..codec import HQFormatError
 from ..nn.linear import HQLinear
 from .config import QuantMethod
 from .manifest import check_directory, verified, write_manifest
+from .shards import component_files
 from .state import FORMAT_VERSION  # noqa: F401  (re-exported: the checkpoint format version this build writes)
 from .state import (METADATA_KEY, ST_DTYPES, STATE_ATTR, HQState, apply_kv, canonicalize_safetensors_header,
                     check_no_meta, check_quantization_config, file_metadata, manifest_flag, refuse_stripped_config,
@@ -367,15 +368,30 @@ def load_component(path, *, model: nn.Module | None = None, device=None, torch_d
         refuse_stripped_config(cfg_path, st_path)
         raise HQFormatError(f"{cfg_path}: no hq_diffusion quantization_config: not an hq-diffusion checkpoint")
     hq_config = check_quantization_config(qc_cfg, cfg_path, with_checksums=False)
-    qc, header = read_checkpoint_metadata(st_path)
-    if strip_file_keys(qc) != qc_cfg:
-        raise HQFormatError(f"{cfg_path}: quantization_config disagrees with the metadata of {st_path.name}")
+    files = component_files(path)  # the single file, or the shards of a streamed conversion
+    qc, header, dtypes = None, {}, {}
+    for f in files:
+        fqc, fheader = read_checkpoint_metadata(f)
+        if strip_file_keys(fqc) != qc_cfg:
+            raise HQFormatError(f"{cfg_path}: quantization_config disagrees with the metadata of {f.name}")
+        if qc is not None and fqc["checksums"] != qc["checksums"]:
+            raise HQFormatError(f"{f}: its checksum table differs from that of {files[0].name}")
+        qc = qc or fqc
+        header.update(fheader)
+        dtypes.update(fqc.get("dtypes") or {})
+    if set(header) != set(qc["checksums"]):
+        missing = sorted(set(qc["checksums"]) - set(header))[:5]
+        raise HQFormatError(f"{files[0]}: the checksum table does not list exactly the stored tensors "
+                            f"(missing from the files: {missing})")
     if model is None:
         model = _skeleton(config, cfg_path)
     swap_in_empty_hqlinears(model, qc["layers"], st_path, backend=backend)
-    check_tensors_against_model(model, header, st_path, qc.get("dtypes"))
-    tensors = read_verified_tensors(st_path, qc["checksums"])
-    model.load_state_dict(tensors, strict=True, assign=True)
+    check_tensors_against_model(model, header, st_path if len(files) == 1 else path,
+                                dtypes if "dtypes" in qc else None)
+    dev = None if device is None or torch_dtype is not None else device
+    for f in files:  # one tensor at a time onto ``device``; assigned per shard, so no shard is held twice
+        model.load_state_dict(read_verified_tensors(f, qc["checksums"], require_all=len(files) == 1, device=dev),
+                              strict=False, assign=True)
     check_no_meta(model, st_path)
     state = HQState(config=hq_config, skipped=dict(qc["skipped"]))
     setattr(model, STATE_ATTR, state)

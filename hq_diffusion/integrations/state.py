@@ -270,9 +270,21 @@ def check_quantization_config(qc, where, *, with_checksums: bool) -> HQConfig:
     return cfg
 
 
-def read_verified_tensors(st_path, checksums: dict, *, require_all: bool = True) -> dict[str, torch.Tensor]:
+def _data_layout(f, st_path) -> tuple[int, dict]:
+    """(start of the data section, {tensor name: (dtype str, shape, begin, end)}) from an open safetensors file."""
+    (n,) = struct.unpack("<Q", f.read(8))
+    header = parse_json(f.read(n), f"{st_path}: safetensors header")
+    header.pop("__metadata__", None)
+    return 8 + n, {k: (v["dtype"], tuple(v["shape"]), *v["data_offsets"]) for k, v in header.items()}
+
+
+def read_verified_tensors(st_path, checksums: dict, *, require_all: bool = True,
+                          device=None) -> dict[str, torch.Tensor]:
     """Read every tensor of ``st_path`` and check it against its CRC32.
 
+    The tensors are read one at a time with plain reads into their own buffers (no memory map: the file is
+    never held twice, once as mapped pages and once as tensors), each verified as it arrives; with ``device``
+    (e.g. ``"cuda"``) each is moved there right after its check, so that at most one tensor is on the CPU.
     ``require_all``: the checksum table must list exactly the stored tensors (False for one shard of many)."""
     from safetensors import safe_open
 
@@ -280,17 +292,25 @@ def read_verified_tensors(st_path, checksums: dict, *, require_all: bool = True)
         raise HQFormatError(f"{st_path}: checksums must be integers")
     out = {}
     try:
-        with safe_open(str(st_path), framework="pt") as f:
+        with safe_open(str(st_path), framework="pt") as f:  # validates the header and the file's length
             keys = list(f.keys())
-            if (set(keys) != set(checksums)) if require_all else not set(keys) <= set(checksums):
-                raise HQFormatError(f"{st_path}: the checksum table does not list exactly the stored tensors")
-            for k in keys:
-                t = f.get_tensor(k)
+        if (set(keys) != set(checksums)) if require_all else not set(keys) <= set(checksums):
+            raise HQFormatError(f"{st_path}: the checksum table does not list exactly the stored tensors")
+        with open(st_path, "rb") as f:
+            start, layout = _data_layout(f, st_path)
+            for k in sorted(layout, key=lambda k: layout[k][2]):
+                dt, shape, begin, end = layout[k]
+                buf = torch.empty(end - begin, dtype=torch.uint8)
+                f.seek(start + begin)
+                if end > begin and f.readinto(memoryview(buf.numpy())) != end - begin:
+                    raise HQFormatError(f"{st_path}: tensor {k!r} is truncated")
+                t = buf.view(ST_DTYPES[dt]).reshape(shape)
                 crc = tensor_crc32(t)
                 if crc != checksums[k]:
                     raise HQFormatError(f"{st_path}: tensor {k!r} fails its CRC32 check (stored "
                                         f"{checksums[k]:#010x}, computed {crc:#010x}): the file is corrupt")
-                out[k] = t
+                out[k] = t if device is None else t.to(device)
+                del buf, t
     except HQFormatError:
         raise
     except Exception as e:

@@ -1,0 +1,299 @@
+"""Streaming conversion (``hq-diffusion quantize``): bit-identity with ``save_quantized(quantize(model))``,
+workers, shards, resume, the two-process split, bad input, ``load_quantized`` streaming, and ``quantize``
+freeing each float weight as its layer is encoded."""
+from __future__ import annotations
+
+import filecmp
+import json
+import os
+import subprocess
+import sys
+import weakref
+from pathlib import Path
+
+import pytest
+import torch
+
+import hq_diffusion as hq
+from hq_diffusion.codec import HQFormatError
+from hq_diffusion.integrations import convert as conv
+from hq_diffusion.integrations.convert_cli import main as cli_main
+from hq_diffusion.integrations.shards import INDEX_NAME, WEIGHTS_NAME, parse_size
+
+
+def _same_tree(a: Path, b: Path) -> list[str]:
+    """Relative paths that differ between the two directory trees (missing on one side, or other bytes)."""
+    fa = {p.relative_to(a) for p in a.rglob("*") if p.is_file()}
+    fb = {p.relative_to(b) for p in b.rglob("*") if p.is_file()}
+    diff = sorted(str(p) for p in fa ^ fb)
+    diff += [str(p) for p in fa & fb if not filecmp.cmp(a / p, b / p, shallow=False)]
+    return sorted(diff)
+
+
+@pytest.fixture(scope="module")
+def src(tmp_path_factory):
+    from hq_diffusion.models import tiny_pipeline
+
+    root = tmp_path_factory.mktemp("convert")
+    pipe = tiny_pipeline("ltx", dtype=torch.bfloat16)
+    pipe.save_pretrained(root / "pipe")
+    return root / "pipe"
+
+
+@pytest.fixture(scope="module")
+def reference(src, tmp_path_factory):
+    """save_quantized(quantize(from_pretrained(SRC))) of the transformer directory, loaded in its stored dtype."""
+    from diffusers import LTXVideoTransformer3DModel
+
+    out = tmp_path_factory.mktemp("ref") / "ref"
+    m = LTXVideoTransformer3DModel.from_pretrained(str(src / "transformer"), torch_dtype=torch.bfloat16)
+    hq.quantize(m, bps=4.0, progress=False)
+    hq.save_quantized(m, out)
+    return out
+
+
+def _no_leftovers(parent: Path, name: str) -> list[str]:
+    return sorted(p.name for p in parent.iterdir() if p.name.startswith(f".{name}."))
+
+
+def test_model_dir_bit_identical_one_and_two_workers(src, reference, tmp_path):
+    for workers in (1, 2):
+        out = tmp_path / f"w{workers}"
+        assert conv.convert(src / "transformer", out, bps=4.0, workers=workers, progress=False) == out
+        assert _same_tree(reference, out) == [], workers
+        assert _no_leftovers(tmp_path, out.name) == []
+
+
+def test_pipeline_converted_and_loadable(src, reference, tmp_path):
+    out = tmp_path / "pipe-hq"
+    assert cli_main([str(src), "--out", str(out), "--workers", "1", "--no-progress"]) == 0
+    # the transformer's weights are the in-process result (config.json differs only in _name_or_path, the
+    # pipeline directory); every other component is a byte copy of the source
+    assert _same_tree(reference, out / "transformer") == ["config.json", "hq_manifest.json"]
+    for name in ("vae", "text_encoder", "tokenizer", "scheduler"):
+        assert _same_tree(src / name, out / name) == []
+    pipe = hq.load_quantized(out)
+    assert len(hq.summary(pipe).layers) == len(json.loads((reference / "config.json").read_text())
+                                               ["quantization_config"]["layers"])
+    from diffusers import DiffusionPipeline
+
+    p2 = DiffusionPipeline.from_pretrained(str(out))
+    a, b = pipe.transformer.state_dict(), p2.transformer.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sharded_output_loads_like_the_single_file(src, reference, tmp_path):
+    out = tmp_path / "sharded"
+    conv.convert(src / "transformer", out, bps=4.0, workers=1, progress=False, max_shard_size="20KB")
+    shards = sorted(p.name for p in out.glob("diffusion_pytorch_model-*.safetensors"))
+    assert len(shards) > 2 and (out / INDEX_NAME).is_file() and not (out / WEIGHTS_NAME).exists()
+    ref = hq.load_quantized(reference).state_dict()
+    for loaded in (hq.load_quantized(out), type(hq.load_quantized(reference)).from_pretrained(str(out))):
+        sd = loaded.state_dict()
+        assert sd.keys() == ref.keys() and all(torch.equal(sd[k], ref[k]) for k in ref)
+    # a shard's bytes flipped: refused naming the shard
+    victim = out / shards[1]
+    raw = bytearray(victim.read_bytes())
+    raw[-3] ^= 0xFF
+    victim.write_bytes(bytes(raw))
+    with pytest.raises(HQFormatError, match=shards[1]):
+        hq.load_quantized(out)
+
+
+def test_resume_after_interrupt_encodes_only_the_rest(src, reference, tmp_path, monkeypatch):
+    out = tmp_path / "resumed"
+    real, calls = conv.encode_job, []
+
+    def interrupted(job, *a, **k):
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        calls.append(job.name)
+        return real(job, *a, **k)
+
+    monkeypatch.setattr(conv, "encode_job", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        conv.convert(src / "transformer", out, bps=4.0, workers=1, progress=False)
+    assert not out.exists()
+    (work,) = [p for p in tmp_path.iterdir() if p.name.startswith(f".{out.name}.hq-convert-")]
+    assert len(list(work.rglob("*.safetensors"))) == 5
+    calls.clear()
+    monkeypatch.setattr(conv, "encode_job", lambda job, *a, **k: (calls.append(job.name), real(job, *a, **k))[1])
+    conv.convert(src / "transformer", out, bps=4.0, workers=1, progress=False)
+    total = len(json.loads((reference / "config.json").read_text())["quantization_config"]["layers"])
+    assert len(calls) == total - 5
+    assert _same_tree(reference, out) == [] and not work.exists()
+
+
+@pytest.mark.slow  # two fresh interpreters importing torch + diffusers: about two minutes on a shared 2-core CPU
+def test_two_process_split_identical(src, reference, tmp_path):
+    """Two processes as ``accelerate launch`` starts them (RANK / WORLD_SIZE): each encodes its share, rank 0
+    writes the output."""
+    out = tmp_path / "split"
+    cmd = [sys.executable, "-m", "hq_diffusion.cli", "quantize", str(src / "transformer"), "--out", str(out),
+           "--workers", "1", "--no-progress"]
+    procs = [subprocess.Popen(cmd, env={**os.environ, "RANK": str(r), "WORLD_SIZE": "2"},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    results = [p.communicate(timeout=240) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [r[1][-2000:] for r in results]
+    assert "wrote" in results[0][0] and "wrote" not in results[1][0]
+    assert _same_tree(reference, out) == [] and _no_leftovers(tmp_path, out.name) == []
+
+
+# ---- bad input: exit 2, one line naming the file and tensor, nothing left --------------------------------------
+
+def _run_bad(argv, capsys, out: Path):
+    code = cli_main([*argv, "--out", str(out), "--workers", "1", "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert not out.exists() and _no_leftovers(out.parent, out.name) == []
+    return err[0]
+
+
+def _copy_model(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src / "transformer", dst)
+    return dst
+
+
+def _sharded_copy(src: Path, dst: Path) -> Path:
+    """The source transformer re-saved as two float shards with an index."""
+    from diffusers import LTXVideoTransformer3DModel
+
+    m = LTXVideoTransformer3DModel.from_pretrained(str(src / "transformer"), torch_dtype=torch.bfloat16)
+    m.save_pretrained(str(dst), max_shard_size="40KB")
+    assert (dst / INDEX_NAME).is_file()
+    return dst
+
+
+def test_bad_inputs_refused(src, tmp_path, capsys):
+    out = tmp_path / "out"
+    sharded = _sharded_copy(src, tmp_path / "sharded")
+    index = json.loads((sharded / INDEX_NAME).read_text())
+    shard = sorted(set(index["weight_map"].values()))[-1]
+    # an index naming a tensor its shard lacks
+    bad_index = _copy_model_dir(sharded, tmp_path / "badindex")
+    idx = json.loads((bad_index / INDEX_NAME).read_text())
+    idx["weight_map"]["ghost.weight"] = shard
+    (bad_index / INDEX_NAME).write_text(json.dumps(idx))
+    assert "ghost.weight" in _run_bad([str(bad_index)], capsys, out)
+    # a missing shard
+    missing = _copy_model_dir(sharded, tmp_path / "missing")
+    (missing / shard).unlink()
+    assert shard in _run_bad([str(missing)], capsys, out)
+    # a truncated file
+    trunc = _copy_model(src, tmp_path / "trunc")
+    raw = (trunc / WEIGHTS_NAME).read_bytes()
+    (trunc / WEIGHTS_NAME).write_bytes(raw[: len(raw) - 1000])
+    assert WEIGHTS_NAME in _run_bad([str(trunc)], capsys, out)
+    # a pickle checkpoint is refused, never unpickled
+    pick = _copy_model(src, tmp_path / "pickle")
+    (pick / WEIGHTS_NAME).unlink()
+    (pick / "diffusion_pytorch_model.bin").write_bytes(b"\x80\x04not really a pickle")
+    assert "pickle" in _run_bad([str(pick)], capsys, out)
+    # an already quantized source
+    done = tmp_path / "done"
+    conv.convert(src / "transformer", done, bps=4.0, workers=1, progress=False)
+    assert "already quantized" in _run_bad([str(done)], capsys, out)
+    # an existing DST without --overwrite (left untouched), and with it (replaced)
+    out.mkdir()
+    (out / "keep").write_text("x")
+    assert cli_main([str(src / "transformer"), "--out", str(out), "--no-progress"]) == 2
+    assert "--overwrite" in capsys.readouterr().err and (out / "keep").read_text() == "x"
+    assert cli_main([str(src / "transformer"), "--out", str(out), "--no-progress", "--overwrite",
+                     "--workers", "1"]) == 0
+    assert not (out / "keep").exists() and (out / WEIGHTS_NAME).is_file()
+
+
+def _copy_model_dir(a: Path, b: Path) -> Path:
+    import shutil
+
+    shutil.copytree(a, b)
+    return b
+
+
+def test_nonfinite_weight_named_or_kept(src, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    bad = _copy_model(src, tmp_path / "nan")
+    sd = load_file(str(bad / WEIGHTS_NAME))
+    victim = "transformer_blocks.0.ff.net.2.weight"
+    sd[victim][0, 0] = float("nan")
+    save_file(sd, str(bad / WEIGHTS_NAME), metadata={"format": "pt"})
+    line = _run_bad([str(bad)], capsys, tmp_path / "out")
+    assert victim in line and WEIGHTS_NAME in line
+    out = tmp_path / "kept"
+    with pytest.warns(UserWarning, match="transformer_blocks.0.ff.net.2"):
+        conv.convert(bad, out, bps=4.0, workers=1, progress=False, on_invalid="skip")
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert "transformer_blocks.0.ff.net.2" in qc["skipped"]
+    assert "transformer_blocks.0.ff.net.2" not in qc["layers"]
+
+
+def test_parse_size():
+    assert parse_size("5GB") == 5 * 10**9 and parse_size("2MiB") == 2 * 2**20 and parse_size(1000) == 1000
+    for bad in ("", "5XB", "-1", 0):
+        with pytest.raises(ValueError, match="size"):
+            parse_size(bad)
+
+
+# ---- quantize() frees each float weight, load_quantized places tensors on the device --------------------------
+
+def test_quantize_frees_each_weight_as_its_layer_is_encoded(monkeypatch):
+    from hq_diffusion.models import tiny_transformer
+    from hq_diffusion.nn.linear import HQLinear
+
+    model = tiny_transformer("ltx")
+    refs, alive_at_call = [], []
+    real = HQLinear.from_linear.__func__
+
+    def spy(cls, linear, *a, **k):
+        alive_at_call.append(sum(r() is not None for r in refs))
+        refs.append(weakref.ref(linear.weight))
+        return real(cls, linear, *a, **k)
+
+    monkeypatch.setattr(HQLinear, "from_linear", classmethod(spy))
+    hq.quantize(model, bps=4.0, progress=False)
+    assert len(alive_at_call) > 5
+    # when layer i is encoded, the float weights of the layers before it are gone already
+    assert alive_at_call == [0] * len(alive_at_call)
+
+
+def test_load_quantized_streams_onto_the_device(reference):
+    from hq_diffusion.integrations.state import read_verified_tensors
+
+    raw = json.loads(__import__("safetensors").safe_open(str(reference / WEIGHTS_NAME), "pt").metadata()
+                     ["hq_diffusion"])
+    tensors = read_verified_tensors(reference / WEIGHTS_NAME, raw["checksums"], device="meta")
+    assert tensors and all(t.device.type == "meta" for t in tensors.values())
+    m = hq.load_quantized(reference, device="cpu")
+    assert all(t.device.type == "cpu" for t in m.state_dict().values())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_encode_bit_identical_to_cpu(src, reference, tmp_path):
+    out = tmp_path / "cuda"
+    conv.convert(src / "transformer", out, bps=4.0, device="cuda", progress=False)
+    assert _same_tree(reference, out) == []
+    m = hq.load_quantized(reference, device="cuda")
+    assert all(t.device.type == "cuda" for t in m.state_dict().values())
+
+
+def test_quantize_on_load_per_parameter(src, reference, monkeypatch):
+    """from_pretrained(d, quantization_config=HQConfig(...)) encodes each layer as its weight loads (the
+    "load everything, then quantize" path is never taken) and gives the in-process result."""
+    from diffusers import LTXVideoTransformer3DModel
+
+    from hq_diffusion.integrations import diffusers_backend
+    from hq_diffusion.integrations.config import HQConfig
+
+    def refuse(*a, **k):
+        raise AssertionError("quantize() after loading: the per-parameter path was not used")
+
+    monkeypatch.setattr(diffusers_backend, "quantize", refuse)
+    m = LTXVideoTransformer3DModel.from_pretrained(str(src / "transformer"), torch_dtype=torch.bfloat16,
+                                                   quantization_config=HQConfig(bps=4.0))
+    ref = hq.load_quantized(reference).state_dict()
+    sd = m.state_dict()
+    assert sd.keys() == ref.keys() and all(torch.equal(sd[k], ref[k]) for k in ref)
+    assert hq.summary(m).layers
