@@ -57,14 +57,14 @@ def _finite(values: Iterable) -> np.ndarray:
 
 def value_range(values: Iterable, metric: str | None = None, pad: float = 0.15) -> tuple[float, float]:
     """A y-axis range zoomed to the finite ``values``: ``[min - p, max + p]`` with ``p = pad * (max - min)``
-    (at least 0.5% of ``|max|`` and 1e-3, so equal values still get a visible band), clipped to the metric's
-    natural bounds (SSIM <= 1, agreement in [0, 1], dB and LPIPS >= 0).  No finite value: ``(0, 1)``."""
+    (equal values: ``p`` = 0.5% of ``|max|``, at least 1e-3, so they still get a visible band), clipped to the
+    metric's natural bounds (SSIM <= 1, agreement in [0, 1], dB and LPIPS >= 0).  No finite value: ``(0, 1)``."""
     a = _finite(values)
     a = a[np.isfinite(a)]
     if a.size == 0:
         return 0.0, 1.0
     lo, hi = float(a.min()), float(a.max())
-    p = max(pad * (hi - lo), 0.005 * max(abs(hi), abs(lo)), 1e-3)
+    p = pad * (hi - lo) if hi > lo else max(0.005 * max(abs(hi), abs(lo)), 1e-3)
     lo, hi = lo - p, hi + p
     floor, ceil = _BOUNDS.get(metric or "", (None, None))
     if floor is not None:
@@ -144,10 +144,11 @@ def per_prompt_bars(ids: Sequence[str], groups: Sequence[tuple[str, dict]], metr
 
 
 def rate_quality(lines: dict[str, Sequence[tuple[float, dict]]], metrics: Sequence[str],
-                 xlabel: str = "bits per weight (all stored bits / weights)"):
+                 xlabel: str = "bits per weight (all stored bits / weights)", title: str | None = None):
     """Rate–quality: one panel per metric, one line per ``lines`` entry ``name -> [(bits per weight,
     {metric: value | None}), ...]`` (points sorted by rate; missing values skipped).  The legend (the
-    line names) sits above the panels when there is more than one line.  Returns the Figure."""
+    line names) sits above the panels when there is more than one line; ``title`` (e.g. the model) goes below
+    the panels.  Returns the Figure."""
     fig = new_figure(max(6.0, 3.6 * len(metrics)), 3.9)
     axes = fig.subplots(1, len(metrics), squeeze=False)[0]
     markers = "osD^v<>ph*"
@@ -165,4 +166,6 @@ def rate_quality(lines: dict[str, Sequence[tuple[float, dict]]], metrics: Sequen
         ax.grid(True, alpha=0.3)
     if len(lines) > 1:
         _legend_above(fig, axes)
+    if title:
+        fig.supxlabel(title, fontsize=9)
     return fig

@@ -36,7 +36,7 @@ from .merge import merge
 from .peers import rtn_bps, rtn_quantize, rtn_summary
 
 __all__ = ["SCHEMES", "parse_schemes", "scheme_configs", "run_sweep", "merge_sweep", "sweep_points",
-           "write_sweep"]
+           "rate_quality_figure", "write_sweep"]
 
 #: ``--schemes`` names -> (label, kind): kind "lattice" (hq_diffusion.quantize, that lattice) or "rtn"
 SCHEMES: dict[str, tuple[str, str]] = {
@@ -167,15 +167,15 @@ def sweep_points(reports: dict[str, dict]) -> list[dict]:
     return rows
 
 
-def rate_quality_figure(rows: list[dict]):
+def rate_quality_figure(rows: list[dict], title: str | None = None):
     """The sweep's figure: PSNR (and agreement when recorded) against measured bits per weight, one line per
-    scheme."""
+    scheme; ``title`` names the model under the panels."""
     metrics = ["psnr"] + (["agreement"] if any(r.get("agreement") is not None for r in rows) else [])
     lines: dict[str, list] = {}
     for r in rows:
         x = r["bits_per_weight"] if r.get("bits_per_weight") is not None else r["bps"]
         lines.setdefault(r["label"], []).append((x, {m: r.get(m) for m in metrics}))
-    return P.rate_quality(lines, metrics)
+    return P.rate_quality(lines, metrics, title=title)
 
 
 def write_sweep(out: str, reports: dict[str, dict]) -> dict:
@@ -190,7 +190,9 @@ def write_sweep(out: str, reports: dict[str, dict]) -> dict:
              "lpips": first.get("lpips")}
     R.write_json_atomic(os.path.join(out, "sweep.json"), sweep)
     R.write_csv_atomic(os.path.join(out, "sweep.csv"), rows)
-    png = P.png_bytes(rate_quality_figure(rows))
+    info = _pg.model_info(sweep["model"], cfg)
+    png = P.png_bytes(rate_quality_figure(rows, f"{info['model']} ({info['label']}), {cfg.get('num_prompts')} "
+                                                f"prompts, vs its unquantized {cfg.get('dtype')} output"))
     R.write_bytes_atomic(os.path.join(out, "rate_quality.png"), png)
     R.write_bytes_atomic(os.path.join(out, "report.html"), _page(sweep, reports).encode("utf-8"))
     return sweep
