@@ -10,6 +10,7 @@ import base64
 import html
 import math
 import os
+import re
 from typing import Any, Callable
 from urllib.parse import quote
 
@@ -17,7 +18,7 @@ import numpy as np
 
 from . import metrics as _m
 
-__all__ = ["agreement", "prompt_ids", "model_info", "model_banner", "explanations", "fmt", "short",
+__all__ = ["agreement", "prompt_ids", "id_order", "model_info", "model_banner", "explanations", "fmt", "short",
            "rel_link", "CSS", "Images", "load_pair", "png_rgb"]
 
 
@@ -48,6 +49,11 @@ def prompt_ids(prompt_entries: list[dict]) -> list[str]:
         idx = e.get("index") if e.get("index") is not None else seen[e.get("prompt")]
         out.append(f"P{idx}" + (f"/s{e.get('seed')}" if several_seeds else ""))
     return out
+
+
+def id_order(pid: str) -> tuple:
+    """Sort key of a :func:`prompt_ids` id: ``"P10/s2"`` -> ``(10, 2)`` (P2 before P10)."""
+    return tuple(int(t) for t in re.findall(r"\d+", pid))
 
 
 def model_info(model: Any, config: dict | None = None) -> dict:

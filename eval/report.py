@@ -556,7 +556,8 @@ def _plots(prompts: list[dict], ids: list[str], suite: dict, bps_list: list, has
                             + "/".join(m.upper() for m in metrics) + " versus bits per weight"))
     for b in bps_list:
         k = bps_key(b)
-        entries = [(i, e) for i, e in enumerate(prompts) if bps_key(e.get("bps")) == k]
+        entries = sorted(((i, e) for i, e in enumerate(prompts) if bps_key(e.get("bps")) == k),
+                         key=lambda t: _pg.id_order(ids[t[0]]))
         if not entries:
             continue
         curves = [(f"{ids[i]}: {_pg.short(e.get('prompt'), 30)}", (e.get("per_frame") or {}).get("psnr"),
@@ -565,7 +566,7 @@ def _plots(prompts: list[dict], ids: list[str], suite: dict, bps_list: list, has
         out.append(imgs.tag(P.png_bytes(P.per_frame_curves(curves, f"{k} bps")), f"plot-per-frame-{k}",
                             f"Per-frame PSNR and SSIM curves, one line per prompt, {k} bps"))
     if prompts:
-        order = list(dict.fromkeys(ids))
+        order = sorted(set(ids), key=_pg.id_order)
         groups = []
         for b in bps_list:
             k = bps_key(b)
@@ -583,9 +584,7 @@ def _plots(prompts: list[dict], ids: list[str], suite: dict, bps_list: list, has
         out.append(imgs.tag(P.png_bytes(P.per_prompt_bars(order, groups, metrics)), "plot-per-prompt",
                             "Per-prompt bar chart of mean " + ", ".join(m.upper() for m in metrics)
                             + ", one bar per bit rate"))
-        first = {}
-        for i, e in enumerate(prompts):
-            first.setdefault(ids[i], e)
+        first = {pid: prompts[ids.index(pid)] for pid in order}
         out.append("<table class='legend' id='prompt-ids'><tr><th>id</th><th>prompt</th><th>seed</th></tr>"
                    + "".join(f"<tr><td>{html.escape(pid)}</td><td>{html.escape(str(e.get('prompt')))}</td>"
                              f"<td>{html.escape(str(e.get('seed')))}</td></tr>" for pid, e in first.items())
