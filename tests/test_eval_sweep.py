@@ -1,8 +1,8 @@
 """``hq-diffusion eval --schemes``: the rate-quality sweep over lattices and the RTN int4 g128 peer, its files,
 its figure (one line per scheme, agreement when recorded) and the table ``eval`` prints.
 
-The fast tests use TEST DOUBLES: ``_noise_quantize`` perturbs the transformer's linear weights for the lattice
-schemes (the real ``hq_diffusion.quantize`` runs in the slow test), and ``_weights_generate`` makes frames from
+The fast tests use TEST DOUBLES: ``_noise_quantize`` (test_eval_runner's ``_mechanics_quantize``) perturbs the
+transformer's linear weights for the lattice schemes (the real ``hq_diffusion.quantize`` runs in the slow test), and ``_weights_generate`` makes frames from
 the transformer's weights without running the pipeline.  The RTN peer always runs for real (it is cheap).
 No quality number is taken from a double.
 """
@@ -21,28 +21,19 @@ import torch
 from hq_diffusion.eval import cli, peers
 from hq_diffusion.eval import sweep as S
 from hq_diffusion.eval.files import EvalInputError
+from test_eval_runner import _mechanics_quantize
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
 
-def _noise_quantize(pipe, bps=4.0, lattice="e8", **kwargs):
-    """TEST DOUBLE: seeded noise of relative size 2**-bps (a different seed per lattice) on every transformer
-    linear, in place."""
-    g = torch.Generator().manual_seed(int(round(bps * 100)) + {"e8": 0, "d4": 1, "a2": 2, "z": 3}[lattice])
-    with torch.no_grad():
-        for m in pipe.transformer.modules():
-            if isinstance(m, torch.nn.Linear):
-                w = m.weight
-                w.add_((torch.randn(w.shape, generator=g) * w.float().std() * 2.0 ** -bps).to(w.dtype))
-    pipe._double_bps = bps
-    return pipe
+_noise_quantize = _mechanics_quantize  # same TEST DOUBLE as the runner's tests (lattice is ignored)
 
 
 def _noise_summary(pipe):
     rec = getattr(pipe.transformer, peers.RTN_RECORD, None)
     if rec is not None:  # the RTN peer's own summary
         return peers.rtn_summary(pipe)
-    return {"summary": {"ratio": 16.0 / pipe._double_bps, "weighted_bps": pipe._double_bps}, "text": "double"}
+    return {"summary": {"ratio": 16.0 / pipe._mechanics_bps, "weighted_bps": pipe._mechanics_bps}, "text": "double"}
 
 
 class _WeightsGenerate:
@@ -59,7 +50,7 @@ class _WeightsGenerate:
         proj = rng.standard_normal((3 * 16 * 16 * 3, w.numel())).astype(np.float32) / np.sqrt(w.numel())
         x = proj @ w.numpy()
         frames = np.clip(128 + 600 * x, 0, 255).astype(np.uint8).reshape(3, 16, 16, 3)
-        self.calls.append((hasattr(pipe, "_double_bps") or hasattr(pipe.transformer, peers.RTN_RECORD), prompt))
+        self.calls.append((hasattr(pipe, "_mechanics_bps") or hasattr(pipe.transformer, peers.RTN_RECORD), prompt))
         return {"frames": frames, "audio": None, "audio_sample_rate": None}
 
 
