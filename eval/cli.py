@@ -41,7 +41,8 @@ def build_parser(prog: str = "hq-diffusion eval") -> argparse.ArgumentParser:
     q.add_argument("--lattice", default="e8", help="e8 | d4 | a2 | z (default: e8)")
     q.add_argument("--schemes", metavar="LIST",
                    help="rate-quality sweep over schemes, comma-separated: e8, d4, a2, z (hq-diffusion with that "
-                        "lattice, at every --bps) and rtn4 (RTN int4 g128 peer, at its own 4.25 bits/weight); "
+                        "lattice, at every --bps) and rtn4 (RTN int4 g128 peer, at its own rate: 4.25 bits/weight, "
+                        "more where a layer has fewer than 128 inputs); "
                         "one run per scheme in OUT/<scheme>, the sweep page, table and rate_quality.png in OUT "
                         "(replaces --lattice)")
     q.add_argument("--mma", default="auto",

@@ -133,10 +133,9 @@ def run_sweep(cfg: EvalConfig, schemes: tuple[str, ...], *, run: Callable | None
         os.makedirs(sub.out, exist_ok=True)
         if n:
             _share_references(subs[0][1].out, sub.out)
-        rep = run(sub, progress=progress, **{**run_kwargs, **hooks})
-        if rep is None:
-            return None
-        reports[s] = rep
+        reports[s] = run(sub, progress=progress, **{**run_kwargs, **hooks})
+    if any(rep is None for rep in reports.values()):  # every scheme ran its share; this process does not merge
+        return None
     return write_sweep(cfg.out, reports)
 
 

@@ -152,6 +152,19 @@ def test_sweep_page_shows_agreement_when_recorded(fast_sweep, tmp_path):
     assert "<th>agreement</th>" in page and "content agreement" in page
 
 
+def test_every_scheme_runs_its_share_when_this_process_does_not_merge(tmp_path):
+    """With --no-barrier (or on a rank > 0) a run returns None: the sweep still runs every scheme, then stops
+    without writing the sweep files."""
+    from hq_diffusion.eval import config as eval_config
+
+    cfg = eval_config.build_config(cli.build_parser().parse_args(_argv(tmp_path)))
+    seen = []
+    assert S.run_sweep(cfg, ("e8", "d4", "rtn4"), run=lambda sub, **kw: seen.append(
+        (os.path.basename(sub.out), sub.bps_list, kw.get("quantize_fn"))), progress=False) is None
+    assert seen == [("e8", (3.0, 4.0), None), ("d4", (3.0, 4.0), None), ("rtn4", (4.25,), peers.rtn_quantize)]
+    assert not os.path.exists(tmp_path / "sweep.json")
+
+
 def test_bad_schemes_are_refused(tmp_path, capsys):
     for argv, msg in ((["--schemes", "e8,q9"], "unknown scheme 'q9'"), (["--schemes", "e8,e8"], "duplicates"),
                       (["--schemes", "e8", "--lattice", "d4"], "exclude each other"),
