@@ -76,8 +76,8 @@ def value_range(values: Iterable, metric: str | None = None, pad: float = 0.15) 
 
 
 def _legend_above(fig, axes: Sequence, ncol: int | None = None) -> None:
-    """One legend for the figure, above the axes (outside every axes box); nothing when there is nothing to
-    label."""
+    """One legend for the figure, above the axes (outside every axes box), in as many columns as fit the
+    figure's width (more rows otherwise); nothing when there is nothing to label."""
     handles, labels = [], []
     for ax in axes:
         for h, lab in zip(*ax.get_legend_handles_labels()):
@@ -85,7 +85,9 @@ def _legend_above(fig, axes: Sequence, ncol: int | None = None) -> None:
                 handles.append(h)
                 labels.append(lab)
     if labels:
-        fig.legend(handles, labels, loc="outside upper center", ncols=ncol or min(len(labels), 6), fontsize=8,
+        longest = max(len(t) for t in labels)  # ~0.075 in per character at 8 pt, plus the marker
+        fits = max(1, int(fig.get_figwidth() // (0.075 * longest + 0.6)))
+        fig.legend(handles, labels, loc="outside upper center", ncols=ncol or min(len(labels), fits), fontsize=8,
                    frameon=False)
 
 

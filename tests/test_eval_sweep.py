@@ -138,6 +138,15 @@ def test_sweep_figure_has_a_line_per_scheme_and_agreement():
     assert not any(fig.legends[0].get_window_extent(r).overlaps(ax.get_window_extent(r)) for ax in fig.axes)
     no_agree = S.rate_quality_figure([{**x, "agreement": None} for x in rows])
     assert len(no_agree.axes) == 1
+    # five schemes on the one-panel figure: the legend wraps inside the figure, covering no axes
+    five = [{**x, "scheme": s, "label": S.SCHEMES[s][0]} for s in S.SCHEMES for x in rows[:2]]
+    fig = S.rate_quality_figure([{**x, "agreement": None} for x in five])
+    fig.canvas.draw()
+    r = fig.canvas.get_renderer()
+    leg, box = fig.legends[0].get_window_extent(r), fig.bbox
+    assert len(fig.legends[0].get_texts()) == 5
+    assert box.x0 <= leg.x0 and leg.x1 <= box.x1 and box.y0 <= leg.y0 and leg.y1 <= box.y1, (leg, box)
+    assert not leg.overlaps(fig.axes[0].get_window_extent(r))
 
 
 def test_sweep_page_shows_agreement_when_recorded(fast_sweep, tmp_path):
