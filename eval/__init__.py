@@ -8,14 +8,17 @@
 - ``cache``: run record, reference cache, item status and file layout (resume);
 - ``runner``: ``run_eval`` (generation, metrics);
 - ``merge``: report assembly from the items on disk;
-- ``cli``: the argument parser and ``main``.
+- ``cli``: the argument parser and ``main``;
+- ``plots``, ``page``, ``table``: the report figures, page blocks and the printed summary table;
+- ``sweep``, ``peers``: the rate-quality sweep over schemes (``--schemes``) and the RTN int4 g128 peer.
 
 Submodules load on first access, so importing ``hq_diffusion.eval`` costs nothing.
 """
 
 import importlib
 
-__all__ = ["metrics", "report", "files", "config", "cache", "runner", "merge", "cli"]
+__all__ = ["metrics", "report", "files", "config", "cache", "runner", "merge", "cli", "plots", "page", "table",
+           "sweep", "peers"]
 
 
 def __getattr__(name):

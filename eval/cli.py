@@ -12,6 +12,7 @@ from .config import DTYPES, MODEL_ALIASES, build_config
 from .files import EvalInputError, quiet_library_logs
 from .merge import merge
 from .runner import run_eval
+from .table import format_run_table, format_sweep_table
 
 __all__ = ["build_parser", "main"]
 
@@ -38,6 +39,12 @@ def build_parser(prog: str = "hq-diffusion eval") -> argparse.ArgumentParser:
     p.add_argument("--bps", default="4", help="weight bits per weight, or a comma-separated sweep (3,4,5)")
     q = p.add_argument_group("quantization (hq_diffusion.quantize)")
     q.add_argument("--lattice", default="e8", help="e8 | d4 | a2 | z (default: e8)")
+    q.add_argument("--schemes", metavar="LIST",
+                   help="rate-quality sweep over schemes, comma-separated: e8, d4, a2, z (hq-diffusion with that "
+                        "lattice, at every --bps) and rtn4 (RTN int4 g128 peer, at its own rate: 4.25 bits/weight, "
+                        "more where a layer has fewer than 128 inputs); "
+                        "one run per scheme in OUT/<scheme>, the sweep page, table and rate_quality.png in OUT "
+                        "(replaces --lattice)")
     q.add_argument("--mma", default="auto",
                    help="matmul path: auto | bf16 | int8 | fp8 | nvfp4 | mxfp4 (default: auto)")
     q.add_argument("--kv-bps", type=float, default=None, help="also quantize attention K/V at this rate (default: off)")
@@ -73,17 +80,35 @@ def _error(msg: str) -> int:
 
 def main(argv: list[str] | None = None, **hooks: Any) -> int:
     """``hq-diffusion eval``.  ``hooks`` (``quantize_fn``, ``summary_fn``, ``generate_fn``) are for tests."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
         try:
             args = build_parser().parse_args(argv)
         except SystemExit as e:  # --help
             return int(e.code or 0)
+        schemes = None
+        if args.schemes is not None:
+            from .sweep import parse_schemes
+
+            schemes = parse_schemes(args.schemes)
+            if any(a == "--lattice" or a.startswith("--lattice=") for a in argv):
+                raise EvalInputError("--lattice and --schemes exclude each other (name the lattices in --schemes)")
         if args.merge_only:
+            if schemes:
+                return _finish_sweep(args.out, schemes)
             rep = merge(args.out)
             return _finish(rep, args.out)
         cfg = build_config(args)
         quiet_library_logs()
         t0 = time.perf_counter()
+        if schemes:
+            from .sweep import run_sweep
+
+            sweep = run_sweep(cfg, schemes, barrier=not args.no_barrier, max_items=args.max_items,
+                              progress=not args.no_progress, **hooks)
+            if sweep is None:
+                return 0
+            return _finish_sweep(cfg.out, schemes, time.perf_counter() - t0, sweep)
         rep = run_eval(cfg, barrier=not args.no_barrier, max_items=args.max_items,
                        progress=not args.no_progress, **hooks)
         if rep is None:
@@ -97,10 +122,33 @@ def main(argv: list[str] | None = None, **hooks: Any) -> int:
         return 130
 
 
+def _shown_path(path: str) -> str:
+    rel = os.path.relpath(path)
+    return path if rel.startswith("..") else rel
+
+
+def _finish_sweep(out: str, schemes: tuple[str, ...], seconds: float | None = None,
+                  sweep: dict | None = None) -> int:
+    """Print the sweep table (``sweep`` None: merge ``out`` first; the schemes' reports are read back from
+    ``out``); 1 when results are missing."""
+    from .files import read_json
+    from .sweep import merge_sweep
+
+    if sweep is None:
+        sweep = merge_sweep(out, schemes)
+    reports = {s: read_json(os.path.join(os.path.abspath(out), s, "report.json")) for s in schemes}
+    print(format_sweep_table(sweep, reports, _shown_path(os.path.join(os.path.abspath(out), "report.html")),
+                             seconds))
+    if sweep["missing"]:
+        print(f"hq-diffusion eval: error: the sweep is partial: {sweep['missing']} results are missing (run the "
+              f"remaining ranks or rerun the command)", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _finish(rep: dict, out: str, seconds: float | None = None) -> int:
     n = len(rep["prompts"])
-    took = f" in {seconds:.1f} s" if seconds is not None else ""
-    print(f"hq-diffusion eval: {n} results{took}; report: {os.path.join(os.path.abspath(out), 'report.html')}")
+    print(format_run_table(rep, _shown_path(os.path.join(os.path.abspath(out), "report.html")), seconds))
     if rep["missing"]:
         print(f"hq-diffusion eval: error: the report is partial: {len(rep['missing'])} of "
               f"{len(rep['missing']) + n} results are missing (run the remaining ranks or rerun the command)",

@@ -57,7 +57,6 @@ when there are none (e.g. all frames identical, PSNR = +inf).  For worst-prompt 
 
 from __future__ import annotations
 
-import base64
 import csv
 import html
 import io
@@ -68,17 +67,18 @@ import subprocess
 import tempfile
 import wave
 from contextlib import contextmanager
-from typing import Any, Callable, Iterable
-from urllib.parse import quote
+from typing import Any, Callable
 
 import numpy as np
 
 from . import metrics as _m
+from . import page as _pg
 
 __all__ = [
     "write_frames_npz",
     "write_side_by_side_mp4",
     "error_maps",
+    "auto_error_gain",
     "side_by_side_frames",
     "write_json_atomic",
     "write_csv_atomic",
@@ -204,13 +204,41 @@ def write_csv_atomic(path: str | os.PathLike, rows: list[dict]) -> str:
 
 
 # --------------------------------------------------------------------------- video
+#: error-map gains :func:`auto_error_gain` chooses from (largest first)
+ERROR_GAINS = (64, 32, 16, 8, 4)
+#: the error level (of 255) that the 99th percentile of a video's error is mapped to, at most
+ERROR_P99_TARGET = 192
+#: colour map of the error panel (perceptually uniform; 0 = black, full scale = pale yellow)
+ERROR_COLORMAP = "inferno"
+
+
+def auto_error_gain(ref: np.ndarray, quant: np.ndarray) -> int:
+    """The error-map gain of one video: the largest of :data:`ERROR_GAINS` (64 … 4) for which the 99th
+    percentile of the per-pixel error (mean over RGB of ``|ref - quant|``, over all frames) times the gain
+    stays at or below :data:`ERROR_P99_TARGET`; 4 when even that saturates.  A small error (a near-lossless
+    rate) is amplified more than a large one, so the panel is never a near-black rectangle; the report
+    states the gain of every video.
+
+    Args:
+        ref, quant: uint8 (F, H, W, 3).
+    Returns:
+        int gain.
+    """
+    _m._check_frames(ref, quant, "auto_error_gain")
+    err = np.abs(ref.astype(np.int16) - quant.astype(np.int16)).mean(axis=-1, dtype=np.float32)
+    p99 = float(np.percentile(err, 99))
+    fits = [g for g in ERROR_GAINS if p99 * g <= ERROR_P99_TARGET]
+    return int(max(fits)) if fits else int(min(ERROR_GAINS))
+
+
 def error_maps(ref: np.ndarray, quant: np.ndarray, gain: float = 4.0,
-               colormap: str | None = "inferno") -> np.ndarray:
+               colormap: str | None = ERROR_COLORMAP) -> np.ndarray:
     """Amplified absolute-error frames.
 
     Args:
         ref, quant: uint8 (F, H, W, 3).
-        gain: multiplier applied to |ref - quant| before clipping to 0..255.
+        gain: multiplier applied to |ref - quant| before clipping to 0..255 (:func:`auto_error_gain` picks one
+            per video for the reports).
         colormap: matplotlib colormap name: the per-pixel error (mean over RGB of
             |ref - quant|, times gain, clipped) is mapped through it.  ``None`` returns the
             per-channel error ``clip(|ref - quant| * gain, 0, 255)`` as RGB instead.
@@ -230,19 +258,21 @@ def error_maps(ref: np.ndarray, quant: np.ndarray, gain: float = 4.0,
     return lut[idx]
 
 
-def side_by_side_frames(ref: np.ndarray, quant: np.ndarray, error_gain: float = 4.0,
+def side_by_side_frames(ref: np.ndarray, quant: np.ndarray, error_gain: float | None = None,
                         min_height: int = _MIN_VIDEO_HEIGHT,
-                        colormap: str | None = "inferno") -> np.ndarray:
+                        colormap: str | None = ERROR_COLORMAP) -> np.ndarray:
     """Compose ``ref | quant | error map`` per frame, as written to the mp4.
 
-    Each panel is upscaled by the integer nearest-neighbour factor ``ceil(min_height / H)``
-    (1 for frames at least ``min_height`` high) and padded (edge replication) by at most one
-    pixel to even height and width, so the output is yuv420p-friendly and exactly 3 panels wide.
+    ``error_gain`` None: :func:`auto_error_gain` of these frames.  Each panel is upscaled by the integer
+    nearest-neighbour factor ``ceil(min_height / H)`` (1 for frames at least ``min_height`` high) and padded
+    (edge replication) by at most one pixel to even height and width, so the output is yuv420p-friendly and
+    exactly 3 panels wide.
 
     Returns:
         uint8 (F, Hp, 3 * Wp, 3) with (Hp, Wp) the padded, scaled panel size.
     """
-    err = error_maps(ref, quant, error_gain, colormap)
+    gain = auto_error_gain(ref, quant) if error_gain is None else error_gain
+    err = error_maps(ref, quant, gain, colormap)
     f, h, w, _ = ref.shape
     s = max(1, math.ceil(min_height / h))
     ph, pw = h * s + (h * s) % 2, w * s + (w * s) % 2
@@ -288,14 +318,15 @@ def _check_audio(audio: Any, sample_rate: Any) -> np.ndarray:
 
 
 def write_side_by_side_mp4(path: str | os.PathLike, ref: np.ndarray, quant: np.ndarray,
-                           fps: float = 8, error_gain: float = 4.0,
+                           fps: float = 8, error_gain: float | None = None,
                            audio: np.ndarray | None = None,
                            audio_sample_rate: int | None = None,
                            quality: float = 8, min_height: int = _MIN_VIDEO_HEIGHT,
-                           colormap: str | None = "inferno") -> str:
+                           colormap: str | None = ERROR_COLORMAP) -> str:
     """Write an H.264 (libx264, yuv420p) mp4 whose frames are ``ref | quant | error map``
     (see ``side_by_side_frames``: tiny frames are nearest-upscaled to >= ``min_height`` px high;
-    the error map is ``|ref - quant| * error_gain`` through ``colormap``).
+    the error map is ``|ref - quant| * error_gain`` through ``colormap``; ``error_gain`` None: one gain for
+    the whole video, :func:`auto_error_gain`).
 
     Args:
         ref, quant: uint8 (F, H, W, 3).
@@ -311,6 +342,8 @@ def write_side_by_side_mp4(path: str | os.PathLike, ref: np.ndarray, quant: np.n
         raise ValueError(f"write_side_by_side_mp4: fps must be > 0, got {fps!r}")
     if audio is not None:
         audio = _check_audio(audio, audio_sample_rate)
+    if error_gain is None:
+        error_gain = auto_error_gain(ref, quant)
     import imageio.v2 as iio
 
     with _atomic_path(path, suffix=".mp4") as tmp_video:
@@ -432,121 +465,6 @@ def suite_aggregates(prompt_entries: list[dict]) -> dict:
 
 
 # --------------------------------------------------------------------------- HTML
-def _fig():
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(9, 4.2), dpi=100, layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _png(fig) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return buf.getvalue()
-
-
-def _finite_or_nan(values: Iterable) -> np.ndarray:
-    a = _m._as_float_array(list(values))
-    a[~np.isfinite(a)] = np.nan
-    return a
-
-
-def _short(s: Any, n: int = 40) -> str:
-    s = str(s)
-    return s if len(s) <= n else s[: n - 1] + "\u2026"
-
-
-def _fmt(v: Any, digits: int = 4) -> str:
-    if v is None:
-        return "\u2013"
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return html.escape(str(v))
-    if math.isnan(f):
-        return "\u2013"
-    if math.isinf(f):
-        return "\u221e" if f > 0 else "\u2212\u221e"
-    return f"{f:.{digits}f}"
-
-
-def _plot_per_frame(entries: list[tuple[int, dict]], title: str):
-    fig = _fig()
-    fig.set_size_inches(9, 6)
-    ax1, ax2 = fig.subplots(2, 1, sharex=True)
-    for i, e in entries:
-        pf = e.get("per_frame") or {}
-        label = f"P{i}: {_short(e.get('prompt'), 30)}"
-        if pf.get("psnr") is not None:
-            y = _finite_or_nan(pf["psnr"])
-            ax1.plot(np.arange(len(y)), y, marker=".", label=label)
-        if pf.get("ssim") is not None:
-            y = _finite_or_nan(pf["ssim"])
-            ax2.plot(np.arange(len(y)), y, marker=".", label=label)
-    ax1.set_ylabel("PSNR (dB)")
-    ax1.set_title(title + "  (identical frames, PSNR = \u221e, are not drawn)", fontsize=9)
-    ax2.set_ylabel("SSIM")
-    ax2.set_xlabel("frame")
-    for ax in (ax1, ax2):
-        ax.grid(True, alpha=0.3)
-        ax.ticklabel_format(axis="y", useOffset=False)
-    if len(entries) <= 12:
-        ax1.legend(fontsize=7, loc="best")
-    return fig
-
-
-def _plot_per_prompt_bars(prompts: list[dict], bps_list: list, has_lpips: bool):
-    metrics = ["psnr", "ssim"] + (["lpips"] if has_lpips else [])
-    labels = {"psnr": "mean PSNR (dB)", "ssim": "mean SSIM", "lpips": "mean LPIPS (lower=better)"}
-    # prompt identity = (prompt, seed); bars grouped by bps
-    ids: list[tuple] = []
-    for e in prompts:
-        pid = (e.get("prompt"), e.get("seed"))
-        if pid not in ids:
-            ids.append(pid)
-    fig = _fig()
-    fig.set_size_inches(max(6.0, 3.2 * len(metrics)), 3.8)
-    axes = fig.subplots(1, len(metrics), squeeze=False)[0]
-    keys = [bps_key(b) for b in bps_list] or sorted({bps_key(e.get("bps")) for e in prompts})
-    width = 0.8 / max(1, len(keys))
-    x = np.arange(len(ids))
-    for ax, metric in zip(axes, metrics):
-        for j, k in enumerate(keys):
-            vals = np.full(len(ids), np.nan)
-            for e in prompts:
-                if bps_key(e.get("bps")) == k:
-                    v = _num(_entry_means(e).get(metric))
-                    if v is not None:
-                        vals[ids.index((e.get("prompt"), e.get("seed")))] = v
-            ax.bar(x + (j - (len(keys) - 1) / 2) * width, vals, width, label=f"{k} bps")
-        ax.set_xticks(x, [f"S{n}" for n in range(len(ids))], fontsize=7)
-        ax.set_title(labels[metric], fontsize=9)
-        ax.grid(True, axis="y", alpha=0.3)
-    if len(keys) > 1:
-        axes[0].legend(fontsize=7)
-    return fig, ids
-
-
-def _plot_rate_quality(suite: dict, bps_list: list, has_lpips: bool):
-    metrics = ["psnr", "ssim"] + (["lpips"] if has_lpips else [])
-    names = {"psnr": "mean PSNR (dB)", "ssim": "mean SSIM", "lpips": "mean LPIPS"}
-    fig = _fig()
-    fig.set_size_inches(max(6.0, 3.2 * len(metrics)), 3.6)
-    axes = fig.subplots(1, len(metrics), squeeze=False)[0]
-    pts = [(float(b), suite.get(bps_key(b)) or {}) for b in bps_list if b is not None]
-    pts.sort(key=lambda t: t[0])
-    for ax, metric in zip(axes, metrics):
-        xy = [(b, s[metric]["mean"]) for b, s in pts if s.get(metric) and s[metric].get("mean") is not None]
-        ax.plot([b for b, _ in xy], [y for _, y in xy], marker="o")
-        ax.set_xlabel("bits per weight (bps)")
-        ax.ticklabel_format(axis="y", useOffset=False)
-        ax.set_title(names[metric], fontsize=9)
-        ax.grid(True, alpha=0.3)
-    return fig
-
-
 def _kv_table(d: dict, cls: str) -> str:
     rows = "".join(
         f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(_kv_value(v))}</td></tr>"
@@ -558,23 +476,148 @@ def _kv_value(v: Any) -> str:
     if isinstance(v, (dict, list, tuple)):
         return json.dumps(to_jsonable(v))
     if isinstance(v, (float, np.floating)):
-        return _fmt(v, 6).rstrip("0").rstrip(".") if math.isfinite(float(v)) else _fmt(v)
+        return _pg.fmt(v, 6).rstrip("0").rstrip(".") if math.isfinite(float(v)) else _pg.fmt(v)
     return str(v)
 
 
-def _rel_link(p: str) -> str:
-    return html.escape(quote(str(p).replace(os.sep, "/"), safe="/:#?=&%"), quote=True)
+def _suite_table(suite: dict, prompts: list[dict], ids: list[str]) -> str:
+    out = ["<h2>Suite summary</h2><p>Statistics across prompts of the per-prompt means "
+           "(finite frames only; \u221e = identical frames).</p>",
+           "<table class='suite' id='suite-table'><tr><th>bps</th><th>metric</th>"
+           "<th>mean</th><th>median</th><th>min</th><th>max</th><th>prompts</th>"
+           "<th>worst prompt (lowest mean PSNR)</th></tr>"]
+    for k, s in suite.items():
+        worst = s.get("worst_prompt")
+        wid = ids[worst["index"]] if worst and 0 <= worst["index"] < len(ids) else "?"
+        worst_s = (f"{wid}: {html.escape(_pg.short(worst.get('prompt'), 60))} "
+                   f"(seed {html.escape(str(worst.get('seed')))}, PSNR {_pg.fmt(worst.get('psnr'))})"
+                   if worst else "\u2013")
+        rows = [m for m in ("psnr", "ssim", "lpips", "flicker_psnr", "audio_snr_db") if s.get(m)]
+        agree = [a for e in prompts if bps_key(e.get("bps")) == k and (a := _pg.agreement(e)) is not None]
+        cells = [(m, s[m]) for m in rows] + ([("agreement", _m.summarize(agree))] if agree else [])
+        for j, (metric, sm) in enumerate(cells):
+            out.append("<tr>" + (f"<td rowspan='{len(cells)}'>{html.escape(k)}</td>" if j == 0 else "")
+                       + f"<td>{metric}</td>"
+                       + "".join(f"<td class='num'>{_pg.fmt(sm.get(x))}</td>" for x in ("mean", "median", "min", "max"))
+                       + f"<td class='num'>{s.get('n_prompts')}</td>"
+                       + (f"<td rowspan='{len(cells)}'>{worst_s}</td>" if j == 0 else "") + "</tr>")
+    out.append("</table>")
+    return "\n".join(out)
 
 
-_CSS = """
-body{font-family:system-ui,sans-serif;margin:1.5em;color:#222;max-width:1400px}
-table{border-collapse:collapse;margin:.5em 0 1.2em}
-th,td{border:1px solid #ccc;padding:3px 8px;font-size:13px;text-align:left;vertical-align:top}
-td.num{text-align:right;font-variant-numeric:tabular-nums}
-img.plot{max-width:100%;border:1px solid #eee;margin:.4em 0}
-video{max-width:480px}
-.warn{background:#fff3cd;border:1px solid #e0c36a;padding:.4em .8em}
-"""
+def _stills(prompts: list[dict], ids: list[str], suite: dict, bps_list: list, imgs: _pg.Images,
+            html_dir: str) -> str:
+    """Per bit rate, the middle frame of its worst prompt: reference | quantized | error map (× gain)."""
+    out = ["<h2>What the error looks like</h2><p class='note'>Per bit rate, the middle frame of the prompt "
+           "with the lowest mean PSNR: reference | quantized | error map (|difference| \u00d7 gain, inferno "
+           "colours).</p>"]
+    for b in bps_list:
+        k = bps_key(b)
+        worst = (suite.get(k) or {}).get("worst_prompt")
+        if not worst or not (0 <= worst["index"] < len(prompts)):
+            continue
+        e = prompts[worst["index"]]
+        pair = _pg.load_pair(html_dir, e.get("frames"))
+        if isinstance(pair, str):
+            out.append(f"<p class='warn' id='still-{html.escape(k)}'>{html.escape(k)} bps: still not shown "
+                       f"({html.escape(pair)})</p>")
+            continue
+        ref, quant = pair
+        gain = auto_error_gain(ref, quant)
+        mid = ref.shape[0] // 2
+        panel = side_by_side_frames(ref[mid:mid + 1], quant[mid:mid + 1], gain)[0]
+        cap = (f"{k} bps, {ids[worst['index']]} (seed {e.get('seed')}), frame {mid}: reference | quantized | "
+               f"error \u00d7{gain}")
+        out.append(f"<figure>{imgs.tag(_pg.png_rgb(panel), f'still-{k}', cap, cls='still')}"
+                   f"<figcaption>{html.escape(cap)}</figcaption></figure>")
+    return "\n".join(out)
+
+
+def _plots(prompts: list[dict], ids: list[str], suite: dict, bps_list: list, has_lpips: bool,
+           has_agreement: bool, imgs: _pg.Images) -> str:
+    from . import plots as P
+
+    metrics = ["psnr", "ssim"] + (["lpips"] if has_lpips else []) + (["agreement"] if has_agreement else [])
+    out = ["<h2>Plots</h2>"]
+    rated = [b for b in bps_list if b is not None]
+    if len(rated) > 1:
+        pts = []
+        for b in sorted(rated, key=float):
+            k = bps_key(b)
+            s = suite.get(k) or {}
+            vals = {m: (s.get(m) or {}).get("mean") for m in metrics if m != "agreement"}
+            agree = [a for e in prompts if bps_key(e.get("bps")) == k and (a := _pg.agreement(e)) is not None]
+            vals["agreement"] = float(np.mean(agree)) if agree else None
+            pts.append((float(b), vals))
+        out.append("<h3>Rate\u2013quality</h3>")
+        out.append(imgs.tag(P.png_bytes(P.rate_quality({"suite mean": pts}, metrics,
+                                                         xlabel="requested bits per weight")),
+                            "plot-rate-quality", "Rate-quality curve: suite mean "
+                            + "/".join(m.upper() for m in metrics) + " versus bits per weight"))
+    for b in bps_list:
+        k = bps_key(b)
+        entries = sorted(((i, e) for i, e in enumerate(prompts) if bps_key(e.get("bps")) == k),
+                         key=lambda t: _pg.id_order(ids[t[0]]))
+        if not entries:
+            continue
+        curves = [(f"{ids[i]}: {_pg.short(e.get('prompt'), 30)}", (e.get("per_frame") or {}).get("psnr"),
+                   (e.get("per_frame") or {}).get("ssim")) for i, e in entries]
+        out.append(f"<h3>Per-frame PSNR / SSIM, {html.escape(k)} bps</h3>")
+        out.append(imgs.tag(P.png_bytes(P.per_frame_curves(curves, f"{k} bps")), f"plot-per-frame-{k}",
+                            f"Per-frame PSNR and SSIM curves, one line per prompt, {k} bps"))
+    if prompts:
+        order = sorted(set(ids), key=_pg.id_order)
+        groups = []
+        for b in bps_list:
+            k = bps_key(b)
+            vals = {m: np.full(len(order), np.nan) for m in metrics}
+            for i, e in enumerate(prompts):
+                if bps_key(e.get("bps")) != k:
+                    continue
+                mm = _entry_means(e)
+                for m in metrics:
+                    v = _pg.agreement(e) if m == "agreement" else _num(mm.get(m))
+                    if v is not None:
+                        vals[m][order.index(ids[i])] = v
+            groups.append((f"{k} bps", vals))
+        out.append("<h3>Per-prompt means</h3>")
+        out.append(imgs.tag(P.png_bytes(P.per_prompt_bars(order, groups, metrics)), "plot-per-prompt",
+                            "Per-prompt bar chart of mean " + ", ".join(m.upper() for m in metrics)
+                            + ", one bar per bit rate"))
+        first = {pid: prompts[ids.index(pid)] for pid in order}
+        out.append("<table class='legend' id='prompt-ids'><tr><th>id</th><th>prompt</th><th>seed</th></tr>"
+                   + "".join(f"<tr><td>{html.escape(pid)}</td><td>{html.escape(str(e.get('prompt')))}</td>"
+                             f"<td>{html.escape(str(e.get('seed')))}</td></tr>" for pid, e in first.items())
+                   + "</table>")
+    return "\n".join(out)
+
+
+def _prompt_table(prompts: list[dict], ids: list[str], has_agreement: bool, html_dir: str) -> str:
+    out = ["<h2>Per prompt</h2><p>Videos: reference | quantized | error map (|difference| \u00d7 the gain "
+           "in the \u2018error gain\u2019 column).</p>",
+           "<table class='prompts' id='prompt-table'><tr><th>id</th><th>prompt</th>"
+           "<th>seed</th><th>bps</th><th>PSNR</th><th>SSIM</th><th>LPIPS</th>"
+           "<th>flicker PSNR</th>" + ("<th>agreement</th>" if has_agreement else "")
+           + "<th>audio SNR (dB)</th><th>error gain</th><th>video</th><th>frames</th></tr>"]
+    for i, e in enumerate(prompts):
+        mm = _entry_means(e)
+        video = e.get("video")
+        vcell = (f"<video controls preload='metadata' src='{_pg.rel_link(video)}'></video><br>"
+                 f"<a class='video-link' href='{_pg.rel_link(video)}'>{html.escape(str(video))}</a>"
+                 if video else "\u2013")
+        frames = e.get("frames")
+        fcell = (f"<a class='frames-link' href='{_pg.rel_link(frames)}'>{html.escape(str(frames))}</a>"
+                 if frames else "\u2013")
+        pair = _pg.load_pair(html_dir, frames)
+        gcell = "\u2013" if isinstance(pair, str) else f"\u00d7{auto_error_gain(*pair)}"
+        out.append(f"<tr id='prompt-{i}'><td>{html.escape(ids[i])}</td><td>{html.escape(str(e.get('prompt')))}</td>"
+                   f"<td>{html.escape(str(e.get('seed')))}</td><td>{html.escape(bps_key(e.get('bps')))}</td>"
+                   + "".join(f"<td class='num'>{_pg.fmt(mm.get(m))}</td>" for m in METRICS)
+                   + (f"<td class='num'>{_pg.fmt(_pg.agreement(e), 3)}</td>" if has_agreement else "")
+                   + f"<td class='num'>{_pg.fmt(e.get('audio_snr_db'), 2)}</td><td class='num'>{gcell}</td>"
+                   f"<td>{vcell}</td><td>{fcell}</td></tr>")
+    out.append("</table>")
+    return "\n".join(out)
 
 
 def write_html_report(path: str | os.PathLike, report: dict,
@@ -588,17 +631,18 @@ def write_html_report(path: str | os.PathLike, report: dict,
         plots_dir_or_inline: ``"inline"`` or None (default) embeds the plots as base64 PNG
             data URIs, making the html self-contained (apart from the linked videos); a
             directory path instead writes the PNGs there and references them by relative path.
-    Plot images carry ``class="plot"``, an ``id`` (``plot-per-frame-<bps>``, ``plot-per-prompt``,
-    ``plot-rate-quality``) and alt text.  Atomic.  Returns the path.
+    The page says which model made it and whether its weights are trained (:func:`model_info`), explains
+    every metric and the error-map gain, names prompts by :func:`prompt_ids`, and shows per bit rate a still
+    of the worst prompt with its error map.  Plot images carry ``class="plot"``, an ``id``
+    (``plot-per-frame-<bps>``, ``plot-per-prompt``, ``plot-rate-quality``) and alt text; stills carry
+    ``class="still"`` and ``id="still-<bps>"``.  Atomic.  Returns the path.
     """
     if not isinstance(report, dict) or not isinstance(report.get("prompts"), list):
         raise ValueError("write_html_report: report must be a dict with a 'prompts' list "
                          "(see hq_diffusion.eval.report module docstring)")
     path = os.fspath(path)
     html_dir = os.path.dirname(os.path.abspath(path))
-    inline = plots_dir_or_inline is None or plots_dir_or_inline == "inline"
-    if not inline:
-        os.makedirs(os.fspath(plots_dir_or_inline), exist_ok=True)
+    imgs = _pg.Images(html_dir, plots_dir_or_inline, write_bytes_atomic)
 
     prompts: list[dict] = report["prompts"]
     bps_list = list(report.get("bps_list") or [])
@@ -608,24 +652,16 @@ def write_html_report(path: str | os.PathLike, report: dict,
     suite = report.get("suite") or suite_aggregates(prompts)
     lp = report.get("lpips") or {}
     has_lpips = any(_num(_entry_means(e).get("lpips")) is not None for e in prompts)
-
-    def img(fig, pid: str, alt: str) -> str:
-        data = _png(fig)
-        if inline:
-            src = "data:image/png;base64," + base64.b64encode(data).decode("ascii")
-        else:
-            fn = os.path.join(os.fspath(plots_dir_or_inline), pid + ".png")
-            write_bytes_atomic(fn, data)
-            src = _rel_link(os.path.relpath(os.path.abspath(fn), html_dir))
-        return (f'<img class="plot" id="{html.escape(pid, quote=True)}" '
-                f'alt="{html.escape(alt, quote=True)}" src="{src}">')
+    has_agreement = any(_pg.agreement(e) is not None for e in prompts)
+    ids = _pg.prompt_ids(prompts)
 
     out: list[str] = []
     title = f"hq-diffusion evaluation: {report.get('model', '')}"
     out.append(f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
-               f"</title><style>{_CSS}</style></head><body>")
+               f"</title><style>{_pg.CSS}</style></head><body>")
     out.append(f"<h1>{html.escape(title)}</h1>")
-    out.append(f"<p>Model: <b id='model'>{html.escape(str(report.get('model', '')))}</b></p>")
+    out.append(_pg.model_banner(_pg.model_info(report.get("model", ""), report.get("config"))))
+    out.append(_pg.explanations(has_agreement))
     out.append("<h2>Compression</h2>" + _kv_table(report.get("compression") or {}, "compression"))
     out.append("<h2>Configuration</h2>" + _kv_table(report.get("config") or {}, "config"))
     if lp and not lp.get("available", False):
@@ -634,71 +670,9 @@ def write_html_report(path: str | os.PathLike, report: dict,
     elif lp.get("plumbing"):
         out.append("<p class='warn' id='lpips-status'>LPIPS computed with PLUMBING (random "
                    "backbone) weights: the LPIPS numbers are not perceptual-quality numbers.</p>")
-
-    # suite table
-    out.append("<h2>Suite summary</h2><p>Statistics across prompts of the per-prompt means "
-               "(finite frames only; \u221e = identical frames).</p>")
-    out.append("<table class='suite' id='suite-table'><tr><th>bps</th><th>metric</th>"
-               "<th>mean</th><th>median</th><th>min</th><th>max</th><th>prompts</th>"
-               "<th>worst prompt (lowest mean PSNR)</th></tr>")
-    for k, s in suite.items():
-        worst = s.get("worst_prompt")
-        worst_s = (f"P{worst['index']}: {html.escape(_short(worst.get('prompt'), 60))} "
-                   f"(seed {html.escape(str(worst.get('seed')))}, PSNR {_fmt(worst.get('psnr'))})"
-                   if worst else "\u2013")
-        rows = [m for m in ("psnr", "ssim", "lpips", "flicker_psnr", "audio_snr_db") if s.get(m)]
-        for j, metric in enumerate(rows):
-            sm = s[metric]
-            out.append("<tr>" + (f"<td rowspan='{len(rows)}'>{html.escape(k)}</td>" if j == 0 else "")
-                       + f"<td>{metric}</td>"
-                       + "".join(f"<td class='num'>{_fmt(sm.get(x))}</td>"
-                                 for x in ("mean", "median", "min", "max"))
-                       + f"<td class='num'>{s.get('n_prompts')}</td>"
-                       + (f"<td rowspan='{len(rows)}'>{worst_s}</td>" if j == 0 else "") + "</tr>")
-    out.append("</table>")
-
-    # plots
-    out.append("<h2>Plots</h2>")
-    if len([b for b in bps_list if b is not None]) > 1:
-        out.append("<h3>Rate\u2013quality</h3>")
-        out.append(img(_plot_rate_quality(suite, bps_list, has_lpips), "plot-rate-quality",
-                       "Rate-quality curve: suite mean PSNR/SSIM/LPIPS versus bits per weight"))
-    for b in bps_list:
-        k = bps_key(b)
-        entries = [(i, e) for i, e in enumerate(prompts) if bps_key(e.get("bps")) == k]
-        if not entries:
-            continue
-        out.append(f"<h3>Per-frame PSNR / SSIM, {html.escape(k)} bps</h3>")
-        out.append(img(_plot_per_frame(entries, f"{k} bps"), f"plot-per-frame-{k}",
-                       f"Per-frame PSNR and SSIM curves, one line per prompt, {k} bps"))
-    if prompts:
-        fig, ids = _plot_per_prompt_bars(prompts, bps_list, has_lpips)
-        out.append("<h3>Per-prompt means</h3>")
-        out.append(img(fig, "plot-per-prompt",
-                       "Per-prompt bar chart of mean PSNR, SSIM" + (" and LPIPS" if has_lpips else "")))
-        out.append("<table class='legend'><tr><th>bar</th><th>prompt</th><th>seed</th></tr>"
-                   + "".join(f"<tr><td>S{n}</td><td>{html.escape(str(p))}</td>"
-                             f"<td>{html.escape(str(sd))}</td></tr>" for n, (p, sd) in enumerate(ids))
-                   + "</table>")
-
-    # per-prompt table
-    out.append("<h2>Per prompt</h2><p>Videos: reference | quantized | amplified |error|.</p>")
-    out.append("<table class='prompts' id='prompt-table'><tr><th>#</th><th>prompt</th>"
-               "<th>seed</th><th>bps</th><th>PSNR</th><th>SSIM</th><th>LPIPS</th>"
-               "<th>flicker PSNR</th><th>audio SNR (dB)</th><th>video</th><th>frames</th></tr>")
-    for i, e in enumerate(prompts):
-        mm = _entry_means(e)
-        video = e.get("video")
-        vcell = (f"<video controls preload='metadata' src='{_rel_link(video)}'></video><br>"
-                 f"<a class='video-link' href='{_rel_link(video)}'>{html.escape(str(video))}</a>"
-                 if video else "\u2013")
-        frames = e.get("frames")
-        fcell = (f"<a class='frames-link' href='{_rel_link(frames)}'>{html.escape(str(frames))}</a>"
-                 if frames else "\u2013")
-        out.append(f"<tr id='prompt-{i}'><td>P{i}</td><td>{html.escape(str(e.get('prompt')))}</td>"
-                   f"<td>{html.escape(str(e.get('seed')))}</td><td>{html.escape(bps_key(e.get('bps')))}</td>"
-                   + "".join(f"<td class='num'>{_fmt(mm.get(m))}</td>" for m in METRICS)
-                   + f"<td class='num'>{_fmt(e.get('audio_snr_db'), 2)}</td>"
-                   f"<td>{vcell}</td><td>{fcell}</td></tr>")
-    out.append("</table></body></html>\n")
+    out.append(_suite_table(suite, prompts, ids))
+    out.append(_plots(prompts, ids, suite, bps_list, has_lpips, has_agreement, imgs))
+    out.append(_stills(prompts, ids, suite, bps_list, imgs, html_dir))
+    out.append(_prompt_table(prompts, ids, has_agreement, html_dir))
+    out.append("</body></html>\n")
     return write_bytes_atomic(path, "\n".join(out).encode("utf-8"))

@@ -255,3 +255,158 @@ def test_html_report_single_bps_lpips_and_plots_dir(tmp_path):
     assert "PLUMBING" in text
     with pytest.raises(ValueError, match="prompts"):
         R.write_html_report(tmp_path / "bad.html", {"model": "x"})
+
+
+# --------------------------------------------------------------------------- the page, read as a newcomer would
+def _figures(monkeypatch, rep, tmp_path):
+    """Write the page for ``rep`` and return every matplotlib figure it drew, drawn, by first axes title."""
+    from hq_diffusion.eval import plots as P
+
+    figs = []
+    real = P.png_bytes
+    monkeypatch.setattr(P, "png_bytes", lambda fig: (figs.append(fig), real(fig))[1])
+    text = open(R.write_html_report(tmp_path / "report.html", rep), encoding="utf-8").read()
+    return {f.axes[0].get_title(): f for f in figs}, text
+
+
+def _with_index(rep):
+    for e in rep["prompts"]:
+        e["index"] = 1 if e["prompt"] == "a red fox" else 0  # suite order differs from entry order
+    return rep
+
+
+def test_bar_charts_zoom_to_data_and_legend_covers_nothing(tmp_path, monkeypatch):
+    rep = _with_index(_build_run(tmp_path))
+    figs, _ = _figures(monkeypatch, rep, tmp_path)
+    fig = figs["mean PSNR (dB, higher = better)"]
+    by_title = {ax.get_title(): ax for ax in fig.axes}
+    ssim_ax = by_title["mean SSIM (higher = better)"]
+    ssim = [float(e["means"]["ssim"]) for e in rep["prompts"]]
+    lo, hi = ssim_ax.get_ylim()
+    assert 0.5 < lo < min(ssim) and max(ssim) <= hi <= 1.0  # not from 0: SSIM bars of 0.97 vs 0.99 differ visibly
+    psnr_ax = by_title["mean PSNR (dB, higher = better)"]
+    psnr = [float(e["means"]["psnr"]) for e in rep["prompts"]]
+    lo, hi = psnr_ax.get_ylim()
+    assert 0 < lo < min(psnr) and max(psnr) < hi
+    # no legend inside an axes; the figure legend overlaps no axes (hence no bar)
+    renderer = fig.canvas.get_renderer()
+    assert all(ax.get_legend() is None for ax in fig.axes)
+    assert len(fig.legends) == 1
+    leg = fig.legends[0].get_window_extent(renderer)
+    for ax in fig.axes:
+        assert not leg.overlaps(ax.get_window_extent(renderer)), ax.get_title()
+        for bar in ax.patches:
+            assert not leg.overlaps(bar.get_window_extent(renderer))
+    assert [t.get_text() for t in psnr_ax.get_xticklabels()] == ["P0/s101", "P1/s100"]
+
+
+def test_legend_bbox_check_catches_a_legend_inside_the_axes():
+    """The overlap check above fails on a legend placed inside an axes (the old layout)."""
+    from hq_diffusion.eval import plots as P
+
+    fig = P.per_prompt_bars(["P0", "P1"], [("2 bps", {"psnr": np.array([30.0, 31.0])}),
+                                          ("3 bps", {"psnr": np.array([35.0, 36.0])})], ["psnr"])
+    fig.legends.clear()
+    fig.axes[0].legend(loc="upper left")
+    fig.canvas.draw()
+    r = fig.canvas.get_renderer()
+    assert fig.axes[0].get_legend().get_window_extent(r).overlaps(fig.axes[0].get_window_extent(r))
+
+
+def test_value_range():
+    from hq_diffusion.eval.plots import value_range
+
+    assert value_range([0.991, 0.995], "ssim") == pytest.approx((0.9904, 0.9956))
+    assert value_range([1.0, 1.0], "ssim") == pytest.approx((0.995, 1.0))
+    assert value_range([0.9, 1.0], "agreement") == pytest.approx((0.885, 1.0))
+    assert value_range([40.0, 45.0, float("inf"), None], "psnr") == pytest.approx((39.25, 45.75))
+    assert value_range([], "psnr") == (0.0, 1.0)
+    assert value_range([0.01, 0.02], "lpips")[0] >= 0.0
+
+
+def test_prompt_ids_are_the_same_at_every_bps(tmp_path, monkeypatch):
+    rep = _with_index(_build_run(tmp_path, bps_list=(2.0, 3.0)))
+    for e in rep["prompts"]:
+        e["seed"] = 0
+    figs, text = _figures(monkeypatch, rep, tmp_path)
+    rows = re.findall(r"<tr id='prompt-(\d+)'><td>([^<]+)</td><td>([^<]+)</td>", text)
+    ids = {(html_id, prompt.replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&").replace("&#x27;", "'"))
+           for _, html_id, prompt in rows}
+    assert ids == {("P1", "a red fox"), ("P0", "waves <at> night & 'stars'")}  # one id per prompt at 2 and 3 bps
+    bars = figs["mean PSNR (dB, higher = better)"].axes[0]
+    assert [t.get_text() for t in bars.get_xticklabels()] == ["P0", "P1"]
+    assert "<td>P1</td><td>a red fox</td>" in text  # the id table under the bars
+    visible = re.sub(r'src="data:[^"]*"', "", text)
+    assert not re.search(r">S\d|>P[2-9]", visible)  # no bar-only ids, no per-bps renumbering
+    curves = figs["2 bps  (identical frames, PSNR = \u221e, are not drawn)"]
+    assert [h.get_text().split(":")[0] for h in curves.legends[0].get_texts()] == ["P0", "P1"]
+    suite_rows = re.findall(r"<td rowspan='\d+'>(P\d): ", text)
+    assert suite_rows and set(suite_rows) <= {"P0", "P1"}
+
+
+def test_page_explains_metrics_gain_and_names_the_model(tmp_path, monkeypatch):
+    from hq_diffusion.integrations import families
+
+    rep = _with_index(_build_run(tmp_path))
+    rep["model"] = "tiny-ltx"
+    rep["config"]["model_seed"] = 3
+    text = open(R.write_html_report(tmp_path / "a.html", rep), encoding="utf-8").read()
+    assert "id='how-to-read'" in text
+    explain = text[text.index("id='how-to-read'"):]
+    explain = explain[: explain.index("</dl>")]
+    assert "flicker PSNR" in explain and "frame-to-frame" in explain
+    assert "gain" in explain and "64/32/16/8/4" in explain
+    assert "do not start at 0" in explain
+    banner = re.search(r"<p class='model' id='model-info'>(.*?)</p>", text).group(1)
+    assert "tiny-ltx" in banner and "random weights (not trained)" in banner and "seed 3" in banner
+    # a registry record with trained=True (the trained embedded model) is called trained
+    fam = families.by_alias("tiny-ltx")
+    trained = type("Rec", (), {"label": "Tiny LTX-Video (trained)", "key": fam.key, "trained": True})()
+    monkeypatch.setattr(families, "by_alias", lambda alias: trained)
+    text = open(R.write_html_report(tmp_path / "b.html", rep), encoding="utf-8").read()
+    banner = re.search(r"<p class='model' id='model-info'>(.*?)</p>", text).group(1)
+    assert "trained weights" in banner and "random" not in banner
+    monkeypatch.undo()
+    rep["model"] = str(tmp_path)  # a diffusers directory
+    text = open(R.write_html_report(tmp_path / "c.html", rep), encoding="utf-8").read()
+    assert "weights from the directory" in text
+    # every row states its video's error-map gain, and the gain matches the frames
+    gains = re.findall(r"<td class='num'>\u00d7(\d+)</td>", text)
+    assert len(gains) == len(rep["prompts"])
+    for g, e in zip(gains, rep["prompts"]):
+        with np.load(tmp_path / e["frames"]) as z:
+            assert int(g) == R.auto_error_gain(z["ref"], z["quant"])
+
+
+def test_error_panel_is_not_near_black():
+    """A near-lossless rate (mean error ~1 level, like a 42 dB tiny model) still gives a visible error panel."""
+    ref = _smooth_video(f=3, h=16, w=16)
+    q = _quantize(ref, 2, seed=5)
+    sbs = R.side_by_side_frames(ref, q)
+    err_panel = sbs[:, :, 2 * sbs.shape[2] // 3:]
+    assert err_panel.mean() > 40, err_panel.mean()
+    assert R.auto_error_gain(ref, q) == 64
+    assert R.auto_error_gain(ref, ref) == 64
+    big = _quantize(ref, 60, seed=6)
+    assert R.auto_error_gain(ref, big) == 4
+    mid = np.clip(ref.astype(int) + 20, 0, 255).astype(np.uint8)  # error 20 -> 8 * 20 = 160 <= 192 < 16 * 20
+    assert R.auto_error_gain(ref, mid) == 8
+    # the mp4 uses one gain for the whole video: its error panel is the same as composing all frames at once
+    np.testing.assert_array_equal(R.side_by_side_frames(ref[1:2], q[1:2], R.auto_error_gain(ref, q)), sbs[1:2])
+
+
+def test_page_shows_a_still_with_its_error_map(tmp_path):
+    rep = _with_index(_build_run(tmp_path))
+    text = open(R.write_html_report(tmp_path / "report.html", rep), encoding="utf-8").read()
+    stills = re.findall(r'<img class="still" id="(still-[^"]+)" alt="([^"]+)" src="data:image/png;base64,([^"]+)"',
+                        text)
+    assert [s[0] for s in stills] == ["still-2", "still-3"]
+    for _, alt, data in stills:
+        img = iio.imread(base64.b64decode(data))
+        h, w3 = img.shape[:2]
+        assert w3 == 3 * (w3 // 3) and h >= 32
+        assert img[:, 2 * w3 // 3:].mean() > 40  # the error third is visible
+        assert re.search(r"error \u00d7\d+", alt)
+    rep["prompts"][1]["frames"] = "gone/frames.npz"  # worst prompt of 2 bps: its frames file is missing
+    text = open(R.write_html_report(tmp_path / "r2.html", rep), encoding="utf-8").read()
+    assert "still not shown" in text and "gone/frames.npz" in text

@@ -26,19 +26,7 @@ import torch
 
 from hq_diffusion.codec import inverse_rht, rht
 from hq_diffusion.codec.rht import plan_tiles
-
-
-def rtn_groupwise(w: torch.Tensor, bits: int, group: int = 128) -> tuple[torch.Tensor, int]:
-    """w: float (R, C) with C % group == 0. Returns (float32 (R, C), total bits)."""
-    r, c = w.shape
-    g = w.float().reshape(r, c // group, group)
-    lo = g.amin(-1, keepdim=True).half().float()
-    hi = g.amax(-1, keepdim=True)
-    levels = 2**bits - 1
-    scale = ((hi - lo) / levels).half().float().clamp_min(1e-8)
-    q = torch.round((g - lo) / scale).clamp(0, levels)
-    w_hat = (q * scale + lo).reshape(r, c)
-    return w_hat, w.numel() * bits + (w.numel() // group) * 32
+from hq_diffusion.eval.peers import rtn_groupwise  # noqa: F401  (the RTN peer lives with the quality sweep)
 
 
 #: The NF4 codebook as published by QLoRA (Dettmers et al., 2023, appendix E) and used by bitsandbytes
