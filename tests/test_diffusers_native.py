@@ -118,9 +118,10 @@ def test_import_hq_diffusion_alone_loads_a_saved_pipeline(quantized_dir):
         "import sys, numpy as np\n"
         "import hq_diffusion\n"
         "assert 'diffusers' not in sys.modules and 'torch' not in sys.modules\n"
+        "import torch\n"
         "from diffusers import LTXPipeline\n"
         "from hq_diffusion.models import generate\n"
-        f"pipe = LTXPipeline.from_pretrained({str(d)!r})\n"
+        f"pipe = LTXPipeline.from_pretrained({str(d)!r}, torch_dtype=torch.bfloat16)\n"
         "assert pipe.transformer.is_quantized and pipe.transformer.quantization_method == 'hq_diffusion'\n"
         f"np.save({str(d.parent / 'fresh.npy')!r}, generate(pipe, 'ltx', {PROMPT!r}, 0))\n"
     )
@@ -194,3 +195,38 @@ def test_dequantize_returns_a_float_model(quantized_dir):
         assert torch.equal(model.get_submodule(name).weight, w)
     with pytest.raises(ValueError, match="quantize your model"):
         model.dequantize()
+
+
+# ---- reproducible K/V --------------------------------------------------------------------------------------
+
+def test_kv_dither_is_reproducible_with_the_pipeline_generator():
+    """Same call, same generator: same frames, with dither and without any reset in between; the dither stream
+    of each layer changes from one denoising step to the next and differs between layers."""
+    from hq_diffusion.integrations.kv_processors import HQKVProcessor
+
+    pipe = tiny_pipeline("ltx", 0)
+    hq_diffusion.quantize(pipe, bps=4.0, kv_bps=4.0, kv_correction="haar+dither", progress=False)
+    procs = [m.processor for m in pipe.transformer.modules() if isinstance(getattr(m, "processor", None), HQKVProcessor)]
+    assert procs and all(p.cfg.dither for p in procs)
+    seen = []
+    hook = pipe.transformer.register_forward_hook(lambda *a: seen.append(procs[0].step))
+    a = generate(pipe, "ltx", PROMPT, 0, num_inference_steps=3)
+    b = generate(pipe, "ltx", PROMPT, 0, num_inference_steps=3)
+    hook.remove()
+    np.testing.assert_array_equal(a, b)
+    assert len(set(seen[:3])) == 3 and seen[:3] == seen[3:]  # a fresh stream per step, the same per call
+    c = generate(pipe, "ltx", PROMPT, 1, num_inference_steps=3)
+    assert not np.array_equal(a, c)
+
+
+# ---- dtypes --------------------------------------------------------------------------------------------------
+
+def test_load_quantized_restores_every_dtype_and_the_frames(quantized_dir, recwarn):
+    pipe, frames, d = quantized_dir
+    loaded = hq_diffusion.load_quantized(d)
+    for name, comp in pipe.components.items():
+        if isinstance(comp, torch.nn.Module):
+            want = {p.dtype for p in comp.parameters()}
+            assert {p.dtype for p in loaded.components[name].parameters()} == want, name
+    assert not [w for w in recwarn if "float32" in str(w.message)]
+    np.testing.assert_array_equal(generate(loaded, "ltx", PROMPT, 0), frames)
