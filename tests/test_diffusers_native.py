@@ -10,6 +10,7 @@ generator, and dtypes restored on load.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -230,3 +231,35 @@ def test_load_quantized_restores_every_dtype_and_the_frames(quantized_dir, recwa
             assert {p.dtype for p in loaded.components[name].parameters()} == want, name
     assert not [w for w in recwarn if "float32" in str(w.message)]
     np.testing.assert_array_equal(generate(loaded, "ltx", PROMPT, 0), frames)
+
+
+# ---- CLI and app ---------------------------------------------------------------------------------------------
+
+def test_eval_and_app_refuse_a_quantized_model_dir_in_one_line(quantized_dir, tmp_path, capsys):
+    from hq_diffusion.app.engine import resolve_kind
+    from hq_diffusion.eval import cli
+
+    d = quantized_dir[2]
+    rc = cli.main(["--model", str(d), "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "\n" not in err and "saved quantized by hq-diffusion (transformer)" in err, err
+    with pytest.raises(ValueError, match=r"saved quantized by hq-diffusion \(transformer\)"):
+        resolve_kind(str(d))
+
+
+@pytest.mark.parametrize("flag, value, words", [
+    ("--frames", "8", "Frames must be of the form 4k+1"),
+    ("--height", "48", "Height must be a multiple of 32"),
+    ("--steps", "0", "Steps must be a whole number"),
+])
+def test_eval_checks_frames_sizes_steps_with_the_app_rules_and_words(flag, value, words, tmp_path, capsys):
+    from hq_diffusion.app.config import AppSettings, GenerationRequest
+    from hq_diffusion.eval import cli
+
+    rc = cli.main([flag, value, "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and words in err and f"got {value}." in err, err
+    field = {"--frames": "frames", "--height": "height", "--steps": "steps"}[flag]
+    req = GenerationRequest(model="tiny-ltx", prompt="a cat", **{field: int(value)})
+    with pytest.raises(Exception, match=re.escape(words)):
+        req.validate(AppSettings(), "ltx")
