@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         comp = median_time(lambda: compiled(**kw), repeat=args.repeat, warmup=2)
     cmd = "hq-diffusion bench compile " + " ".join(argv or [])
     text = header(f"torch.compile of one tiny {args.model} step at {args.bps:g} bps", cmd.strip()) + "\n" + table(
-        ["path", "median ms / step", "first call s", "max |compiled - eager|"],
+        ["path", "median ms / step", "first call s", "max abs(compiled - eager)"],
         [["eager", eager * 1e3, "-", "-"], ["compiled (inductor, fullgraph)", comp * 1e3, compile_s, f"{err:.2e}"]])
     emit(text, args.out)
     return 0
