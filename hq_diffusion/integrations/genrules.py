@@ -18,7 +18,10 @@ SIZE_MULTIPLE = 32
 
 
 def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+    """A whole number: an int (not a bool) or an integral float (a JSON client may send 33.0)."""
+    if isinstance(v, bool):
+        return False
+    return isinstance(v, int) or (isinstance(v, float) and v.is_integer())
 
 
 def frames_problem(frames, frames_max: int | None = None) -> str | None:
