@@ -11,7 +11,7 @@ import ipaddress
 import os
 from dataclasses import dataclass, field
 
-from hq_diffusion.integrations import families
+from hq_diffusion.integrations import families, genrules
 
 __all__ = [
     "TINY_MODELS",
@@ -266,18 +266,15 @@ class GenerationRequest:
         video = kind in VIDEO_KINDS
         frames = self.frames
         if video:
-            if not _is_int(frames) or not (1 <= frames <= lim.frames_max) or (int(frames) - 1) % 4:
-                problems.append(f"Frames must be of the form 4k+1 between 1 and {lim.frames_max} "
-                                f"(1, 5, 9, ..., {lim.frames_max}); got {frames!r}.")
+            if (problem := genrules.frames_problem(frames, lim.frames_max)) is not None:
+                problems.append(problem)
         else:
             frames = 1  # image models: one frame, whatever was sent
         for name, v in (("Height", self.height), ("Width", self.width)):
-            if not _is_int(v) or not (lim.size_min <= v <= lim.size_max) or int(v) % lim.size_multiple:
-                problems.append(f"{name} must be a multiple of {lim.size_multiple} from {lim.size_min} to "
-                                f"{lim.size_max} px; got {v!r}.")
-        if not _is_int(self.steps) or not (lim.steps_min <= self.steps <= lim.steps_max):
-            problems.append(f"Steps must be a whole number from {lim.steps_min} to {lim.steps_max}; "
-                            f"got {self.steps!r}.")
+            if (problem := genrules.size_problem(name, v, lim.size_min, lim.size_max, lim.size_multiple)):
+                problems.append(problem)
+        if (problem := genrules.steps_problem(self.steps, lim.steps_min, lim.steps_max)) is not None:
+            problems.append(problem)
         q = self.quant
         if not _is_number(q.bps) or not (lim.bps_min <= q.bps <= lim.bps_max):
             problems.append(f"Weight bits per weight must be from {lim.bps_min:g} to {lim.bps_max:g}; "

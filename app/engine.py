@@ -39,7 +39,7 @@ import numpy as np
 # to_uint8: the evaluator's float [0, 1] -> uint8 frame conversion (raises on NaN / inf frames).
 from hq_diffusion.eval.files import release_memory as _release_memory
 from hq_diffusion.eval.files import to_uint8
-from hq_diffusion.integrations import families
+from hq_diffusion.integrations import families, genrules
 
 from .config import TINY_KINDS, VIDEO_KINDS, AppSettings, GenerationRequest, QuantSettings, is_tiny
 
@@ -81,6 +81,8 @@ def resolve_kind(model: str) -> str:
     if cls not in PIPELINE_CLASSES:
         raise ValueError(f"{model}: pipeline class {cls!r} is not supported; supported: "
                          f"{', '.join(PIPELINE_CLASSES)}")
+    if (problem := genrules.quantized_model_problem(model)) is not None:
+        raise ValueError(problem)
     return PIPELINE_CLASSES[cls]
 
 

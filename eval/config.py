@@ -15,7 +15,7 @@ import tempfile
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from hq_diffusion.integrations import families
+from hq_diffusion.integrations import families, genrules
 
 from . import report as R
 from .files import EvalInputError, default_prompts_file, read_prompts
@@ -157,6 +157,8 @@ def resolve_model(model: str) -> str:
     if cls not in PIPELINE_CLASSES:
         raise EvalInputError(f"--model {model}: pipeline class {cls!r} is not supported; supported: "
                              f"{', '.join(PIPELINE_CLASSES)}")
+    if (problem := genrules.quantized_model_problem(model)) is not None:
+        raise EvalInputError(f"--model {problem}")
     if "transformer" not in info or not os.path.isfile(os.path.join(model, "transformer", "config.json")):
         raise EvalInputError(f"--model {model}: the pipeline has no transformer (model_index.json entry "
                              f"and transformer/config.json are required)")
@@ -220,18 +222,18 @@ def build_config(args: argparse.Namespace) -> EvalConfig:
     overrides: dict[str, Any] = {}
     if args.model not in MODEL_ALIASES:
         overrides.update(_native_call_defaults(args.model, pipeline))
-    for flag, key, minimum in (("steps", "num_inference_steps", 1), ("frames", "num_frames", 1),
-                               ("height", "height", 1), ("width", "width", 1)):
+    # the app's rules and words (hq_diffusion.integrations.genrules), without the server's upper limits
+    for flag, key in (("steps", "num_inference_steps"), ("frames", "num_frames"), ("height", "height"),
+                      ("width", "width")):
         v = getattr(args, flag)
         if v is None:
             continue
-        if v < minimum:
-            raise EvalInputError(f"--{flag} must be >= {minimum}, got {v}")
         if flag == "frames" and pipeline not in VIDEO_PIPELINES:
             raise EvalInputError(f"--frames applies to video pipelines only; {args.model} makes images")
-        multiple = 32 if pipeline in VIDEO_PIPELINES else 16
-        if flag in ("height", "width") and v % multiple:
-            raise EvalInputError(f"--{flag} must be a multiple of {multiple} for {pipeline} pipelines, got {v}")
+        problem = (genrules.steps_problem(v) if flag == "steps" else genrules.frames_problem(v) if flag == "frames"
+                   else genrules.size_problem(flag.capitalize(), v))
+        if problem is not None:
+            raise EvalInputError(f"--{flag}: {problem}")
         overrides[key] = int(v)
     if args.lpips_weights is not None and not os.path.isfile(args.lpips_weights):
         raise EvalInputError(f"--lpips-weights {args.lpips_weights} does not exist")

@@ -8,11 +8,15 @@ pipe = hq_diffusion.load_quantized("ltx-hq4")
 ```
 
 The public names are imported on first use, so ``import hq_diffusion`` does not import diffusers;
-``hq_diffusion.codec`` needs torch only.
+``hq_diffusion.codec`` needs torch only. Importing it registers the ``hq_diffusion`` quantization backend with
+diffusers as soon as diffusers is imported (:mod:`hq_diffusion.integrations.autoregister`), so that
+``import hq_diffusion`` alone lets ``DiffusionPipeline.from_pretrained`` load a saved quantized pipeline.
 """
 from __future__ import annotations
 
 import importlib
+
+from .integrations import autoregister as _autoregister
 
 __version__ = "0.1.0"
 __all__ = ["quantize", "summary", "save_quantized", "load_quantized", "HQConfig", "__version__"]
@@ -24,6 +28,9 @@ _LAZY = {
     "load_quantized": "hq_diffusion.integrations.api",
     "HQConfig": "hq_diffusion.integrations.config",
 }
+
+
+_autoregister.install()
 
 
 def __getattr__(name: str):

@@ -23,6 +23,7 @@ BENCHES = {
     "tails": ("hq_diffusion.bench.tails", "main", "heavy-tailed weights: kurtosis and SNR at 4 bps"),
     "kernels": ("hq_diffusion.bench.kernels", "main", "Triton kernel throughput (GPU)"),
     "kv": ("hq_diffusion.bench.kv", "main", "K/V bias-correction variants: bias and attention SNR"),
+    "compile": ("hq_diffusion.bench.compile_step", "main", "one tiny-pipeline step: eager vs torch.compile"),
     "e2e": ("hq_diffusion.bench.e2e", "main", "tiny LTX pipeline: hq-diffusion vs a 4-bit peer"),
     "app-load": ("hq_diffusion.bench.app_load", "main", "8 concurrent /generate calls against a local app"),
     "peers": ("hq_diffusion.bench.peers", "main", "installed peer libraries (bnb, HQQ, quanto, torchao, gguf, SDNQ), every bit counted"),

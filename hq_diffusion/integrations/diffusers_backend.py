@@ -36,16 +36,21 @@ import json
 import os
 from pathlib import Path
 
+import sys
+
+import torch
 from diffusers.quantizers import auto as _auto
 from diffusers.quantizers.base import DiffusersQuantizer
 from diffusers.quantizers.quantization_config import QuantizationConfigMixin
 
 from ..codec import HQFormatError
-from .config import HQConfig, QuantMethod
+
 from . import load_quantize
+from . import autoregister
+from .config import HQConfig, QuantMethod, resolve_config
 from .quantize import quantize
 from .manifest import check_directory, find_manifest, verify_manifest
-from .state import (METADATA_KEY, STATE_ATTR, HQState, apply_kv, check_no_meta, check_quantization_config,
+from .state import (METADATA_KEY, STATE_ATTR, HQState, apply_kv, check_no_meta, kv_api, check_quantization_config,
                     file_metadata, looks_quantized, manifest_flag, quantization_config, read_checkpoint_metadata,
                     read_json_file, read_verified_tensors, refuse_stripped_config, strip_file_keys,
                     swap_in_empty_hqlinears)
@@ -80,6 +85,46 @@ class HQCheckpointConfig(QuantizationConfigMixin):
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
 
 
+class _AcceptsHQConfig(type):
+    """Metaclass of :class:`HQQuantizationConfig`: an :class:`HQConfig` is an instance too, so that diffusers'
+    ``PipelineQuantizationConfig(quant_mapping={"transformer": HQConfig(...)})`` accepts it (diffusers checks
+    ``isinstance`` against the registered config classes)."""
+
+    def __instancecheck__(cls, obj):
+        return isinstance(obj, HQConfig) or type.__instancecheck__(cls, obj)
+
+
+class HQQuantizationConfig(QuantizationConfigMixin, metaclass=_AcceptsHQConfig):
+    """The config class registered under ``"hq_diffusion"`` (in diffusers' and transformers' mappings).
+
+    ``HQQuantizationConfig(**fields)`` takes the :class:`HQConfig` fields as keywords — what
+    ``PipelineQuantizationConfig(quant_backend="hq_diffusion", quant_kwargs={...})`` calls — and
+    :meth:`from_dict` reads the ``quantization_config`` of a saved component (an :class:`HQCheckpointConfig`).
+
+    Attributes:
+        quant_method: ``"hq_diffusion"``.
+        hq_config: the :class:`HQConfig` built from the keywords.
+    """
+
+    def __init__(self, **kwargs):
+        self.quant_method = QuantMethod.HQ_DIFFUSION
+        self.hq_config = resolve_config(None, kwargs, caller="HQQuantizationConfig")
+
+    @classmethod
+    def from_dict(cls, config_dict, return_unused_kwargs=False, **kwargs):
+        cfg = HQCheckpointConfig(config_dict)
+        return (cfg, kwargs) if return_unused_kwargs else cfg
+
+    def to_dict(self) -> dict:
+        return {"quant_method": QuantMethod.HQ_DIFFUSION.value, **self.hq_config.to_dict()}
+
+    def to_json_string(self, use_diff: bool = True) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    def __repr__(self):
+        return f"HQQuantizationConfig({self.hq_config!r})"
+
+
 class HQDiffusersQuantizer(DiffusersQuantizer):
     """diffusers quantizer for ``quant_method="hq_diffusion"`` (see the module docstring)."""
 
@@ -94,6 +139,12 @@ class HQDiffusersQuantizer(DiffusersQuantizer):
                                  "quantized")
             self.hq_config = quantization_config
             self.checkpoint = None
+        elif type.__instancecheck__(HQQuantizationConfig, quantization_config):
+            if self.pre_quantized:
+                raise ValueError("an HQ quantization config asks to quantize float weights, but this checkpoint is "
+                                 "already quantized")
+            self.hq_config = quantization_config.hq_config
+            self.checkpoint = None
         elif isinstance(quantization_config, HQCheckpointConfig):
             self.hq_config = quantization_config.hq_config
             self.checkpoint = quantization_config.checkpoint
@@ -102,6 +153,31 @@ class HQDiffusersQuantizer(DiffusersQuantizer):
             raise TypeError(f"expected an HQConfig or HQCheckpointConfig, got {type(quantization_config).__name__}")
 
     # ---- environment ------------------------------------------------------------------------------------
+    def update_torch_dtype(self, torch_dtype: torch.dtype | None = None) -> torch.dtype | None:
+        """The dtype diffusers loads the float tensors in: the caller's ``torch_dtype``; when None, for a saved
+        checkpoint the dtype its quantized layers were saved in (so that a bf16 model comes back bf16), else
+        float32 (as diffusers' quanto and GGUF backends default)."""
+        if torch_dtype is not None:
+            return torch_dtype
+        if self.pre_quantized and self.checkpoint is not None:
+            names = {m.get("dtype") for m in self.checkpoint["layers"].values()}
+            if len(names) == 1 and isinstance(dt := getattr(torch, str(next(iter(names))), None), torch.dtype):
+                return dt
+        return torch.float32
+
+    def adjust_target_dtype(self, torch_dtype: torch.dtype) -> torch.dtype:
+        """The dtype accelerate sizes a quantized layer's weight with when computing a ``device_map``: the
+        nearest storage at or above the configured rate (int2 / int4 / int8 through accelerate's ``CustomDtype``,
+        ``torch_dtype`` above 8 bits per weight)."""
+        from accelerate.utils import CustomDtype
+
+        bps = self.hq_config.bps
+        if bps <= 2:
+            return CustomDtype.INT2
+        if bps <= 4:
+            return CustomDtype.INT4
+        return torch.int8 if bps <= 8 else torch_dtype
+
     def validate_environment(self, *args, **kwargs):
         device_map = kwargs.get("device_map")
         if isinstance(device_map, dict) and "disk" in device_map.values():
@@ -185,18 +261,49 @@ class HQDiffusersQuantizer(DiffusersQuantizer):
 
     @property
     def is_compileable(self) -> bool:
-        return False
+        """``torch.compile`` captures a quantized model in one graph (the weight decode is a custom op)."""
+        return True
+
+    def _dequantize(self, model):
+        """Replace every :class:`~hq_diffusion.nn.linear.HQLinear` by an ``nn.Linear`` holding its decoded weight
+        (original dtype and device), restore the original attention processors, and drop the quantization state
+        and ``config.quantization_config``: ``model.dequantize()`` returns a float model."""
+        from ..nn.linear import HQLinear
+        from .state import set_module
+
+        for name, mod in list(model.named_modules()):
+            if isinstance(mod, HQLinear):
+                w = mod.dequantize()
+                lin = torch.nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None,
+                                      device=w.device, dtype=w.dtype)
+                with torch.no_grad():
+                    lin.weight.copy_(w)
+                    if mod.bias is not None:
+                        lin.bias.copy_(mod.bias.to(w.dtype))
+                set_module(model, name, lin)
+        if self.checkpoint is not None and self.checkpoint.get("kv") is not None:
+            kv_api().remove_kv_quantization(model)
+        if hasattr(model, STATE_ATTR):
+            delattr(model, STATE_ATTR)
+        model.register_to_config(quantization_config=None)
+        for attr in ("quantization_method",):
+            model.__dict__.pop(attr, None)
+        return model
 
 
 def attach_quantizer(model) -> None:
-    """Give a diffusers model quantized by ``quantize`` or loaded by ``load_quantized`` the ``hf_quantizer`` and
-    ``config.quantization_config`` that diffusers' ``save_pretrained`` needs to write an hq-diffusion checkpoint.
+    """Give a diffusers model quantized by ``quantize`` or loaded by ``load_quantized`` diffusers' quantized-model
+    attributes: ``hf_quantizer``, ``config.quantization_config`` (what ``save_pretrained`` writes),
+    ``is_quantized = True`` and ``quantization_method = "hq_diffusion"`` — as ``from_pretrained`` sets them.
 
-    (``model.is_quantized`` is left unset: unlike diffusers' other backends, a dtype cast of the model is safe,
-    since the quantized weights are integer buffers.)"""
+    Unlike diffusers' other backends, a dtype cast of an hq-diffusion model is allowed (:func:`register` lets
+    ``.to(dtype)`` / ``.half()`` / ``.float()`` through): the compressed weights are integer buffers that no cast
+    touches; only the float parameters (biases, skipped layers, norms) change dtype."""
     q = HQDiffusersQuantizer(HQCheckpointConfig(quantization_config(model)), pre_quantized=True)
     model.register_to_config(quantization_config=q.quantization_config)
     model.hf_quantizer = q
+    model.is_quantized = True
+    model.quantization_method = q.quantization_config.quant_method
 
 
 def _local_dir(name_or_path, subfolder) -> Path | None:
@@ -279,18 +386,103 @@ def guarded_from_pretrained(orig, cls, path: Path, *args, **kwargs):
     return out
 
 
-def register() -> None:
-    """(Re-)register the backend under ``quant_method="hq_diffusion"``, and guard ``ModelMixin.from_pretrained``
-    of local hq-diffusion directories (:func:`guarded_from_pretrained`; other loads pass through unchanged but
-    for a manifest check of a saved pipeline's non-quantized components)."""
-    from diffusers import ModelMixin
+class _TransformersRefusal:
+    """Registered as transformers' quantizer for ``"hq_diffusion"``: hq-diffusion quantizes diffusers models
+    only, so a transformers component named in a ``PipelineQuantizationConfig`` is refused by name."""
 
+    def __init__(self, quantization_config, **kwargs):
+        raise ValueError("quant_backend='hq_diffusion' quantizes diffusers models (the transformer), not transformers "
+                         "models such as the text encoder: name only diffusers components in components_to_quantize "
+                         "(e.g. components_to_quantize=['transformer'])")
+
+
+def _pipeline_config(config, name_or_path):
+    """An :class:`HQConfig` / :class:`HQQuantizationConfig` given to a pipeline's ``from_pretrained`` as the
+    ``PipelineQuantizationConfig`` that quantizes the pipeline's transformer(s) (the components
+    ``hq_diffusion.quantize(pipe)`` quantizes: ``transformer``, and ``transformer_2`` where the pipeline has one)."""
+    from diffusers import PipelineQuantizationConfig
+
+    names = ["transformer"]
+    index = _local_dir(name_or_path, None)
+    if index is not None and (index / "model_index.json").is_file():
+        listed = read_json_file(index / "model_index.json")
+        names = sorted(k for k in listed if k.startswith("transformer") and isinstance(listed[k], list)) or names
+    return PipelineQuantizationConfig(quant_mapping={n: config for n in names})
+
+
+def _pipeline_guarded(orig):
+    @functools.wraps(orig)
+    def from_pretrained(cls, pretrained_model_name_or_path=None, *args, **kwargs):
+        qc = kwargs.get("quantization_config")
+        if qc is not None and isinstance(qc, HQQuantizationConfig):  # an HQConfig too (see _AcceptsHQConfig)
+            kwargs["quantization_config"] = _pipeline_config(qc, pretrained_model_name_or_path)
+        return orig(cls, pretrained_model_name_or_path, *args, **kwargs)
+
+    from_pretrained.__hq_guarded__ = True
+    return from_pretrained
+
+
+def _castable(orig):
+    """``ModelMixin.to`` / ``half`` / ``float`` that let a dtype cast through for an hq-diffusion model (diffusers
+    refuses it for every quantized model; here only float parameters change dtype, see :func:`attach_quantizer`)."""
+
+    @functools.wraps(orig)
+    def method(self, *args, **kwargs):
+        if isinstance(getattr(self, "hf_quantizer", None), HQDiffusersQuantizer) and self.__dict__.get("is_quantized"):
+            self.__dict__["is_quantized"] = False
+            try:
+                return orig(self, *args, **kwargs)
+            finally:
+                self.__dict__["is_quantized"] = True
+        return orig(self, *args, **kwargs)
+
+    method.__hq_guarded__ = True
+    return method
+
+
+def _wrap_classmethod(cls, name: str, wrap) -> None:
+    current = cls.__dict__[name].__func__
+    if not getattr(current, "__hq_guarded__", False):
+        setattr(cls, name, classmethod(wrap(current)))
+
+
+def register() -> None:
+    """(Re-)register the backend (idempotent; :mod:`.autoregister` calls it when diffusers or transformers load):
+
+    - ``quant_method="hq_diffusion"`` in diffusers' quantizer and config mappings (:class:`HQDiffusersQuantizer`,
+      :class:`HQQuantizationConfig`), and in transformers' once it is imported (the same config class, so that
+      ``PipelineQuantizationConfig(quant_backend="hq_diffusion")`` validates; a quantizer that refuses
+      transformers models by name);
+    - ``ModelMixin.from_pretrained`` guarded for local hq-diffusion directories (:func:`guarded_from_pretrained`;
+      other loads pass through unchanged but for a manifest check of a saved pipeline's non-quantized
+      components), ``ModelMixin.to/half/float`` accept dtype casts of hq-diffusion models;
+    - ``DiffusionPipeline.from_pretrained`` accepts an :class:`HQConfig` as ``quantization_config`` (it quantizes
+      the transformer, see :func:`_pipeline_config`).
+
+    Raises:
+        ImportError: a diffusers version outside :data:`~.autoregister.DIFFUSERS_RANGE` (one line).
+    """
+    import importlib.metadata
+
+    autoregister.check_diffusers_version(importlib.metadata.version("diffusers"))
     key = QuantMethod.HQ_DIFFUSION.value
     _auto.AUTO_QUANTIZER_MAPPING[key] = HQDiffusersQuantizer
-    _auto.AUTO_QUANTIZATION_CONFIG_MAPPING[key] = HQCheckpointConfig
-    current = ModelMixin.__dict__["from_pretrained"].__func__
-    if not getattr(current, "__hq_guarded__", False):
-        ModelMixin.from_pretrained = classmethod(_guarded(current))
+    _auto.AUTO_QUANTIZATION_CONFIG_MAPPING[key] = HQQuantizationConfig
+    tq = sys.modules.get("transformers.quantizers.auto")
+    if tq is not None and hasattr(tq, "AUTO_QUANTIZER_MAPPING"):
+        tq.AUTO_QUANTIZATION_CONFIG_MAPPING[key] = HQQuantizationConfig
+        tq.AUTO_QUANTIZER_MAPPING[key] = _TransformersRefusal
+    mu = sys.modules.get("diffusers.models.modeling_utils")
+    model_cls = getattr(mu, "ModelMixin", None)
+    if model_cls is not None:
+        _wrap_classmethod(model_cls, "from_pretrained", _guarded)
+        for name in ("to", "half", "float"):
+            if not getattr(model_cls.__dict__[name], "__hq_guarded__", False):
+                setattr(model_cls, name, _castable(model_cls.__dict__[name]))
+    pu = sys.modules.get("diffusers.pipelines.pipeline_utils")
+    pipe_cls = getattr(pu, "DiffusionPipeline", None)
+    if pipe_cls is not None:
+        _wrap_classmethod(pipe_cls, "from_pretrained", _pipeline_guarded)
 
 
 register()

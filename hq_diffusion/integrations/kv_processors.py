@@ -25,7 +25,9 @@ are described in docs/ARCHITECTURE.md.
 from __future__ import annotations
 
 import functools
+import inspect
 import warnings
+import zlib
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -62,7 +64,9 @@ class HQKVProcessor:
         name: qualified name of the attention module (the rotation/dither key prefix).
         cfg: the :class:`KVConfig`, or ``None`` to run the processor math with K/V untouched.
         stats: per-module bit accounting and call counts.
-        step: K/V quantizations done so far (the dither step).
+        step: the dither step of the next K/V quantization: set before every forward of the transformer from
+            its ``timestep`` (:class:`_DitherClock`), so that the same pipeline call with the same generator
+            draws the same dither whatever ran before, and each denoising step draws a fresh one.
     """
 
     def __init__(self, original: Any, name: str, cfg: KVConfig | None):
@@ -358,10 +362,68 @@ def apply_kv_quantization(transformer: torch.nn.Module, cfg: KVConfig | None) ->
             continue
         module.set_processor(cls(proc, name, cfg))
         installed.append(name)
+    _install_clock(transformer)
     if skipped:
         warnings.warn(f"K/V quantization skipped {len(skipped)} attention module(s): " + "; ".join(skipped),
                       UserWarning, stacklevel=2)
     return installed
+
+
+_CLOCK_ATTR = "_hq_kv_clock"
+
+
+class _DitherClock:
+    """Forward pre-hook of a transformer with K/V processors: sets every processor's dither ``step`` from the
+    call's ``timestep`` (a CRC32 of its float64 values) and how many consecutive calls had that same timestep
+    (a pipeline that runs the conditional and unconditional passes separately), mixed in a 32-bit counter.
+
+    So the dither depends only on (seed, layer, K or V, timestep, repeat): the same pipeline call repeats it
+    exactly, successive denoising steps draw independent streams, and nothing depends on what ran before. A
+    transformer called without a ``timestep`` counts its calls since the last :func:`reset_kv_state`."""
+
+    def __init__(self, transformer: torch.nn.Module):
+        self.procs: list[HQKVProcessor] = []
+        self.last: int | None = None
+        self.repeat = 0
+        try:
+            self.params = list(inspect.signature(transformer.forward).parameters)
+        except (TypeError, ValueError):
+            self.params = []
+        self.handle = transformer.register_forward_pre_hook(self, with_kwargs=True)
+
+    def _timestep(self, args, kwargs):
+        t = kwargs.get("timestep")
+        if t is None and "timestep" in self.params and self.params.index("timestep") < len(args):
+            t = args[self.params.index("timestep")]
+        return t
+
+    def __call__(self, module, args, kwargs):
+        t = self._timestep(args, kwargs)
+        if t is None:
+            fp = 0
+        elif isinstance(t, torch.Tensor):
+            fp = zlib.crc32(t.detach().to("cpu", torch.float64).contiguous().numpy().tobytes())
+        else:
+            fp = zlib.crc32(repr(float(t)).encode())
+        self.repeat = self.repeat + 1 if fp == self.last else 0
+        self.last = fp
+        step = (fp * 0x9E3779B1 + self.repeat) & 0xFFFFFFFF
+        for proc in self.procs:
+            proc.step = step
+
+    def reset(self) -> None:
+        self.last, self.repeat = None, 0
+
+
+def _install_clock(transformer: torch.nn.Module) -> None:
+    old = transformer.__dict__.pop(_CLOCK_ATTR, None)
+    if old is not None:
+        old.handle.remove()
+    procs = [p for _, _, p in _installed(transformer)]
+    if procs:
+        clock = _DitherClock(transformer)
+        clock.procs = procs
+        transformer.__dict__[_CLOCK_ATTR] = clock
 
 
 def _installed(transformer: torch.nn.Module) -> list[tuple[str, torch.nn.Module, HQKVProcessor]]:
@@ -374,6 +436,7 @@ def remove_kv_quantization(transformer: torch.nn.Module) -> list[str]:
     for name, module, proc in _installed(transformer):
         module.set_processor(proc.original)
         names.append(name)
+    _install_clock(transformer)
     return names
 
 
@@ -388,6 +451,9 @@ def reset_kv_state(obj) -> None:
     for module in modules:
         for _, _, proc in _installed(module):
             proc.reset()
+        clock = module.__dict__.get(_CLOCK_ATTR)
+        if clock is not None:
+            clock.reset()
 
 
 def kv_summary(transformer: torch.nn.Module) -> dict | None:

@@ -44,8 +44,10 @@ import ctypes
 import errno
 import inspect
 import json
+import math
 import os
 import shutil
+import struct
 import sys
 import uuid
 import warnings
@@ -61,6 +63,7 @@ from .manifest import check_directory, verified, write_manifest
 from .shards import component_files
 from .state import FORMAT_VERSION  # noqa: F401  (re-exported: the checkpoint format version this build writes)
 from .state import (METADATA_KEY, ST_DTYPES, STATE_ATTR, HQState, apply_kv, canonicalize_safetensors_header,
+                    parse_json,
                     check_no_meta, check_quantization_config, file_metadata, manifest_flag, refuse_stripped_config,
                     quantization_config, read_checkpoint_metadata, read_json_file,
                     read_verified_tensors, strip_file_keys, swap_in_empty_hqlinears)
@@ -314,7 +317,11 @@ def _load_pipeline(d: Path, *, device, torch_dtype, backend):
     # the quantized tensors are verified (with messages naming the tensor); now every other file, before any of
     # them is read
     checked = check_directory(d, flagged=any(manifest_flag(d / n / WEIGHTS_NAME) for n in hq))
-    kwargs = {} if torch_dtype is None else {"torch_dtype": torch_dtype}
+    if torch_dtype is None:  # each other component in the dtype it was saved in (diffusers would make it float32)
+        saved = {n: _saved_dtype(d / n) for n in names if n not in loaded}
+        kwargs = {"torch_dtype": {n: dt for n, dt in saved.items() if dt is not None}}
+    else:
+        kwargs = {"torch_dtype": torch_dtype}
     try:
         with verified(d) if checked else contextlib.nullcontext():
             pipe = cls.from_pretrained(str(d), **loaded, **kwargs)
@@ -328,6 +335,21 @@ def _load_pipeline(d: Path, *, device, torch_dtype, backend):
     if device is not None:
         pipe.to(device)
     return pipe
+
+
+def _saved_dtype(path: Path) -> torch.dtype | None:
+    """The floating dtype that holds most of the elements of the safetensors files in component directory
+    ``path`` (read from their headers only), or None when it has none (a tokenizer, a scheduler)."""
+    counts: dict[torch.dtype, int] = {}
+    for f in sorted(path.glob("*.safetensors")) if path.is_dir() else ():
+        with open(f, "rb") as fh:
+            n = struct.unpack("<Q", fh.read(8))[0]
+            header = parse_json(fh.read(n), f)
+        for k, v in header.items():
+            dt = ST_DTYPES.get(v.get("dtype")) if k != "__metadata__" and isinstance(v, dict) else None
+            if dt is not None and dt.is_floating_point:
+                counts[dt] = counts.get(dt, 0) + math.prod(v.get("shape") or [1])
+    return max(counts, key=counts.get) if counts else None
 
 
 def check_tensors_against_model(model: nn.Module, header: dict, st_path, dtypes: dict | None = None) -> None:

@@ -66,6 +66,7 @@ from ..codec.rice import RiceStream, _num_blocks
 from ..codec.strip import NUM_STREAMS, stream_lengths
 from ..kernels import DISPATCHED
 from .cpu_forward import codes_path_applies, mma_codes_cpu
+from .compile_ops import compiled_opset
 from .lowp import FAKE_QUANT
 
 META_VERSION = 1
@@ -213,7 +214,10 @@ def _apply(module, x: torch.Tensor, mma: str, ops: OpSet) -> torch.Tensor:
         raise ValueError(f"{_label(module)}: expected input (..., {q.shape[-1]}) for the weight of shape "
                          f"{tuple(q.shape)}, got {tuple(x.shape)}")
     x2 = x.reshape(-1, x.shape[-1])
-    out = MMA_PATHS[mma](module, x2, REFERENCE if mma in SIMULATED else ops)
+    ops = REFERENCE if mma in SIMULATED else ops
+    if torch.compiler.is_compiling():  # one opaque custom op per host-reading operation: no graph break
+        ops = compiled_opset(ops)
+    out = MMA_PATHS[mma](module, x2, ops)
     return out.reshape(*x.shape[:-1], q.shape[0])
 
 

@@ -1,0 +1,111 @@
+"""What ``torch.compile`` sees of a quantized linear layer: each operation of an :class:`OpSet` as one opaque
+``torch.library`` custom op, so that a whole quantized transformer is captured in a single graph.
+
+The operations of :data:`~hq_diffusion.codec.ops_ref.REFERENCE` read the host (the Rice decode walks its
+bitstreams, checks are made on values, the RHT signs are cached per key): traced by Dynamo they break the graph,
+and each layer's integer key (a Python attribute) becomes a guard, so that every ``HQLinear`` compiles (and
+recompiles) its own frame. Here they run as custom ops whose arguments are the tensors and the layer's metadata
+(ints, floats and strings passed as op arguments, constant in the graph); their fake implementations give the
+output shapes and dtypes without running anything. :func:`compiled_opset` wraps an OpSet; ``HQLinear`` uses it
+while ``torch.compiler.is_compiling()``. Eager forwards never go through here.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..codec.format import EncodedTensor
+from ..codec.ops_ref import REFERENCE, OpSet
+from ..codec.rice import RiceStream
+from ..kernels import DISPATCHED
+
+_SETS = {"torch": REFERENCE, "dispatch": DISPATCHED}
+_PARTS = 5  # ks, offsets, unary, rem, escapes per stream
+
+
+def _unpack(scales, tensors, ns, shape, weight_dtype, lattice, tile, block, seed, key, alpha, scale_dtype,
+            fits_int8) -> EncodedTensor:
+    streams = [RiceStream(n, block, *tensors[i * _PARTS:(i + 1) * _PARTS]) for i, n in enumerate(ns)]
+    return EncodedTensor(tuple(shape), weight_dtype, lattice, tile, block, seed, key, alpha, scale_dtype, scales,
+                         streams, fits_int8)
+
+
+@torch.library.custom_op("hq_diffusion::compiled_decode", mutates_args=())
+def compiled_decode(scales: torch.Tensor, tensors: list[torch.Tensor], ns: list[int], shape: list[int],
+                    weight_dtype: torch.dtype, lattice: str, tile: int, block: int, seed: int, key: int, alpha: float,
+                    scale_dtype: str, fits_int8: bool, out: str, out_dtype: torch.dtype, opset: str) -> torch.Tensor:
+    """``opset.decode`` of the encoded weight given by its parts (``tensors``: ks, offsets, unary, rem, escapes of
+    each stream; ``ns`` the streams' lengths): ``"rotated"`` → (rows, n_pad) ``out_dtype``; ``"codes"`` →
+    (rows, n_pad) int8 when the integers fit int8, else int32."""
+    q = _unpack(scales, tensors, ns, shape, weight_dtype, lattice, tile, block, seed, key, alpha, scale_dtype,
+                fits_int8)
+    y = _SETS[opset].decode(q, out, out_dtype).reshape(q.rows, q.n_pad)
+    if out == "codes" and y.dtype != torch.int8:
+        y = y.to(torch.int32)
+    return y.contiguous()
+
+
+@compiled_decode.register_fake
+def _(scales, tensors, ns, shape, weight_dtype, lattice, tile, block, seed, key, alpha, scale_dtype, fits_int8, out,
+      out_dtype, opset):
+    rows = 1
+    for d in shape[:-1]:
+        rows *= d
+    dt = out_dtype if out == "rotated" else (torch.int8 if fits_int8 else torch.int32)
+    return scales.new_empty((rows, -(-shape[-1] // tile) * tile), dtype=dt)
+
+
+@torch.library.custom_op("hq_diffusion::compiled_rht", mutates_args=())
+def compiled_rht(x: torch.Tensor, seed: int, key: int, tile: int, opset: str) -> torch.Tensor:
+    """``opset.rht`` (same shape and dtype as ``x``)."""
+    return _SETS[opset].rht(x, seed, key, tile).contiguous()
+
+
+@compiled_rht.register_fake
+def _(x, seed, key, tile, opset):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("hq_diffusion::compiled_rht_quant_int8", mutates_args=())
+def compiled_rht_quant_int8(x: torch.Tensor, seed: int, key: int, tile: int, n_pad: int,
+                            gain: torch.Tensor | None, opset: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``opset.rht_quant_int8``: int8 (M, n_pad), float32 (M,)."""
+    xq, xs = _SETS[opset].rht_quant_int8(x, seed, key, tile, n_pad, gain)
+    return xq.contiguous(), xs.contiguous()
+
+
+@compiled_rht_quant_int8.register_fake
+def _(x, seed, key, tile, n_pad, gain, opset):
+    return x.new_empty((x.shape[0], n_pad), dtype=torch.int8), x.new_empty((x.shape[0],), dtype=torch.float32)
+
+
+_COMPILED: dict[str, OpSet] = {}
+
+
+def compiled_opset(ops: OpSet) -> OpSet:
+    """``ops`` with ``rht``, ``rht_quant_int8`` and ``decode`` as the custom ops above, and
+    ``fused_decode_gemm`` as the custom decode followed by ``ops.int8_gemm_dequant`` (already a custom op on
+    the Triton side; the torch reference traces without a break)."""
+    name = ops.name
+    _SETS.setdefault(name, ops)
+
+    def rht(x, seed, key, tile):
+        return compiled_rht(x, int(seed), int(key), int(tile), name)
+
+    def rht_quant_int8(x, seed, key, tile, n_pad, gain=None):
+        return compiled_rht_quant_int8(x, int(seed), int(key), int(tile), int(n_pad), gain, name)
+
+    def decode(q, out="codes", out_dtype=torch.bfloat16):
+        tensors = [t for st in q.streams for t in (st.ks, st.offsets, st.unary, st.rem, st.escapes)]
+        return compiled_decode(q.scales, tensors, [st.n for st in q.streams], list(q.shape), q.dtype, q.lattice,
+                               q.tile, q.block, q.seed, q.key, float(q.alpha), q.scale_dtype, bool(q.fits_int8), out,
+                               out_dtype, name)
+
+    def fused_decode_gemm(xq, xs, q, bias=None, out_dtype=torch.bfloat16):
+        from ..codec.ops_ref import row_dequant_scale
+
+        return ops.int8_gemm_dequant(xq, xs, decode(q, "codes"), row_dequant_scale(q), bias, out_dtype)
+
+    if name not in _COMPILED:
+        _COMPILED[name] = OpSet(f"compiled-{name}", rht, rht_quant_int8, ops.int8_gemm_dequant, decode,
+                                fused_decode_gemm)
+    return _COMPILED[name]

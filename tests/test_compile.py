@@ -1,0 +1,101 @@
+"""``torch.compile`` of quantized models: one graph for a whole quantized transformer (``fullgraph=True``), at
+most one recompile when the input shape changes, compiled output equal to eager within float tolerance.
+
+The whole-transformer checks run Dynamo with the ``eager`` backend (capture and guards are what is tested, and
+the capture is the same for every backend); inductor on CPU compiles a small stack of quantized layers (every
+storage and matmul path that runs on CPU); the whole tiny transformer through inductor is ``slow``.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._dynamo.testing import CompileCounterWithBackend
+
+import hq_diffusion
+from hq_diffusion.models import tiny_transformer
+from hq_diffusion.nn.linear import HQLinear
+from hq_diffusion.tiny.transformers import example_inputs
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.fixture(scope="module")
+def sana():
+    t = tiny_transformer("sana")
+    hq_diffusion.quantize(t, bps=4.0, progress=False)
+    assert sum(isinstance(m, HQLinear) for m in t.modules()) >= 10
+    return t
+
+
+def _run(model, **kw):
+    with torch.no_grad():
+        return model(**kw)[0]
+
+
+@pytest.mark.parametrize("mma", ["bf16", pytest.param("int8", marks=pytest.mark.slow)])
+def test_whole_transformer_is_one_graph_and_recompiles_once_on_a_new_shape(sana, mma):
+    for m in sana.modules():
+        if isinstance(m, HQLinear):
+            m.mma = mma
+    counter = CompileCounterWithBackend("eager")
+    compiled = torch.compile(sana, backend=counter, fullgraph=True)
+    try:
+        for batch in (2, 3, 5):  # a new shape: one recompile (dynamic from then on), then none
+            kw = example_inputs("sana", sana, batch=batch, seed=batch)
+            torch.testing.assert_close(_run(compiled, **kw), _run(sana, **kw), rtol=1e-5, atol=1e-5)
+        assert counter.frame_count <= 2, f"{counter.frame_count} graphs for 3 shapes"
+        assert counter.op_count > 100  # the whole transformer, not a fragment
+    finally:
+        for m in sana.modules():
+            if isinstance(m, HQLinear):
+                m.mma = "auto"
+
+
+def test_without_the_custom_ops_the_graph_breaks(sana, monkeypatch):
+    """The check above can fail: with the host-reading operations traced (the reference op set instead of the
+    custom ops), ``fullgraph=True`` refuses the model."""
+    import hq_diffusion.nn.linear as linear
+
+    monkeypatch.setattr(linear, "compiled_opset", lambda ops: ops)
+    compiled = torch.compile(sana, backend="eager", fullgraph=True)
+    with pytest.raises(Exception, match="(?i)graph break|unsupported|data.dependent"):
+        _run(compiled, **example_inputs("sana", sana, batch=2))
+
+
+def _stack(storage: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(48, 96), torch.nn.GELU(), torch.nn.Linear(96, 40, bias=False))
+    hq_diffusion.quantize(net, bps=4.0, storage=storage, skip=[], progress=False)
+    assert all(isinstance(net[i], HQLinear) for i in (0, 2))
+    return net
+
+
+@pytest.mark.parametrize("storage", ["rice", "int8"])
+def test_inductor_on_cpu_matches_eager(storage):
+    net = _stack(storage)
+    compiled = torch.compile(net, fullgraph=True)  # inductor
+    for shape in ((5, 48), (2, 7, 48)):  # odd sizes, a new rank
+        x = torch.randn(*shape)
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x), net(x), rtol=1e-5, atol=1e-5)
+
+
+def test_quantizer_says_compileable(sana):
+    from hq_diffusion.integrations.diffusers_backend import attach_quantizer
+
+    diffusers = pytest.importorskip("diffusers")
+    assert isinstance(sana, diffusers.ModelMixin)
+    attach_quantizer(sana)
+    assert sana.hf_quantizer.is_compileable
+
+
+@pytest.mark.slow
+def test_whole_tiny_transformer_through_inductor(sana):
+    compiled = torch.compile(sana, fullgraph=True)
+    kw = example_inputs("sana", sana, batch=2)
+    torch.testing.assert_close(_run(compiled, **kw), _run(sana, **kw), rtol=1e-5, atol=1e-5)
