@@ -13,6 +13,7 @@ COMMANDS = {
     "demo": ("hq_diffusion.demo", "main", "quantize the embedded tiny LTX pipeline and report (the main job)"),
     "eval": ("hq_diffusion.eval.cli", "main", "bf16 vs quantized evaluation over a prompt suite"),
     "app": ("hq_diffusion.app.server", "main", "Gradio app: bf16 and quantized side by side"),
+    "train-tiny": ("hq_diffusion.tiny.train", "main", "train the tiny LTX pipeline on the procedural clips"),
 }
 BENCHES = {
     "rd": ("hq_diffusion.bench.rd", "main", "rate–distortion table on iid N(0,1) vs baselines"),
