@@ -23,7 +23,7 @@ import numpy as np
 
 from hq_diffusion.tiny.data import COLOURS, DIRECTIONS, CaptionError, parse_caption
 
-__all__ = ["ContentResult", "check", "checkable", "ContentError"]
+__all__ = ["ContentResult", "check", "checkable", "check_pair", "summarize", "ContentError"]
 
 
 class ContentError(ValueError):
@@ -123,3 +123,45 @@ def check(frames, prompt: str, threshold: float = 0.25, min_pixels: int = 3, min
     colour_ok, direction_ok = colour == want.colour, direction == want.direction
     return ContentResult(colour, direction, want.colour, want.direction, colour_ok, direction_ok,
                          (colour_ok + direction_ok) / 2.0, int(len(good)), disp)
+
+
+def check_pair(ref, quant, prompt: str) -> dict | None:
+    """The eval runner's per-item record: ``{"ref": ..., "quant": ...}`` (each :meth:`ContentResult.as_dict`)
+    for uint8 or float frames ``(F, H, W, 3)`` of the reference and the quantized pipeline, or ``None`` when
+    ``prompt`` is not a dataset caption (the check does not apply)."""
+    if not checkable(prompt):
+        return None
+    out = {}
+    for name, frames in (("ref", ref), ("quant", quant)):
+        arr = np.asarray(frames)
+        arr = arr.astype(np.float32) / 255.0 if arr.dtype == np.uint8 else arr
+        out[name] = check(arr, prompt).as_dict()
+    return out
+
+
+def summarize(entries: list[dict]) -> dict:
+    """Suite-level content agreement per bps from the report's per-prompt entries (their ``"content"``).
+
+    Returns:
+        ``{bps_key: {"n", "ref", "quant", "ref_both", "quant_both", "quant_colour", "quant_direction"}}``:
+        ``ref`` / ``quant`` the mean agreement in ``[0, 1]`` (reference and quantized pipelines), ``*_both``
+        the fraction of clips right on colour and direction, ``quant_colour`` / ``quant_direction`` the
+        fraction right on each; only entries that carry a content record count (``n``). Bps with none are
+        left out.
+    """
+    from .report import bps_key
+
+    groups: dict[str, list[dict]] = {}
+    for e in entries:
+        c = e.get("content")
+        if c:
+            groups.setdefault(bps_key(e.get("bps")), []).append(c)
+    out = {}
+    for k, cs in groups.items():
+        def mean(side, key):
+            return float(np.mean([float(c[side][key]) for c in cs]))
+        out[k] = {"n": len(cs), "ref": mean("ref", "agreement"), "quant": mean("quant", "agreement"),
+                  "ref_both": float(np.mean([c["ref"]["colour_ok"] and c["ref"]["direction_ok"] for c in cs])),
+                  "quant_both": float(np.mean([c["quant"]["colour_ok"] and c["quant"]["direction_ok"] for c in cs])),
+                  "quant_colour": mean("quant", "colour_ok"), "quant_direction": mean("quant", "direction_ok")}
+    return out

@@ -129,8 +129,9 @@ def tiny_pipeline(name: str, seed: int = 0, dtype: torch.dtype = torch.float32):
     """Build a tiny, randomly initialised, fully offline diffusers pipeline (or load a trained one).
 
     Args:
-        name: a trained model key (``"tiny-ltx-trained"``: :func:`trained_pipeline`, ``seed`` unused) or
-            one of :data:`PIPELINE_NAMES`: ``"ltx"`` (``LTXPipeline``), ``"ltx2"`` (``LTX2Pipeline``),
+        name: a trained model key (``"tiny-ltx-trained"``: :func:`trained_pipeline`, ``seed`` unused), a
+            random-weight tiny model key (``"tiny-ltx"``, same as its family key) or one of
+            :data:`PIPELINE_NAMES`: ``"ltx"`` (``LTXPipeline``), ``"ltx2"`` (``LTX2Pipeline``),
             ``"pixart"`` (``PixArtSigmaPipeline``), ``"flux"`` (``FluxPipeline``), ``"sd3"``, ``"wan"``,
             ``"cogvideox"``, ``"hunyuanvideo"``, ``"sana"`` (each family's first ``pipeline_classes``).
         seed: seeds every random initialisation. Same seed -> bit-identical state dicts; the global torch RNG
@@ -150,6 +151,7 @@ def tiny_pipeline(name: str, seed: int = 0, dtype: torch.dtype = torch.float32):
     """
     if families.is_trained(name):
         return trained_pipeline(name, dtype)
+    name = families.tiny_aliases().get(name, name)
     _check_name(name)
     family = families.get(name)
     import diffusers
