@@ -375,6 +375,13 @@ def prompt_means(per_frame: dict) -> dict:
     return out
 
 
+def _content_cell(c: dict | None) -> str:
+    """``"100% / 50%"`` from an entry's content record (eval/content.check_pair), an en dash without one."""
+    if not c:
+        return "\u2013"
+    return " / ".join(f"{100 * float(c[side]['agreement']):.0f}%" for side in ("ref", "quant"))
+
+
 def _entry_means(e: dict) -> dict:
     means = e.get("means")
     if means is None:
@@ -685,7 +692,9 @@ def write_html_report(path: str | os.PathLike, report: dict,
     out.append("<h2>Per prompt</h2><p>Videos: reference | quantized | amplified |error|.</p>")
     out.append("<table class='prompts' id='prompt-table'><tr><th>#</th><th>prompt</th>"
                "<th>seed</th><th>bps</th><th>PSNR</th><th>SSIM</th><th>LPIPS</th>"
-               "<th>flicker PSNR</th><th>audio SNR (dB)</th><th>video</th><th>frames</th></tr>")
+               "<th>flicker PSNR</th><th>audio SNR (dB)</th><th title='content check: object colour and "
+               "direction vs the prompt (reference / quantized)'>content agreement (ref / quant)</th>"
+               "<th>video</th><th>frames</th></tr>")
     for i, e in enumerate(prompts):
         mm = _entry_means(e)
         video = e.get("video")
@@ -699,6 +708,7 @@ def write_html_report(path: str | os.PathLike, report: dict,
                    f"<td>{html.escape(str(e.get('seed')))}</td><td>{html.escape(bps_key(e.get('bps')))}</td>"
                    + "".join(f"<td class='num'>{_fmt(mm.get(m))}</td>" for m in METRICS)
                    + f"<td class='num'>{_fmt(e.get('audio_snr_db'), 2)}</td>"
+                   f"<td class='num'>{_content_cell(e.get('content'))}</td>"
                    f"<td>{vcell}</td><td>{fcell}</td></tr>")
     out.append("</table></body></html>\n")
     return write_bytes_atomic(path, "\n".join(out).encode("utf-8"))

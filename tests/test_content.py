@@ -61,3 +61,21 @@ def test_bad_input_is_a_clear_error():
     bad[0, 0, 0, 0] = np.nan
     with pytest.raises(content.ContentError, match="non-finite"):
         content.check(bad, cap)
+
+
+def test_runner_records_content_per_item_and_summarizes_per_bps():
+    from hq_diffusion.eval import report, runner
+
+    cap = data.Caption("small", "yellow", "circle", "right", "gray")
+    ref = (_clip(cap) * 255).round().astype(np.uint8)
+    quant = ref[::-1].copy()  # the quantized output moves the wrong way
+    res = runner.compute_metrics(ref, quant, None, prompt=str(cap))
+    assert res["content"]["ref"]["agreement"] == 1.0 and res["content"]["quant"]["agreement"] == 0.5
+    assert runner.compute_metrics(ref, quant, None, prompt="a cat walking")["content"] is None
+    entries = [{"bps": 4.0, "content": res["content"]}, {"bps": 4.0, "content": None},
+               {"bps": 3.0, "content": content.check_pair(ref, ref, str(cap))}]
+    s = content.summarize(entries)
+    assert s["4"] == {"n": 1, "ref": 1.0, "quant": 0.5, "ref_both": 1.0, "quant_both": 0.0, "quant_colour": 1.0,
+                      "quant_direction": 0.0}
+    assert s["3"]["quant"] == 1.0 and set(s) == {"4", "3"}
+    assert report._content_cell(res["content"]) == "100% / 50%" and report._content_cell(None) == "\u2013"
