@@ -16,6 +16,9 @@ only small, so every code path of ``LTXPipeline`` is the real one. Two stages, b
    so that classifier-free guidance works. The latents come from a bank of clips encoded once with the
    frozen VAE (posterior means), in chunks; each step takes one chunk.
 
+3. **Decoder fine-tuning**: the VAE decoder alone (encoder frozen, so the latents and the transformer trained
+   on them are unchanged) on the same reconstruction loss; it depends only on the stage-1 VAE and the seed.
+
 The output directory is a diffusers pipeline directory (``LTXPipeline.save_pretrained``: safetensors and
 configs) plus ``training_record.json`` (steps, wall time, final and first losses, seed, commit, recipe) and
 ``loss_curve.png``. A checkpoint of the whole pipeline is written every ``--checkpoint-every`` transformer
@@ -40,7 +43,7 @@ from . import data
 from .text import t5_encoder, t5_tokenizer, vocab_size
 
 __all__ = ["RECIPE", "build_components", "vae_losses", "transformer_stage_losses", "train", "main",
-           "latent_chunk"]
+           "latent_chunk", "decoder_losses"]
 
 #: The training recipe (every number the run depends on); recorded in ``training_record.json``.
 RECIPE: dict[str, Any] = dict(
@@ -48,6 +51,7 @@ RECIPE: dict[str, Any] = dict(
     latent_channels=16, vae_blocks=(16, 32, 32), vae_steps=250, vae_batch=8, vae_lr=2e-3, vae_kl=1e-4,
     vae_object_weight=4.0,
     heads=2, head_dim=32, layers=3, text_width=32,
+    decoder_steps=0,
     dit_steps=900, dit_lr=1e-3, dit_warmup=100, chunk=32, bank_chunks=96, caption_dropout=0.1,
     max_sequence_length=16,
 )
@@ -132,6 +136,40 @@ def vae_losses(components: dict[str, Any], recipe: dict[str, Any], steps: int, p
         opt.step()
         sched.step()
         yield step, float(loss.detach()), mse
+    vae.eval()
+
+
+def decoder_losses(components: dict[str, Any], recipe: dict[str, Any], steps: int, progress: bool = False):
+    """Stage 3: fine-tune the VAE decoder alone (encoder frozen, so the latents -- and the transformer trained
+    on them -- are unchanged) for ``steps`` steps in place; yields ``(step, weighted mse)``. It depends only on
+    the stage-1 VAE and the seed, so it may run before, after or alongside stage 2."""
+    from tqdm.auto import tqdm
+
+    r = recipe
+    vae = components["vae"]
+    params = [p for n, p in vae.named_parameters() if n.startswith("decoder.")]
+    opt = torch.optim.AdamW(params, lr=r["vae_lr"], weight_decay=0.0)
+    total = max(1, r["decoder_steps"])
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (
+        1 + np.cos(np.pi * min(s, total) / total)) + 0.02)
+    rng = np.random.default_rng([r["seed"], 5])
+    torch.manual_seed(r["seed"] + 30)
+    vae.eval()
+    vae.decoder.train()
+    for step in tqdm(range(steps), desc="decoder", disable=not progress, mininterval=5.0):
+        clips, masks, _ = data.sample_batch(rng, r["vae_batch"], r["frames"], r["size"])
+        x = _to_video(clips)
+        with torch.no_grad():
+            z = vae.encode(x).latent_dist.mode()
+        recon = vae.decode(z, return_dict=False)[0]
+        w = 1.0 + r["vae_object_weight"] * torch.from_numpy(masks)[:, None]
+        loss = (w * (recon - x) ** 2).mean() / w.mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        yield step, float(loss.detach())
     vae.eval()
 
 
@@ -269,9 +307,10 @@ def _plot(record: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
-    for ax, key, title in ((axes[0], "vae_mse", "VAE reconstruction MSE (weighted)"),
-                           (axes[1], "dit_loss", "transformer flow-matching loss")):
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
+    for ax, key, title in ((axes[0], "vae_mse", "1. VAE reconstruction MSE (weighted)"),
+                           (axes[1], "dit_loss", "2. transformer flow-matching loss"),
+                           (axes[2], "decoder_mse", "3. decoder fine-tuning MSE (weighted)")):
         v = record["curves"].get(key, [])
         if v:
             ax.plot(np.arange(len(v)), v, color="0.8", lw=0.6, label="per step")
@@ -292,17 +331,19 @@ def train(out: Path, recipe: dict[str, Any] | None = None, checkpoint_every: int
     r = dict(RECIPE if recipe is None else recipe)
     comps = build_components(r)
     t0 = time.time()
-    curves: dict[str, list[float]] = {"vae_loss": [], "vae_mse": [], "dit_loss": []}
+    curves: dict[str, list[float]] = {"vae_loss": [], "vae_mse": [], "dit_loss": [], "decoder_mse": []}
     record: dict[str, Any] = dict(recipe=r, commit=_commit(), torch=torch.__version__,
                                   threads=torch.get_num_threads(), curves=curves)
 
     def update(stage: str, done: bool = False) -> dict[str, Any]:
         record.update(
             stage=stage, complete=done, wall_s=round(time.time() - t0, 1), vae_steps_done=len(curves["vae_loss"]),
-            dit_steps_done=len(curves["dit_loss"]),
+            dit_steps_done=len(curves["dit_loss"]), decoder_steps_done=len(curves["decoder_mse"]),
             first_losses=dict(vae=curves["vae_loss"][:3], dit=curves["dit_loss"][:3]),
             final_losses=dict(vae_mse=float(np.mean(curves["vae_mse"][-50:])) if curves["vae_mse"] else None,
-                              dit=float(np.mean(curves["dit_loss"][-100:])) if curves["dit_loss"] else None),
+                              dit=float(np.mean(curves["dit_loss"][-100:])) if curves["dit_loss"] else None,
+                              decoder_mse=float(np.mean(curves["decoder_mse"][-50:])) if curves["decoder_mse"]
+                              else None),
         )
         return record
 
@@ -321,6 +362,8 @@ def train(out: Path, recipe: dict[str, Any] | None = None, checkpoint_every: int
                   flush=True)
         if checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < r["dit_steps"]:
             save_pipeline(comps, out, update(f"checkpoint at transformer step {step + 1}"))
+    for step, loss in decoder_losses(comps, r, r["decoder_steps"], progress=progress):
+        curves["decoder_mse"].append(loss)
     save_pipeline(comps, out, update("complete", done=True))
     return record
 
@@ -332,6 +375,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=RECIPE["seed"])
     p.add_argument("--vae-steps", type=int, default=RECIPE["vae_steps"])
     p.add_argument("--dit-steps", type=int, default=RECIPE["dit_steps"])
+    p.add_argument("--decoder-steps", type=int, default=RECIPE["decoder_steps"],
+                   help="stage 3: decoder fine-tuning steps (0: none)")
+    p.add_argument("--vae-lr", type=float, default=RECIPE["vae_lr"])
+    p.add_argument("--vae-object-weight", type=float, default=RECIPE["vae_object_weight"],
+                   help="extra weight of object pixels in the VAE loss")
     p.add_argument("--checkpoint-every", type=int, default=150, help="transformer steps between checkpoints")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1: the recorded first losses are bit-exact for 1 thread)")
@@ -340,7 +388,8 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     torch.set_num_threads(args.threads)
-    recipe = dict(RECIPE, seed=args.seed, vae_steps=args.vae_steps, dit_steps=args.dit_steps)
+    recipe = dict(RECIPE, seed=args.seed, vae_steps=args.vae_steps, dit_steps=args.dit_steps, vae_lr=args.vae_lr,
+                  vae_object_weight=args.vae_object_weight, decoder_steps=args.decoder_steps)
     rec = train(args.out, recipe, checkpoint_every=args.checkpoint_every)
     print(f"train-tiny: wrote {args.out} in {rec['wall_s']:.0f} s; final VAE MSE "
           f"{rec['final_losses']['vae_mse']:.4f}, transformer loss {rec['final_losses']['dit']:.4f}")
