@@ -116,6 +116,15 @@ def _vae_step_loss(vae, clips: np.ndarray, masks: np.ndarray, r: dict[str, Any])
     return mse + r["vae_kl"] * kl, float(mse.detach())
 
 
+def _update(opt, sched, params: list, loss: torch.Tensor) -> None:
+    """One optimiser step: backward, gradient norm clipped to 1, step, learning-rate schedule step."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    sched.step()
+
+
 def vae_losses(components: dict[str, Any], recipe: dict[str, Any], steps: int, progress: bool = False):
     """Run the first ``steps`` VAE training steps in place; yields ``(step, loss, mse)`` per step."""
     from tqdm.auto import tqdm
@@ -130,11 +139,7 @@ def vae_losses(components: dict[str, Any], recipe: dict[str, Any], steps: int, p
     for step in tqdm(range(steps), desc="vae", disable=not progress, mininterval=5.0):
         clips, masks, _ = data.sample_batch(rng, r["vae_batch"], r["frames"], r["size"])
         loss, mse = _vae_step_loss(vae, clips, masks, r)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        _update(opt, sched, list(vae.parameters()), loss)
         yield step, float(loss.detach()), mse
     vae.eval()
 
@@ -164,11 +169,7 @@ def decoder_losses(components: dict[str, Any], recipe: dict[str, Any], steps: in
         recon = vae.decode(z, return_dict=False)[0]
         w = 1.0 + r["vae_object_weight"] * torch.from_numpy(masks)[:, None]
         loss = (w * (recon - x) ** 2).mean() / w.mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
+        _update(opt, sched, params, loss)
         yield step, float(loss.detach())
     vae.eval()
 
@@ -254,11 +255,7 @@ def transformer_stage_losses(components: dict[str, Any], recipe: dict[str, Any],
                            timestep=sigma * 1000.0, encoder_attention_mask=mask, num_frames=f, height=h, width=w,
                            rope_interpolation_scale=rope, return_dict=False)[0]
         loss = torch.nn.functional.mse_loss(pred.float(), target)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
+        _update(opt, sched, params, loss)
         yield step, float(loss.detach())
     transformer.eval()
     text_encoder.eval()
