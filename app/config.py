@@ -112,8 +112,8 @@ class AppSettings:
         host: interface to bind; loopback (127.0.0.1) by default. The app never opens a share link.
         port: TCP port.
         models: model keys offered in the UI, the first being the default: the tiny embedded pipelines
-            (any key of ``TINY_MODELS``; by default ``"tiny-ltx"``, ``"tiny-ltx2"``, ``"tiny-pixart"``,
-            ``"tiny-flux"``) and/or local diffusers
+            (any key of ``TINY_MODELS``; by default ``"tiny-ltx-trained"`` (trained weights), ``"tiny-ltx"``,
+            ``"tiny-ltx2"``, ``"tiny-pixart"``, ``"tiny-flux"`` (random weights)) and/or local diffusers
             pipeline directories.
         max_concurrency: generations that may be in flight at once (the model itself runs one at a time).
         queue_size: requests that may wait in the queue before new ones are turned away.
@@ -129,7 +129,7 @@ class AppSettings:
     host: str = "127.0.0.1"
     port: int = 7860
     # The default offer; every key of TINY_MODELS (one per registered family) may be named.
-    models: tuple[str, ...] = ("tiny-ltx", "tiny-ltx2", "tiny-pixart", "tiny-flux")
+    models: tuple[str, ...] = ("tiny-ltx-trained", "tiny-ltx", "tiny-ltx2", "tiny-pixart", "tiny-flux")
     max_concurrency: int = 2
     queue_size: int = 16
     quant_cache_size: int = 2

@@ -326,7 +326,7 @@ class Engine:
         if is_tiny(model):
             from hq_diffusion.models import tiny_pipeline
 
-            pipe = tiny_pipeline(kind, seed=self.settings.tiny_seed, dtype=torch.bfloat16)
+            pipe = tiny_pipeline(model, seed=self.settings.tiny_seed, dtype=torch.bfloat16)
             defaults: dict = {}
             fps = _TINY_FPS
         else:

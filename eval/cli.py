@@ -29,10 +29,11 @@ def build_parser(prog: str = "hq-diffusion eval") -> argparse.ArgumentParser:
     p = _Parser(
         prog=prog, description="Evaluate a quantized diffusers pipeline against the unquantized one over "
                                "a prompt suite (same prompts, same seeds); writes report.json/csv/html.")
-    p.add_argument("--model", default="tiny-ltx",
+    p.add_argument("--model", default="tiny-ltx-trained",
                    help=f"{' | '.join(MODEL_ALIASES)} | PATH to a diffusers pipeline directory "
-                        f"(default: tiny-ltx)")
+                        f"(default: tiny-ltx-trained, the trained tiny LTX; the others have random weights)")
     p.add_argument("--prompts", metavar="FILE", help="one prompt per line, '#' comments (default: the "
+                                                     "16 held-out captions for tiny-ltx-trained, else the "
                                                      "packaged 32-prompt suite)")
     p.add_argument("--num-prompts", type=int, metavar="N", help="use the first N prompts")
     p.add_argument("--seeds", default="0", help="comma-separated generation seeds (default: 0)")

@@ -18,7 +18,7 @@ from typing import Any, Callable
 from hq_diffusion.integrations import families, genrules
 
 from . import report as R
-from .files import EvalInputError, default_prompts_file, read_prompts
+from .files import EvalInputError, default_prompts_file, read_prompts, shapes_prompts_file
 
 __all__ = ["EvalConfig", "MODEL_ALIASES", "PIPELINE_CLASSES", "VIDEO_PIPELINES", "DTYPES", "resolve_model",
            "build_config", "fingerprint"]
@@ -37,7 +37,8 @@ class EvalConfig:
     """A validated evaluation run (build it with :func:`build_config`).
 
     Args:
-        model: ``tiny-ltx`` / ``tiny-ltx2`` / ``tiny-pixart`` / ``tiny-flux`` or a diffusers pipeline dir.
+        model: ``tiny-ltx-trained`` (trained weights) / ``tiny-ltx`` / ``tiny-ltx2`` / ``tiny-pixart`` /
+            ``tiny-flux`` / ... (random weights) or a diffusers pipeline dir.
         pipeline: ``hq_diffusion.models`` pipeline name (``ltx``, ``ltx2``, ``pixart``, ``flux``).
         prompts: the prompts evaluated (after ``--num-prompts``).
         seeds: generation seeds; each prompt is run with each seed.
@@ -70,6 +71,11 @@ class EvalConfig:
     @property
     def is_tiny(self) -> bool:
         return self.model in MODEL_ALIASES
+
+    @property
+    def is_trained(self) -> bool:
+        """A tiny model with shipped trained weights (``tiny-ltx-trained``; ``model_seed`` does not apply)."""
+        return families.is_trained(self.model)
 
     def call_kwargs(self) -> dict:
         """The effective pipeline ``__call__`` kwargs (``DEFAULT_CALL_KWARGS`` + overrides)."""
@@ -196,7 +202,8 @@ def build_config(args: argparse.Namespace) -> EvalConfig:
         EvalInputError: with a one-line message naming the bad value.
     """
     pipeline = resolve_model(args.model)
-    prompts_file = args.prompts or default_prompts_file()
+    prompts_file = args.prompts or (shapes_prompts_file() if families.is_trained(args.model)
+                                    else default_prompts_file())
     prompts = read_prompts(prompts_file)
     if args.num_prompts is not None:
         if args.num_prompts < 1:
@@ -220,6 +227,8 @@ def build_config(args: argparse.Namespace) -> EvalConfig:
     _check_quantize_options(bps_list, quantize)
 
     overrides: dict[str, Any] = {}
+    if families.is_trained(args.model):
+        overrides.update(families.trained(args.model).call_defaults)
     if args.model not in MODEL_ALIASES:
         overrides.update(_native_call_defaults(args.model, pipeline))
     # the app's rules and words (hq_diffusion.integrations.genrules), without the server's upper limits

@@ -54,6 +54,12 @@ def default_prompts_file() -> str:
     return str(importlib.resources.files("hq_diffusion.assets").joinpath("prompts.txt"))
 
 
+def shapes_prompts_file() -> str:
+    """Path of the packaged held-out captions of the trained tiny model (``hq_diffusion/assets/prompts_shapes.txt``:
+    the 16 captions of :func:`hq_diffusion.tiny.data.heldout_captions`, never seen in training)."""
+    return str(importlib.resources.files("hq_diffusion.assets").joinpath("prompts_shapes.txt"))
+
+
 def read_prompts(path: str | os.PathLike) -> list[str]:
     """Prompts of a text file: one per line; blank lines and lines starting with ``#`` are ignored.
 

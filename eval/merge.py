@@ -7,6 +7,7 @@ import os
 from typing import Any
 
 from . import metrics as M
+from .content import summarize as content_summary
 from . import report as R
 from .cache import RUN_FILE, RUN_FORMAT, bps_dir, item_dir
 from .files import EvalInputError, read_json
@@ -85,7 +86,7 @@ def merge(out: str) -> dict:
                 lpips_infos.append(m.get("lpips") or {})
                 entries.append({key: m.get(key) for key in
                                 ("prompt", "index", "seed", "bps", "per_frame", "means", "audio_snr_db",
-                                 "video", "frames", "audio")})
+                                 "video", "frames", "audio", "content")})
     lp = lpips_infos[0] if lpips_infos else {"available": False, "reason": "no items"}
     if any(x.get("available") != lp.get("available") for x in lpips_infos):
         lp = {"available": False, "reason": "LPIPS was computed for some items only"}
@@ -110,6 +111,7 @@ def merge(out: str) -> dict:
         "missing": missing,
     }
     report["suite"] = R.suite_aggregates(entries)
+    report["content"] = content_summary(entries)
     R.write_json_atomic(os.path.join(out, "report.json"), report)
     R.write_csv_atomic(os.path.join(out, "report.csv"), [_csv_row(e) for e in entries])
     R.write_html_report(os.path.join(out, "report.html"), report)

@@ -27,9 +27,12 @@ def _num(v: Any) -> float | None:
 
 
 def agreement(e: dict) -> float | None:
-    """The per-prompt content agreement in [0, 1] if the runner recorded one (``e["agreement"]`` or
-    ``e["means"]["agreement"]``), else None."""
-    v = e.get("agreement")
+    """The quantized output's per-prompt content agreement in [0, 1] if the runner recorded one
+    (``e["content"]["quant"]["agreement"]``, from :func:`hq_diffusion.eval.content.check_pair`;
+    or ``e["agreement"]`` / ``e["means"]["agreement"]``), else None."""
+    v = ((e.get("content") or {}).get("quant") or {}).get("agreement")
+    if v is None:
+        v = e.get("agreement")
     if v is None:
         v = (e.get("means") or {}).get("agreement")
     return None if v is None else _num(v)

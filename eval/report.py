@@ -408,6 +408,13 @@ def prompt_means(per_frame: dict) -> dict:
     return out
 
 
+def _content_cell(c: dict | None) -> str:
+    """``"100% / 50%"`` from an entry's content record (eval/content.check_pair), an en dash without one."""
+    if not c:
+        return "\u2013"
+    return " / ".join(f"{100 * float(c[side]['agreement']):.0f}%" for side in ("ref", "quant"))
+
+
 def _entry_means(e: dict) -> dict:
     means = e.get("means")
     if means is None:
@@ -597,7 +604,8 @@ def _prompt_table(prompts: list[dict], ids: list[str], has_agreement: bool, html
            "in the \u2018error gain\u2019 column).</p>",
            "<table class='prompts' id='prompt-table'><tr><th>id</th><th>prompt</th>"
            "<th>seed</th><th>bps</th><th>PSNR</th><th>SSIM</th><th>LPIPS</th>"
-           "<th>flicker PSNR</th>" + ("<th>agreement</th>" if has_agreement else "")
+           "<th>flicker PSNR</th>" + ("<th title='content check: object colour and direction vs the prompt'>"
+                                      "content agreement (ref / quant)</th>" if has_agreement else "")
            + "<th>audio SNR (dB)</th><th>error gain</th><th>video</th><th>frames</th></tr>"]
     for i, e in enumerate(prompts):
         mm = _entry_means(e)
@@ -613,7 +621,8 @@ def _prompt_table(prompts: list[dict], ids: list[str], has_agreement: bool, html
         out.append(f"<tr id='prompt-{i}'><td>{html.escape(ids[i])}</td><td>{html.escape(str(e.get('prompt')))}</td>"
                    f"<td>{html.escape(str(e.get('seed')))}</td><td>{html.escape(bps_key(e.get('bps')))}</td>"
                    + "".join(f"<td class='num'>{_pg.fmt(mm.get(m))}</td>" for m in METRICS)
-                   + (f"<td class='num'>{_pg.fmt(_pg.agreement(e), 3)}</td>" if has_agreement else "")
+                   + (f"<td class='num'>{_content_cell(e.get('content')) if e.get('content') else _pg.fmt(_pg.agreement(e), 3)}</td>"
+                      if has_agreement else "")
                    + f"<td class='num'>{_pg.fmt(e.get('audio_snr_db'), 2)}</td><td class='num'>{gcell}</td>"
                    f"<td>{vcell}</td><td>{fcell}</td></tr>")
     out.append("</table>")

@@ -31,6 +31,7 @@ from typing import Callable
 
 import numpy as np
 
+from . import content as C
 from . import metrics as M
 from . import report as R
 from .cache import Item, bps_dir, check_and_write_run, item_dir, item_status, load_ref, ref_path, save_ref
@@ -64,7 +65,7 @@ def _load_pipeline(cfg: EvalConfig):
     if cfg.is_tiny:
         from hq_diffusion.models import tiny_pipeline
 
-        pipe = tiny_pipeline(cfg.pipeline, seed=cfg.model_seed, dtype=dtype)
+        pipe = tiny_pipeline(cfg.model, seed=cfg.model_seed, dtype=dtype)
     else:
         import warnings
 
@@ -125,15 +126,19 @@ class _Lpips:
 
 
 def compute_metrics(ref: np.ndarray, quant: np.ndarray, lpips: _Lpips | None,
-                    ref_audio: np.ndarray | None = None, quant_audio: np.ndarray | None = None) -> dict:
+                    ref_audio: np.ndarray | None = None, quant_audio: np.ndarray | None = None,
+                    prompt: str | None = None) -> dict:
     """Per-frame metrics of one item.
 
     Args:
         ref, quant: uint8 (F, H, W, 3).
         lpips: LPIPS callable or None (not computed).
         ref_audio, quant_audio: float (C, T) or None.
+        prompt: the item's prompt; when it is a caption of the procedural dataset, the content check
+            (:mod:`hq_diffusion.eval.content`) scores both outputs against it.
     Returns:
-        ``{"per_frame": {"psnr", "ssim", "lpips", "flicker_psnr"}, "means", "audio_snr_db", "lpips_info"}``
+        ``{"per_frame": {"psnr", "ssim", "lpips", "flicker_psnr"}, "means", "audio_snr_db", "lpips_info",
+        "content"}`` (``content``: :func:`hq_diffusion.eval.content.check_pair`, None when it does not apply)
     Raises:
         ValueError: mismatched / malformed frames (from the metric layer).
     """
@@ -146,7 +151,7 @@ def compute_metrics(ref: np.ndarray, quant: np.ndarray, lpips: _Lpips | None,
         audio_snr = M.audio_snr_db(ref_audio, quant_audio)
     per_frame = R.to_jsonable(per_frame)
     return {"per_frame": per_frame, "means": R.prompt_means(per_frame), "audio_snr_db": audio_snr,
-            "lpips_info": info}
+            "lpips_info": info, "content": None if prompt is None else C.check_pair(ref, quant, prompt)}
 
 
 # --------------------------------------------------------------------------------------------- running
@@ -166,7 +171,8 @@ def _write_item(cfg: EvalConfig, it: Item, ref: dict, quant: dict, lpips: _Lpips
     d = item_dir(cfg.out, it.bps, it.idx, it.seed)
     where = f"prompt {it.idx} (seed {it.seed}) at {R.bps_key(it.bps)} bps"
     try:
-        res = compute_metrics(ref["frames"], quant["frames"], lpips, ref.get("audio"), quant.get("audio"))
+        res = compute_metrics(ref["frames"], quant["frames"], lpips, ref.get("audio"), quant.get("audio"),
+                              prompt=it.prompt)
     except ValueError as e:
         raise EvalInputError(f"{where}: {e}") from None
     R.write_frames_npz(os.path.join(d, "frames.npz"), ref["frames"], quant["frames"])
@@ -190,6 +196,7 @@ def _write_metrics(cfg: EvalConfig, it: Item, res: dict, has_audio: bool) -> Non
         "video": rel("video.mp4"), "frames": rel("frames.npz"),
         "audio": rel("audio.npz") if has_audio else None,
         "lpips": res["lpips_info"], "fingerprint": cfg.quant_fingerprint(it.bps),
+        "content": res.get("content"),
     }
     R.write_json_atomic(os.path.join(d, "metrics.json"), entry)
 
@@ -205,7 +212,7 @@ def _recompute_metrics(cfg: EvalConfig, it: Item, lpips: _Lpips) -> None:
         with np.load(os.path.join(d, "audio.npz")) as z:
             ra, qa, rate = z["ref"], z["quant"], int(z["sample_rate"])
     try:
-        res = compute_metrics(ref, quant, lpips, ra, qa)
+        res = compute_metrics(ref, quant, lpips, ra, qa, prompt=it.prompt)
     except ValueError as e:
         raise EvalInputError(f"prompt {it.idx} (seed {it.seed}) at {R.bps_key(it.bps)} bps: {e}") from None
     if not os.path.isfile(os.path.join(d, "video.mp4")):

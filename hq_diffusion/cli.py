@@ -16,6 +16,7 @@ COMMANDS = {
     "inspect": ("hq_diffusion.bench.inspect", "main", "per-layer weight statistics before/after the RHT, bits and SNR"),
     "quantize": ("hq_diffusion.integrations.convert_cli", "main",
                  "quantize a float diffusers checkpoint on disk, one tensor at a time (bounded memory)"),
+    "train-tiny": ("hq_diffusion.tiny.train", "main", "train the tiny LTX pipeline on the procedural clips"),
 }
 BENCHES = {
     "rd": ("hq_diffusion.bench.rd", "main", "rate–distortion table on iid N(0,1) vs baselines"),

@@ -38,6 +38,8 @@ __all__ = [
     "DEFAULT_CALL_KWARGS",
     "REAL_CONFIGS",
     "tiny_pipeline",
+    "trained_pipeline",
+    "trained_call_kwargs",
     "tiny_transformer",
     "generate",
     "native_call_defaults",
@@ -85,11 +87,51 @@ def _seeded(build, seed: int, dtype: torch.dtype):
     return built
 
 
-def tiny_pipeline(name: str, seed: int = 0, dtype: torch.dtype = torch.float32):
-    """Build a tiny, randomly initialised, fully offline diffusers pipeline.
+def trained_pipeline(alias: str = "tiny-ltx-trained", dtype: torch.dtype = torch.float32):
+    """Load a trained tiny pipeline shipped with the package (:data:`families.TRAINED`), offline.
 
     Args:
-        name: one of :data:`PIPELINE_NAMES`: ``"ltx"`` (``LTXPipeline``), ``"ltx2"`` (``LTX2Pipeline``),
+        alias: a trained model key (``"tiny-ltx-trained"``).
+        dtype: dtype of every module (the weights are stored in float32).
+
+    Returns:
+        The pipeline (e.g. ``LTXPipeline``), on CPU, modules in eval mode, progress bar disabled.
+
+    Raises:
+        hq_diffusion.integrations.families.UnknownFamilyError: ``alias`` is no trained model.
+        FileNotFoundError: the weights directory is missing from this installation (named).
+    """
+    from importlib import resources
+
+    import diffusers
+
+    model = families.trained(alias)
+    path = resources.files("hq_diffusion.assets").joinpath(model.asset)
+    if not path.joinpath("model_index.json").is_file():
+        raise FileNotFoundError(f"the weights of {alias} are missing: {path} has no model_index.json")
+    cls = getattr(diffusers, families.get(model.family).pipeline_classes[0])
+    pipe = cls.from_pretrained(str(path), local_files_only=True)
+    for module in pipe.components.values():
+        if isinstance(module, nn.Module):
+            _cast(module, dtype)
+            module.eval()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def trained_call_kwargs(alias: str) -> dict[str, Any]:
+    """``generate`` kwargs of a trained model: its family's ``DEFAULT_CALL_KWARGS`` updated by its own."""
+    model = families.trained(alias)
+    return {**DEFAULT_CALL_KWARGS[model.family], **model.call_defaults}
+
+
+def tiny_pipeline(name: str, seed: int = 0, dtype: torch.dtype = torch.float32):
+    """Build a tiny, randomly initialised, fully offline diffusers pipeline (or load a trained one).
+
+    Args:
+        name: a trained model key (``"tiny-ltx-trained"``: :func:`trained_pipeline`, ``seed`` unused), a
+            random-weight tiny model key (``"tiny-ltx"``, same as its family key) or one of
+            :data:`PIPELINE_NAMES`: ``"ltx"`` (``LTXPipeline``), ``"ltx2"`` (``LTX2Pipeline``),
             ``"pixart"`` (``PixArtSigmaPipeline``), ``"flux"`` (``FluxPipeline``), ``"sd3"``, ``"wan"``,
             ``"cogvideox"``, ``"hunyuanvideo"``, ``"sana"`` (each family's first ``pipeline_classes``).
         seed: seeds every random initialisation. Same seed -> bit-identical state dicts; the global torch RNG
@@ -107,6 +149,9 @@ def tiny_pipeline(name: str, seed: int = 0, dtype: torch.dtype = torch.float32):
     Raises:
         ValueError: for an unknown ``name`` (or a family with only a tiny transformer).
     """
+    if families.is_trained(name):
+        return trained_pipeline(name, dtype)
+    name = families.tiny_aliases().get(name, name)
     _check_name(name)
     family = families.get(name)
     import diffusers

@@ -17,7 +17,7 @@ def test_demo_one_prompt(tmp_path, capsys):
     out = tmp_path / "demo"
     assert demo.main(["--out", str(out), "--num-prompts", "1", "--no-progress"]) == 0
     text = capsys.readouterr().out
-    assert text.startswith("hq-diffusion demo: tiny-ltx")
+    assert text.startswith("hq-diffusion demo: tiny-ltx-trained (trained weights)")
     for key in ("compression", "weight bits/weight", "K/V bits/scalar", "mean PSNR", "mean SSIM", "mean LPIPS",
                 "worst prompt", "report"):
         assert any(ln.strip().startswith(key) for ln in text.splitlines()), (key, text)
@@ -39,5 +39,12 @@ def test_demo_one_prompt(tmp_path, capsys):
         assert (out / rel).is_file()
     with np.load(out / e["frames"]) as z:
         assert z["ref"].shape == z["quant"].shape == (9, 32, 32, 3)
+    # the default model is the trained one, on a held-out caption: the content check applies to both columns
+    from hq_diffusion.tiny import data
+
+    assert data.parse_caption(e["prompt"]) in data.heldout_captions()
+    assert set(e["content"]) == {"ref", "quant"} and e["content"]["ref"]["expected_colour"]
+    c = rep["content"]["4"]
+    assert c["n"] == 1 and f"{100 * c['ref']:.0f}% unquantized, {100 * c['quant']:.0f}% quantized" in text
     for name in ("report.json", "report.csv", "report.html", "run.json"):
         assert (out / name).is_file()

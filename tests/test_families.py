@@ -55,7 +55,8 @@ def test_lookups_and_errors_naming_the_valid_choices():
 def test_registry_gives_the_eval_and_app_tables():
     """What eval/runner.py and app/ held as their own tables before the registry (the values must not move)."""
     # ... plus the five new families.
-    assert families.tiny_aliases() == {"tiny-ltx": "ltx", "tiny-ltx2": "ltx2", "tiny-pixart": "pixart",
+    # (new: the trained tiny LTX, listed first: it is the default model)
+    assert families.tiny_aliases() == {"tiny-ltx-trained": "ltx", "tiny-ltx": "ltx", "tiny-ltx2": "ltx2", "tiny-pixart": "pixart",
                                        "tiny-flux": "flux", "tiny-sd3": "sd3", "tiny-wan": "wan",
                                        "tiny-cogvideox": "cogvideox", "tiny-hunyuanvideo": "hunyuanvideo",
                                        "tiny-sana": "sana"}

@@ -7,7 +7,9 @@ has fewer inputs), applied to exactly the layers hq-diffusion quantizes; its rat
 (4 + 32/group bits per weight). Quality is PSNR/SSIM of the uint8 output frames against the unquantized
 pipeline. The random-weight tiny model only shows relative quality, not a real checkpoint's.
 
-Two weight distributions are measured. ``diffusers-init``: the tiny pipeline as built, whose linear weights are
+Three weight sets are measured. ``trained`` (the default, first): the trained tiny LTX pipeline
+(``tiny-ltx-trained``) on its held-out captions, with its own generation settings; it also reports the content
+check (object colour and direction vs the prompt). ``diffusers-init``: the tiny pipeline as built, whose linear weights are
 *uniform* (PyTorch's default Kaiming-uniform init, excess kurtosis −1.2) — the best case of a min/max
 uniform quantizer and the worst case of an RHT (which turns them Gaussian). ``trained-like``: each
 transformer-block linear re-drawn, at the same standard deviation, from a Student-t (ν = 5) with 1% of its
@@ -22,7 +24,8 @@ import torch
 from tqdm import tqdm
 
 from hq_diffusion.eval.metrics import psnr_per_frame, ssim_per_frame
-from hq_diffusion.eval.files import default_prompts_file, read_prompts, to_uint8
+from hq_diffusion.eval.content import check_pair
+from hq_diffusion.eval.files import default_prompts_file, read_prompts, shapes_prompts_file, to_uint8
 
 from ._common import emit, header, student_t_columns, table
 from .baselines import rtn_groupwise
@@ -58,20 +61,30 @@ def trained_like_(model: torch.nn.Module, seed: int = 0) -> None:
 def _build(init: str, dtype):
     from hq_diffusion.models import tiny_pipeline
 
-    pipe = tiny_pipeline("ltx", seed=0, dtype=dtype)
+    pipe = tiny_pipeline("tiny-ltx-trained" if init == "trained" else "ltx", seed=0, dtype=dtype)
     if init == "trained-like":
         trained_like_(pipe.transformer)
     return pipe
 
 
+#: The weight sets of :func:`run`, the default first.
+INITS: tuple[str, ...] = ("trained", "trained-like", "diffusers-init")
+
+
+def _means(rows: dict[str, list[float]]) -> dict[str, float | None]:
+    return {k: float(np.mean(v)) if v else None for k, v in rows.items()}
+
+
 def run(num_prompts: int = 4, seed: int = 0, bps: float = 4.0, dtype=torch.bfloat16, progress: bool = True,
-        init: str = "trained-like") -> dict:
+        init: str = "trained") -> dict:
     """Generate with the unquantized, the hq-diffusion and the RTN-int4 pipelines; return rates and metrics."""
     import hq_diffusion
-    from hq_diffusion.models import generate
+    from hq_diffusion.models import generate, trained_call_kwargs
 
-    if init not in ("trained-like", "diffusers-init"):
-        raise ValueError(f"init must be 'trained-like' or 'diffusers-init', got {init!r}")
+    if init not in INITS:
+        raise ValueError(f"init must be one of {', '.join(INITS)}, got {init!r}")
+    call = trained_call_kwargs("tiny-ltx-trained") if init == "trained" else {}
+    prompts = read_prompts(shapes_prompts_file() if init == "trained" else default_prompts_file())
     ref_pipe = _build(init, dtype)
     hq_pipe = hq_diffusion.quantize(_build(init, dtype), bps=bps, progress=False)
     s = hq_diffusion.summary(hq_pipe)
@@ -83,18 +96,25 @@ def run(num_prompts: int = 4, seed: int = 0, bps: float = 4.0, dtype=torch.bfloa
     # hq-diffusion again, at the peer's own total rate (floored to 3 decimals: never above it)
     hq_eq = hq_diffusion.quantize(_build(init, dtype), bps=int(peer_bps * 1000) / 1000, progress=False)
     s_eq = hq_diffusion.summary(hq_eq)
-    rows = {k: {"psnr": [], "ssim": []} for k in ("hq", "hq_eq", "rtn")}
-    for prompt in tqdm(read_prompts(default_prompts_file())[:num_prompts], desc="prompts", disable=not progress, leave=False):
-        ref = to_uint8(generate(ref_pipe, "ltx", prompt, seed))
+    rows = {k: {"psnr": [], "ssim": [], "content": []} for k in ("hq", "hq_eq", "rtn")}
+    ref_content = []
+    for prompt in tqdm(prompts[:num_prompts], desc="prompts", disable=not progress, leave=False):
+        ref = to_uint8(generate(ref_pipe, "ltx", prompt, seed, **call))
         for key, pipe in (("hq", hq_pipe), ("hq_eq", hq_eq), ("rtn", peer_pipe)):
-            out = to_uint8(generate(pipe, "ltx", prompt, seed))
+            out = to_uint8(generate(pipe, "ltx", prompt, seed, **call))
             rows[key]["psnr"].append(float(np.mean(psnr_per_frame(ref, out))))
             rows[key]["ssim"].append(float(np.mean(ssim_per_frame(ref, out))))
+            c = check_pair(ref, out, prompt)
+            if c is not None:
+                rows[key]["content"].append(c["quant"]["agreement"])
+                if key == "hq":
+                    ref_content.append(c["ref"]["agreement"])
     return {
         "layers": len(names),
-        "hq": {"bps": s.weighted_bps, "ratio": s.ratio, **{k: float(np.mean(v)) for k, v in rows["hq"].items()}},
-        "hq_eq": {"bps": s_eq.weighted_bps, **{k: float(np.mean(v)) for k, v in rows["hq_eq"].items()}},
-        "rtn": {"bps": peer_bps, **{k: float(np.mean(v)) for k, v in rows["rtn"].items()}},
+        "hq": {"bps": s.weighted_bps, "ratio": s.ratio, **_means(rows["hq"])},
+        "hq_eq": {"bps": s_eq.weighted_bps, **_means(rows["hq_eq"])},
+        "rtn": {"bps": peer_bps, **_means(rows["rtn"])},
+        "ref_content": float(np.mean(ref_content)) if ref_content else None,
         "prompts": num_prompts,
         "init": init,
     }
@@ -108,15 +128,17 @@ def main(argv=None) -> int:
     p.add_argument("--out")
     a = p.parse_args(argv)
     rows = []
-    for init in ("trained-like", "diffusers-init"):
+    for init in INITS:
         r = run(a.num_prompts, a.seed, a.bps, init=init)
         for key, label in (("hq", "hq-diffusion E8 + Rice"), ("hq_eq", "hq-diffusion E8 + Rice, at the peer's rate"),
                            ("rtn", "RTN int4, group 128 (fp16 scale + min)")):
-            rows.append([init, label, f"{r[key]['bps']:.3f}", r[key]["psnr"], f"{r[key]['ssim']:.4f}"])
+            content = "n/a" if r[key]["content"] is None else \
+                f"{100 * r[key]['content']:.0f}% (bf16 {100 * r['ref_content']:.0f}%)"
+            rows.append([init, label, f"{r[key]['bps']:.3f}", r[key]["psnr"], f"{r[key]['ssim']:.4f}", content])
     text = header(f"Tiny LTX pipeline, {r['layers']} quantized linears, {r['prompts']} prompts, bf16",
                   f"hq-diffusion bench e2e --num-prompts {a.num_prompts} --bps {a.bps:g}")
-    text += "\n" + table(["weights", "scheme", "weight bits/weight (total)", "mean PSNR dB vs bf16", "mean SSIM"],
-                         rows)
+    text += "\n" + table(["weights", "scheme", "weight bits/weight (total)", "mean PSNR dB vs bf16", "mean SSIM",
+                          "content agreement"], rows)
     emit(text, a.out)
     return 0
 

@@ -23,6 +23,7 @@ __all__ = [
     "PATCH_IN", "PATCH_OUT", "TIMESTEP", "CAPTION",
     "get", "keys", "by_alias", "by_pipeline_class", "by_transformer_class", "skip_rules",
     "tiny_models", "tiny_aliases", "pipeline_classes", "video_keys", "pipeline_keys", "tiny_tuned_keys",
+    "TrainedModel", "TRAINED", "trained", "is_trained",
 ]
 
 # Skip reasons.
@@ -319,12 +320,63 @@ GENERIC_SKIP: tuple[tuple[str, str], ...] = (
     ("caption_projection.*", CAPTION), ("context_embedder", CAPTION), ("condition_embedder.text*", CAPTION),
 )
 
+@dataclass(frozen=True)
+class TrainedModel:
+    """A tiny model of a registered family whose trained weights ship with the package.
+
+    Attributes:
+        alias: its ``--model`` / app key (``"tiny-ltx-trained"``), listed first by :func:`tiny_aliases`.
+        family: the family key (its pipeline name, ``"ltx"``).
+        label: display label.
+        asset: the pipeline directory under ``hq_diffusion/assets`` (a diffusers ``save_pretrained`` layout).
+        call_defaults: ``__call__`` kwargs that replace the family's ``call_defaults`` for this model.
+        note: what it was trained on.
+    """
+
+    alias: str
+    family: str
+    label: str
+    asset: str
+    call_defaults: Mapping[str, Any]
+    note: str = ""
+
+    def __post_init__(self):
+        object.__setattr__(self, "call_defaults", _frozen(self.call_defaults))
+
+
+#: The trained tiny models (the package's default model is the first).
+TRAINED: tuple[TrainedModel, ...] = (
+    TrainedModel(
+        alias="tiny-ltx-trained", family="ltx", label="Tiny LTX-Video, trained (moving coloured shapes)",
+        asset="tiny_ltx_trained", call_defaults=dict(num_inference_steps=12),
+        note="trained on procedural clips of coloured shapes moving over plain backgrounds "
+             "(hq_diffusion.tiny.data); prompts like 'a small red square moving left on a black background'",
+    ),
+)
+_BY_TRAINED: dict[str, TrainedModel] = {t.alias: t for t in TRAINED}
+
+
+def trained(alias: str) -> TrainedModel:
+    """The :class:`TrainedModel` of ``alias``. Raises UnknownFamilyError listing the trained models."""
+    try:
+        return _BY_TRAINED[alias]
+    except (KeyError, TypeError):
+        raise UnknownFamilyError(f"Unknown trained model {alias!r}; trained models are: "
+                                 f"{', '.join(_BY_TRAINED)}.") from None
+
+
+def is_trained(alias: str) -> bool:
+    """Whether ``alias`` names a trained tiny model (:data:`TRAINED`)."""
+    return alias in _BY_TRAINED
+
+
 _BY_KEY: dict[str, Family] = {f.key: f for f in FAMILIES}
-_BY_ALIAS: dict[str, Family] = {a: f for f in FAMILIES for a in f.tiny_models}
+_BY_ALIAS: dict[str, Family] = {**{t.alias: _BY_KEY[t.family] for t in TRAINED},
+                                 **{a: f for f in FAMILIES for a in f.tiny_models}}
 _BY_PIPELINE: dict[str, Family] = {c: f for f in FAMILIES for c in f.pipeline_classes}
 _BY_TRANSFORMER: dict[str, Family] = {c: f for f in FAMILIES for c in f.transformer_classes}
 for _table, _names in ((_BY_KEY, [f.key for f in FAMILIES]),
-                       (_BY_ALIAS, [a for f in FAMILIES for a in f.tiny_models]),
+                       (_BY_ALIAS, [t.alias for t in TRAINED] + [a for f in FAMILIES for a in f.tiny_models]),
                        (_BY_PIPELINE, [c for f in FAMILIES for c in f.pipeline_classes]),
                        (_BY_TRANSFORMER, [c for f in FAMILIES for c in f.transformer_classes])):
     if len(_table) != len(_names):
@@ -375,13 +427,16 @@ def skip_rules(transformer_class: str) -> tuple[tuple[str, str], ...]:
 
 
 def tiny_models(pipelines_only: bool = True) -> dict[str, str]:
-    """Tiny model key -> display label (by default only the families with a full tiny pipeline)."""
-    return {a: f.label for f in FAMILIES if f.tiny_pipeline or not pipelines_only for a in f.tiny_models}
+    """Tiny model key -> display label: the trained models first, then the random-weight ones (by default only
+    the families with a full tiny pipeline)."""
+    return {**{t.alias: t.label for t in TRAINED},
+            **{a: f.label for f in FAMILIES if f.tiny_pipeline or not pipelines_only for a in f.tiny_models}}
 
 
 def tiny_aliases(pipelines_only: bool = True) -> dict[str, str]:
-    """Tiny model key -> family key (eval's ``MODEL_ALIASES``, the app's ``TINY_KINDS``)."""
-    return {a: f.key for f in FAMILIES if f.tiny_pipeline or not pipelines_only for a in f.tiny_models}
+    """Tiny model key -> family key (eval's ``MODEL_ALIASES``, the app's ``TINY_KINDS``), trained models first."""
+    return {**{t.alias: t.family for t in TRAINED},
+            **{a: f.key for f in FAMILIES if f.tiny_pipeline or not pipelines_only for a in f.tiny_models}}
 
 
 def pipeline_classes(pipelines_only: bool = True) -> dict[str, str]:

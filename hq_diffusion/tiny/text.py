@@ -67,12 +67,17 @@ def _bpe_vocab_and_merges(
     return vocab, merges
 
 
-def t5_tokenizer(model_max_length: int = 512):
-    """SentencePiece-style (Unigram) ``T5Tokenizer``: ``<pad>``=0, ``</s>``=1, ``<unk>``=2 first."""
+def t5_tokenizer(model_max_length: int = 512, extra_words: tuple[str, ...] = ()):
+    """SentencePiece-style (Unigram) ``T5Tokenizer``: ``<pad>``=0, ``</s>``=1, ``<unk>``=2 first.
+
+    ``extra_words`` are whole-word tokens appended after the default vocabulary (the default tokenizer, used by
+    every random-weight tiny model, is unchanged when it is empty).
+    """
     from transformers import T5Tokenizer
 
     vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -3.0)]
     vocab += [("\u2581" + w, -1.0) for w in _WORDS]
+    vocab += [("\u2581" + w, -1.0) for w in extra_words if w not in _WORDS]
     vocab += [(c, -5.0) for c in _CHARS]
     return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=model_max_length)
 
