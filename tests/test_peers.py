@@ -155,3 +155,14 @@ def test_bench_peers_skips_quanto_while_its_extension_is_unbuilt(monkeypatch):
 def test_bench_peers_rejects_unknown_coder():
     with pytest.raises(SystemExit):
         peers.main(["--rows", "8", "--cols", "256", "--coders", "huffman"])
+
+
+def test_bench_rd_baselines_have_a_column_per_coder(capsys):
+    from hq_diffusion.bench import rd
+
+    assert rd.main(["--rows", "8", "--cols", "1024", "--rates", "4", "--lattices", "e8", "--coders", "rice,rans"]) == 0
+    out = capsys.readouterr().out
+    head = next(line for line in out.splitlines() if line.startswith("| baseline"))
+    assert "E8 rice SNR dB" in head and "E8 rans SNR dB" in head and "rans gain dB" in head
+    nf4 = next(line for line in out.splitlines() if line.startswith("| NF4 block-64"))
+    assert len(nf4.split("|")) == len(head.split("|"))
