@@ -1,9 +1,12 @@
 """``hq-diffusion bench peers``: the real peer libraries next to hq-diffusion, every stored bit counted.
 
 Runs whichever of bitsandbytes, HQQ, optimum-quanto, torchao, gguf-py and SDNQ are installed (the ``[peers]``
-extra) on two weight matrices and prints, for each peer format, its total rate and SNR next to E8 + Rice
-encoded at the same total rate. A peer that is not installed, or that fails on this machine, is listed
-with the reason; nothing is silently skipped.
+extra) on two weight matrices and prints, for each peer format, its total rate and SNR next to E8 encoded at
+the same total rate with each of our entropy coders (Rice, rANS). A peer that is not installed, that fails,
+that runs past the per-peer time limit, or whose compiled extension is not built, is listed with the reason;
+nothing is silently skipped. optimum-quanto compiles a C++ extension on its first use (about ten minutes on
+a 2-core CPU): unless ``--build-extensions`` is given, quanto is reported as not run while that extension is
+not built, so a CI run never stalls on it.
 
 Counting, the same way as ours (``EncodedTensor.total_bits``: payload, side information, header, CRC): every
 tensor the library itself stores for the weight (packed codes, scales, zero points, nested scales, code
@@ -20,6 +23,11 @@ model's weights.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.util
+import os
+import signal
+import threading
 import warnings
 from typing import Callable
 
@@ -27,6 +35,7 @@ import torch
 from tqdm import tqdm
 
 from hq_diffusion.codec import CodecConfig, decode, encode
+from hq_diffusion.codec.config import CODERS
 
 from ._common import emit, header, student_t_columns, table
 from .baselines import snr_db
@@ -78,6 +87,21 @@ def hqq(nbits: int, group: int) -> PeerFn:
         bits = stored_bits(wq) + stored_bits(meta["scale"]) + stored_bits(meta["zero"])
         return Quantizer.dequantize(wq, meta).float().reshape(w.shape), bits
     return run
+
+
+def quanto_extension_built() -> bool:
+    """Whether optimum-quanto's CPU extension (``quanto_cpp``) is already compiled for this torch, read from
+    its build folder without importing quanto (importing does not build it; the first dequantize does)."""
+    spec = importlib.util.find_spec("optimum.quanto")
+    if spec is None or not spec.submodule_search_locations:
+        return False
+    build = os.path.join(list(spec.submodule_search_locations)[0], "library", "extensions", "cpp", "build")
+    try:
+        with open(os.path.join(build, "pytorch_version.txt"), encoding="utf-8") as f:
+            version = f.read().strip()
+    except OSError:
+        return False
+    return version == torch.__version__ and os.path.exists(os.path.join(build, "quanto_cpp.so"))
 
 
 def quanto(bits: int) -> PeerFn:
@@ -167,11 +191,48 @@ def weights(kind: str, rows: int, cols: int, seed: int = 0) -> torch.Tensor:
     raise ValueError(f"weights: unknown kind {kind!r} (gaussian, trained-like)")
 
 
-def run_peers(w: torch.Tensor, ours: bool = True, progress: bool = False) -> list[dict]:
-    """Every peer of :data:`PEERS` on ``w`` float32 (R, C). One dict per format: library, format, status
-    ("ok", "not installed", "failed: …"), bps, snr, and with ``ours`` E8 + Rice at the same total rate."""
-    import importlib.util
+class PeerTimeout(Exception):
+    """A peer ran past the per-peer time limit of :func:`run_peers`."""
 
+
+@contextlib.contextmanager
+def time_limit(seconds: float | None):
+    """Raise :class:`PeerTimeout` in the body after ``seconds`` of wall time (SIGALRM; main thread only).
+
+    ``None`` or 0: no limit. Raises ``RuntimeError`` when a limit is asked for where SIGALRM cannot deliver
+    it (another thread, or a platform without it), rather than running unguarded."""
+    if not seconds:
+        yield
+        return
+    if not hasattr(signal, "SIGALRM") or threading.current_thread() is not threading.main_thread():
+        raise RuntimeError("bench peers: a per-peer time limit needs SIGALRM in the main thread; pass time_limit=None")
+
+    def on_alarm(signum, frame):
+        raise PeerTimeout(f"over the {seconds:g} s per-peer time limit")
+
+    old = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def _not_ready(mod: str, build_extensions: bool) -> str | None:
+    """Why a peer cannot run now without a long build, or None."""
+    if mod == "optimum.quanto" and not build_extensions and not quanto_extension_built():
+        return ("could not run: optimum-quanto's C++ extension is not built (its first use compiles it, "
+                "about 10 min on a 2-core CPU); pass --build-extensions to build it")
+    return None
+
+
+def run_peers(w: torch.Tensor, ours: bool = True, progress: bool = False, coders: tuple[str, ...] = CODERS,
+              time_limit_s: float | None = 600.0, build_extensions: bool = False) -> list[dict]:
+    """Every peer of :data:`PEERS` on ``w`` float32 (R, C). One dict per format: library, format, status
+    ("ok", "not installed …", "could not run: …", "failed: …"), bps, bits, snr, and with ``ours``, for each
+    coder c of ``coders``, ``ours[c] = (E8 total bps, E8 SNR dB)`` at the peer's total rate (rounded down to
+    0.001). ``time_limit_s`` bounds each peer's own run (None: no bound)."""
     out = []
     for lib, mod, label, fn in tqdm(PEERS, desc="peers", disable=not progress, leave=False):
         row = {"library": lib, "format": label, "status": "ok", "bps": None, "snr": None}
@@ -183,18 +244,28 @@ def run_peers(w: torch.Tensor, ours: bool = True, progress: bool = False) -> lis
             row["status"] = f"not installed (pip install {lib if lib != 'gguf-py' else 'gguf'})"
             out.append(row)
             continue
+        if (why := _not_ready(mod, build_extensions)) is not None:
+            row["status"] = why
+            out.append(row)
+            continue
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), time_limit(time_limit_s):
                 warnings.simplefilter("ignore")
                 w_hat, bits = fn(w)
+        except PeerTimeout as e:
+            row["status"] = f"could not run: {e}"
+            out.append(row)
+            continue
         except Exception as e:  # reported in the table, never hidden
             row["status"] = f"failed: {type(e).__name__}: {str(e).strip().splitlines()[0][:120] if str(e).strip() else ''}"
             out.append(row)
             continue
         row["bps"], row["bits"], row["snr"] = bits / w.numel(), bits, snr_db(w, w_hat)
         if ours:
-            q = encode(w, CodecConfig(bps=int(row["bps"] * 1000) / 1000, lattice="e8"))
-            row["ours_bps"], row["ours_snr"] = q.bps, snr_db(w, decode(q))
+            row["ours"] = {}
+            for coder in coders:
+                q = encode(w, CodecConfig(bps=int(row["bps"] * 1000) / 1000, lattice="e8", coder=coder))
+                row["ours"][coder] = (q.bps, snr_db(w, decode(q)))
         out.append(row)
     return out
 
@@ -205,22 +276,35 @@ def main(argv=None) -> int:
     p.add_argument("--cols", type=int, default=1024)
     p.add_argument("--weights", default="gaussian,trained-like")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--coders", default=",".join(CODERS), help="our entropy coders to put beside each peer")
+    p.add_argument("--time-limit", type=float, default=600.0, help="seconds per peer (0: none)")
+    p.add_argument("--build-extensions", action="store_true",
+                   help="let optimum-quanto compile its C++ extension if it is not built (minutes)")
     p.add_argument("--out", help="also write the markdown here")
     a = p.parse_args(argv)
+    coders = tuple(a.coders.split(","))
+    for c in coders:
+        if c not in CODERS:
+            p.error(f"--coders: unknown coder {c!r} (choose from {', '.join(CODERS)})")
     text = [header(f"Real peer libraries, {a.rows}×{a.cols}",
-                   f"hq-diffusion bench peers --rows {a.rows} --cols {a.cols} --weights {a.weights}")]
+                   f"hq-diffusion bench peers --rows {a.rows} --cols {a.cols} --weights {a.weights} "
+                   f"--coders {a.coders}")]
+    cols = ["library", "format", "status", "its total bps", "its SNR dB"]
+    cols += [c for coder in coders for c in (f"E8 {coder} total bps", f"E8 {coder} SNR dB", f"{coder} gain dB")]
     for kind in a.weights.split(","):
         w = weights(kind, a.rows, a.cols, a.seed)
         rows = []
-        for r in run_peers(w, progress=True):
+        for r in run_peers(w, progress=True, coders=coders, time_limit_s=a.time_limit or None,
+                           build_extensions=a.build_extensions):
             if r["status"] != "ok":
-                rows.append([r["library"], r["format"], r["status"], "", "", "", "", ""])
-            else:
-                rows.append([r["library"], r["format"], "ok", f"{r['bps']:.3f}", r["snr"], f"{r['ours_bps']:.3f}",
-                             r["ours_snr"], f"{r['ours_snr'] - r['snr']:+.2f}"])
-        text += ["", f"**{kind}**", "",
-                 table(["library", "format", "status", "its total bps", "its SNR dB", "E8 total bps", "E8 SNR dB",
-                        "E8 gain dB"], rows)]
+                rows.append([r["library"], r["format"], r["status"]] + [""] * (len(cols) - 3))
+                continue
+            row = [r["library"], r["format"], "ok", f"{r['bps']:.3f}", r["snr"]]
+            for coder in coders:
+                bps, snr = r["ours"][coder]
+                row += [f"{bps:.3f}", snr, f"{snr - r['snr']:+.2f}"]
+            rows.append(row)
+        text += ["", f"**{kind}**", "", table(cols, rows)]
     emit("\n".join(text), a.out)
     return 0
 
