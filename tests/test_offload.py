@@ -68,12 +68,40 @@ def test_model_cpu_offload(reference):
     assert all(b.device.type == "cpu" for m in _hq_layers(pipe) for b in m.buffers())
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError, reason=(
-    "known failing: accelerate's sequential offload moves the compressed buffers to meta (checked below) but "
-    "its forward hook fails to re-materialize HQLinear's tensors (TypeError from a Parameter re-creation)"))
-def test_sequential_cpu_offload(reference):
+def test_sequential_offload_of_quantized_transformer():
+    """accelerate's ``cpu_offload`` (what ``enable_sequential_cpu_offload`` applies per component), buffers
+    included: between forwards the compressed buffers sit on the meta device, each forward loads them, and the
+    output equals the non-offloaded one bit for bit."""
+    from accelerate import cpu_offload
+
     pipe = _qpipe()
+    tr = pipe.transformer
+    c = tr.config
+    g = torch.Generator().manual_seed(0)
+    kw = dict(hidden_states=torch.randn(1, 32, c.in_channels, generator=g),
+              encoder_hidden_states=torch.randn(1, 6, c.caption_channels, generator=g),
+              timestep=torch.tensor([500.0]), encoder_attention_mask=torch.ones(1, 6), num_frames=2, height=4,
+              width=4, return_dict=False)
+    with torch.no_grad():
+        ref = tr(**kw)[0]
+    cpu_offload(tr, execution_device=torch.device("cpu"), offload_buffers=True)
+    assert all(b.device.type == "meta" for m in _hq_layers(pipe) for b in m.buffers())
+    for _ in range(2):
+        with torch.no_grad():
+            assert torch.equal(tr(**kw)[0], ref)
+        assert all(b.device.type == "meta" for m in _hq_layers(pipe) for b in m.buffers())
+    _no_float_weight(pipe)
+
+
+@pytest.mark.xfail(strict=True, raises=TypeError, reason=(
+    "upstream, not ours: on CPU, accelerate's post-forward hook raises the same TypeError (re-creating an "
+    "nn.Parameter) on the float tiny pipeline: in its T5 text encoder, and with that excluded, in its other components"))
+def test_sequential_cpu_offload(reference):
+    """The pipeline-level call; kept as a strict xfail so that it is noticed when the upstream failure is fixed."""
+    pipe = _qpipe()
+    pipe._exclude_from_cpu_offload.append("text_encoder")
     pipe.enable_sequential_cpu_offload(device="cpu")
-    assert all(b.device.type == "meta" for m in _hq_layers(pipe) for b in m.buffers())  # the buffers moved
+    assert all(b.device.type == "meta" for m in _hq_layers(pipe) for b in m.buffers())  # offloaded
     _no_float_weight(pipe)
     np.testing.assert_array_equal(generate(pipe, "ltx", PROMPT, 0), reference)
+    assert all(b.device.type == "meta" for m in _hq_layers(pipe) for b in m.buffers())  # and back after use
