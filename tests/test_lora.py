@@ -150,3 +150,17 @@ def test_every_lora_config_dispatches_hqlinear():
     layer = HQLinear.from_linear(torch.nn.Linear(64, 32), name="blk.proj")
     with pytest.raises(ValueError, match="'blk.proj': use_dora=True is not supported"):
         HQLoraLinear(layer, "a", LoraConfig(r=2, use_dora=True), r=2, lora_alpha=2)
+
+
+def test_registration_when_peft_is_imported_before_hq_diffusion():
+    """A fresh interpreter that imports peft first: ``import hq_diffusion`` still puts the HQLinear mapping in
+    every LoraConfig (the in-process tests cover hq_diffusion first)."""
+    import subprocess
+    import sys
+
+    code = "\n".join(["import peft", "import hq_diffusion", "from peft import LoraConfig",
+                      "from hq_diffusion.nn.linear import HQLinear",
+                      "print(HQLinear in (LoraConfig(r=1)._custom_modules or {}))"])
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip().splitlines()[-1] == "True"
