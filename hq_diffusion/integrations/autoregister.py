@@ -27,6 +27,9 @@ BACKEND = "hq_diffusion.integrations.diffusers_backend"
 #: the modules whose loading triggers a (re-)registration
 WATCHED = ("diffusers.quantizers.auto", "diffusers.models.modeling_utils", "diffusers.pipelines.pipeline_utils",
            "transformers.quantizers.auto")
+#: LoRA on quantized layers (:mod:`~hq_diffusion.integrations.lora`): registered once peft's LoRA package has loaded
+LORA = "hq_diffusion.integrations.lora"
+LORA_WATCHED = ("peft.tuners.lora", "diffusers.loaders.peft")
 
 _lock = threading.RLock()
 
@@ -59,6 +62,12 @@ def _register() -> None:
     importlib.import_module(BACKEND).register()
 
 
+def _register_lora() -> None:
+    """Register the peft LoRA layer for HQLinear, once peft's LoRA package has fully loaded."""
+    if "peft.tuners.lora" in sys.modules and hasattr(sys.modules["peft.tuners.lora"], "LoraModel"):
+        importlib.import_module(LORA).register()
+
+
 class _Loader(importlib.abc.Loader):
     """Runs the original loader, then registers the backend."""
 
@@ -70,7 +79,10 @@ class _Loader(importlib.abc.Loader):
 
     def exec_module(self, module):
         self._loader.exec_module(module)
-        _register()
+        if module.__name__ in LORA_WATCHED:
+            _register_lora()
+        else:
+            _register()
 
     def __getattr__(self, name):  # get_source, get_resource_reader, ... of the original loader
         return getattr(self._loader, name)
@@ -80,7 +92,7 @@ class _Finder(importlib.abc.MetaPathFinder):
     """A ``sys.meta_path`` finder that wraps the loader of the :data:`WATCHED` modules."""
 
     def find_spec(self, fullname, path, target=None):
-        if fullname not in WATCHED:
+        if fullname not in WATCHED and fullname not in LORA_WATCHED:
             return None
         for finder in sys.meta_path:
             if finder is self or not hasattr(finder, "find_spec"):
@@ -103,6 +115,8 @@ def install() -> None:
             sys.meta_path.insert(0, _FINDER)
     if any(name in sys.modules for name in WATCHED):
         _register()
+    if any(name in sys.modules for name in LORA_WATCHED):
+        _register_lora()
 
 
 def uninstall() -> None:
