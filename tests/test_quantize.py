@@ -141,8 +141,11 @@ def test_skip_patterns_override_preset_with_globs_and_regexes():
 # ---- end to end on the tiny pipelines ------------------------------------------------------------------
 
 # PSNR (dB) of each mma path's frames against the unquantized pipeline's, 1 step, measured when this check was
-# added (e.g. ltx: bf16 45.2, int8 43.2, fp8 40.6, nvfp4 37.1, mxfp4 37.7); the floors are 2.5 dB below.
-_MMA_PSNR = {"ltx": (45.2, 43.2, 40.6, 37.1, 37.7), "ltx2": (33.6, 32.2, 32.5, 28.8, 30.1),
+# added; the floors are 2.5 dB below. ltx re-measured on 2026-11-27 when the K/V dither became keyed by the
+# call's timestep (its first call used to draw dither step 0): the 4-bit K/V dither alone moves this 1-step
+# PSNR between 40.3 and 45.2 dB across dither steps 0-3, so the figure is that of the one realization the test
+# now always draws.
+_MMA_PSNR = {"ltx": (41.7, 41.9, 40.9, 39.8, 39.0), "ltx2": (33.6, 32.2, 32.5, 28.8, 30.1),
              "pixart": (47.7, 45.1, 41.0, 38.7, 35.7), "flux": (60.8, 61.0, 60.3, 55.0, 55.8)}
 
 
