@@ -168,8 +168,8 @@ def main(argv=None) -> int:
         bounds = {"load_quantized": load_bound}
         rows = []
         for name, r in runs.items():
-            if name.startswith("convert") and r.get("child"):  # worker processes run concurrently: count each
-                r["rss"] += args.workers * r["child"]
+            if name.startswith("convert") and name != "convert, 1 worker" and r.get("child"):
+                r["rss"] += args.workers * r["child"]  # worker processes run concurrently: count each
             bound = bounds.get(name, conv_bound if name != "imports" else None)
             mbs = info["bytes"] / r["wall"] / 1e6 if name.startswith("convert") else None
             rows.append([name, f"{r['rss'] / GB:.2f}", "-" if bound is None else f"{bound / GB:.2f}",

@@ -25,6 +25,7 @@ from .strip import NUM_STREAMS, stream_lengths, strip, unstrip
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _SAMPLE_SYMBOLS = 2**20  # symbols used to refine α before the full encode
 _MAX_ABS_CODE = 2**27
+_BLOCK_ELEMS = 1 << 23  # coordinates per row block of the encoder's full-tensor passes (32 MiB float32)
 _MIN_PAYLOAD_RATE = 1.1  # a Rice code spends at least one bit per symbol
 #: Largest ``|w|`` the codec encodes: the float32 rotation of a tile of up to 2048 values stays finite below
 #: it (an unnormalized Hadamard sum grows by at most the tile size). Larger magnitudes raise HQRangeError.
@@ -70,18 +71,69 @@ def rotated_rows(w: torch.Tensor, tile: int, seed: int, key: int | str) -> tuple
     return rht(x, seed, key, h), h
 
 
-def _row_scales(u: torch.Tensor, scale_dtype: str, what: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row scales of the rotated rows ``u`` (float32 (R, n_pad)): their RMS rounded to ``scale_dtype``.
+def _row_blocks(rows: int, n_pad: int) -> list[slice]:
+    """Row slices of at least :data:`_BLOCK_ELEMS` coordinates each (a remainder joins the last block; one
+    slice for a small tensor): the full-tensor passes of :func:`encode` run over them so that their
+    temporaries stay one block in size. Every pass is row-local, so the result does not depend on the
+    blocking. Blocks above 32 MiB are allocated with ``mmap`` by glibc's malloc and so go back to the
+    system when freed, instead of staying in the heap (smaller ones would raise its threshold and stay)."""
+    per = -(-_BLOCK_ELEMS // n_pad)
+    starts = list(range(0, rows, per))
+    if len(starts) > 1 and rows - starts[-1] < per:
+        starts.pop()
+    return [slice(s, e) for s, e in zip(starts, starts[1:] + [rows])]
 
-    Returns (scales (R,) in the scale dtype, the same as float64). Rows whose float32 RMS is tiny, zero or
-    not finite are recomputed in float64, so a row of 1e-30 is measured as 1e-30, not 0. A row of exact
-    zeros gets scale 0 (it decodes to exact zeros); any other row whose RMS the scale dtype rounds to 0 or
-    to Inf raises :class:`HQRangeError` (:mod:`.errors`)."""
+
+def _unit_rows(w: torch.Tensor, cfg: CodecConfig, key: int | str, what: str):
+    """Rotated rows of ``w`` divided by their stored scale, built block by block into one float32
+    (R, n_pad) tensor (the only full-size float32 buffer of the encoder; ``w`` is not copied whole).
+
+    Returns (u, tile, scales (R,) in the scale dtype)."""
+    n = w.shape[-1] if w.dim() else 1
+    h, n_pad = plan_tiles(n, cfg.tile)
+    w2 = w.reshape(-1, n)
+    rows = w2.shape[0]
+    blocks = _row_blocks(rows, n_pad)
+    if len(blocks) == 1:  # small tensor: one pass, no extra buffer
+        u = rht(pad_last(w2.to(torch.float32), n_pad), cfg.seed, key, h)
+        scales, sf = _row_scales(u, cfg.scale_dtype, what)
+        return u.div_(torch.where(sf > 0, sf, 1.0).to(torch.float32).unsqueeze(1)), h, scales
+    u = torch.empty(rows, n_pad, dtype=torch.float32, device=w.device)
+    rms = torch.empty(rows, dtype=torch.float64, device=w.device)
+    for sl in blocks:
+        ub = rht(pad_last(w2[sl].to(torch.float32), n_pad), cfg.seed, key, h)
+        rms[sl] = _row_rms(ub)
+        u[sl] = ub
+        del ub
+    scales, sf = _scales_of(rms, cfg.scale_dtype, what)
+    div = torch.where(sf > 0, sf, 1.0).to(torch.float32).unsqueeze(1)
+    for sl in blocks:
+        u[sl].div_(div[sl])
+    return u, h, scales
+
+
+def _row_rms(u: torch.Tensor) -> torch.Tensor:
+    """RMS of each row of ``u`` (float32 (r, n_pad)) as float64 (r,): float32 sums, recomputed in float64
+    for rows whose float32 RMS is tiny, zero or not finite (so a row of 1e-30 is measured as 1e-30)."""
     rms = u.square().mean(1).sqrt()
     redo = ~(rms >= _RMS_SAFE_FLOAT32) | torch.isinf(rms)
     rms = rms.double()
     if bool(redo.any()):
         rms[redo] = u[redo].double().square().mean(1).sqrt()
+    return rms
+
+
+def _row_scales(u: torch.Tensor, scale_dtype: str, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row scales of the rotated rows ``u`` (float32 (R, n_pad)): their RMS rounded to ``scale_dtype``.
+
+    Returns (scales (R,) in the scale dtype, the same as float64); see :func:`_scales_of`."""
+    return _scales_of(_row_rms(u), scale_dtype, what)
+
+
+def _scales_of(rms: torch.Tensor, scale_dtype: str, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row RMS (float64 (R,)) rounded to ``scale_dtype``: (scales (R,) in the scale dtype, the same as
+    float64). A row of exact zeros gets scale 0 (it decodes to exact zeros); any other row whose RMS the
+    scale dtype rounds to 0 or to Inf raises :class:`HQRangeError` (:mod:`.errors`)."""
     scales = rms.to(SCALE_DTYPES[scale_dtype])
     sf = scales.to(torch.float64)
     bad = ~torch.isfinite(sf) | ((rms > 0) & (sf <= 0))
@@ -148,6 +200,26 @@ def _lattice_point(u: torch.Tensor, lattice: str, alpha: float, what: str) -> tu
     return y, max_abs
 
 
+def _symbol_streams(u: torch.Tensor, lattice: str, alpha: float, what: str) -> tuple[list[torch.Tensor], int]:
+    """Stripped symbol streams (1-D int32) of the nearest lattice points of ``u · alpha`` (float32
+    (R, n_pad)) and their largest magnitude, computed over row blocks (streams are row-major over the
+    vectors, so the blocks' streams are concatenated). Same checks and errors as :func:`_lattice_point`."""
+    blocks = _row_blocks(*u.shape)
+    if len(blocks) == 1:
+        y, max_abs = _lattice_point(u, lattice, alpha, what)
+        return strip(lattice, y), max_abs
+    out = [torch.empty(sn, dtype=torch.int32, device=u.device) for sn in stream_lengths(lattice, u.numel())]
+    pos, max_abs = [0] * len(out), 0
+    for sl in blocks:
+        y, m = _lattice_point(u[sl], lattice, alpha, what)
+        max_abs = max(max_abs, m)
+        for i, z in enumerate(strip(lattice, y)):
+            out[i][pos[i]:pos[i] + z.numel()] = z
+            pos[i] += z.numel()
+        del y
+    return out, max_abs
+
+
 def encode(w: torch.Tensor, cfg: CodecConfig | None = None, key: int | str = 0) -> EncodedTensor:
     """Encode a float tensor.
 
@@ -168,11 +240,9 @@ def encode(w: torch.Tensor, cfg: CodecConfig | None = None, key: int | str = 0) 
     _validate(w, what)
     shape = tuple(w.shape)
     lattice = cfg.lattice
-    u, h = rotated_rows(w, cfg.tile, cfg.seed, key)
+    u, h, scales = _unit_rows(w, cfg, key, what)
     rows, n_pad = u.shape
     key32 = key_to_u32(key)
-    scales, sf = _row_scales(u, cfg.scale_dtype, what)
-    u = u / torch.where(sf > 0, sf, 1.0).to(torch.float32).unsqueeze(1)
     numel = math.prod(shape)
     fixed = _fixed_bits(shape, rows, lattice, n_pad, cfg.block, scales.element_size())
     meta = {"tile_used": h}
@@ -193,8 +263,10 @@ def encode(w: torch.Tensor, cfg: CodecConfig | None = None, key: int | str = 0) 
             budget = None
         alpha = _refine_alpha(u, lattice, rate, cfg.block)
     for attempt in range(12):
-        y, max_abs = _lattice_point(u, lattice, alpha, what)
-        streams = [encode_stream(z, cfg.block) for z in strip(lattice, y)]
+        syms, max_abs = _symbol_streams(u, lattice, alpha, what)
+        streams = []
+        while syms:  # each symbol stream is freed as soon as it is coded
+            streams.append(encode_stream(syms.pop(0), cfg.block))
         et = EncodedTensor(shape, w.dtype, lattice, h, cfg.block, cfg.seed, key32, alpha, cfg.scale_dtype,
                            scales, streams, max_abs <= 127, meta=meta)
         if budget is None or et.total_bits <= budget:
