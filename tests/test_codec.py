@@ -261,5 +261,5 @@ def test_fuzz_mutated_blobs():
 
 
 def test_alpha_table_matches_reference_operating_point():
-    # DESIGN.md §1.6: E8 at 4.0 payload bps has α ≈ 7.306
+    # the paper's calibration: E8 at 4.0 payload bps has α ≈ 7.306
     assert abs(alpha_for_rate("e8", 4.0) - 7.306) < 0.05

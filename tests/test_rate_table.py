@@ -20,7 +20,7 @@ def test_shipped_table_matches_generator():
 
 def test_table_reproduces_design_operating_points():
     rows = load_rate_table()["lattices"]["e8"]
-    # interpolate SNR at 4.0 payload bps: DESIGN.md §1.6 gives 22.70 dB
+    # interpolate SNR at 4.0 payload bps: the paper's calibration gives 22.70 dB
     for (a0, r0, s0), (a1, r1, s1) in zip(rows, rows[1:]):
         if r0 <= 4.0 <= r1:
             snr = s0 + (4.0 - r0) / (r1 - r0) * (s1 - s0)
