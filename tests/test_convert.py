@@ -297,3 +297,18 @@ def test_quantize_on_load_per_parameter(src, reference, monkeypatch):
     sd = m.state_dict()
     assert sd.keys() == ref.keys() and all(torch.equal(sd[k], ref[k]) for k in ref)
     assert hq.summary(m).layers
+
+
+def test_bench_convert_scales_only_the_blocks_to_the_full_depth(tmp_path):
+    """The 48-block estimate of `bench convert` grows the per-block bytes, not the non-block part."""
+    from safetensors.torch import save_file
+
+    from hq_diffusion.bench.convert import block_bytes, scale_to_full
+
+    save_file({"transformer_blocks.0.w": torch.zeros(10, dtype=torch.uint8),
+               "transformer_blocks.1.w": torch.zeros(3, 2, dtype=torch.int32),
+               "proj_out.weight": torch.zeros(100, dtype=torch.bfloat16)}, str(tmp_path / "a.safetensors"))
+    save_file({"transformer_blocks.1.b": torch.zeros(6, dtype=torch.uint8)}, str(tmp_path / "b.safetensors"))
+    assert block_bytes(tmp_path) == 10 + 24 + 6
+    # 2 blocks of 20 bytes each + 200 bytes outside the blocks -> 48 blocks: 200 + 48 * 20
+    assert scale_to_full(240, 40, 2) == 200 + 48 * 20

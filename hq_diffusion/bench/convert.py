@@ -127,6 +127,25 @@ def _dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 
 
+def block_bytes(path: Path, prefix: str = "transformer_blocks.") -> int:
+    """Bytes of tensor data under ``prefix`` in the ``*.safetensors`` files of ``path`` (read from their headers:
+    an 8-byte little-endian length, then the JSON table of ``data_offsets``)."""
+    total = 0
+    for f in sorted(Path(path).rglob("*.safetensors")):
+        with open(f, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(n))
+        total += sum(v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items()
+                     if k != "__metadata__" and k.startswith(prefix))
+    return total
+
+
+def scale_to_full(total: int, in_blocks: int, blocks: int, full_blocks: int = 48) -> float:
+    """Bytes of the full model from a slice of ``blocks`` blocks: the non-block part (``total - in_blocks``,
+    kept as it is) plus ``full_blocks`` times one block's share of ``in_blocks``."""
+    return total - in_blocks + full_blocks * in_blocks / blocks
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="hq-diffusion bench convert", description=__doc__.splitlines()[0])
     ap.add_argument("--blocks", type=int, default=4, help="LTX-2 blocks in the slice (of 48)")
@@ -154,6 +173,7 @@ def main(argv=None) -> int:
         runs = {"imports": measure("imports", args.timeout)}
         runs["convert, 1 worker"] = measure("convert", args.timeout, workers=1, **fmt)
         qbytes = _dir_bytes(out)
+        qblocks = block_bytes(out)
         runs["load_quantized"] = measure("load", args.timeout, **fmt)
         if "workers" not in skip and args.workers > 1:
             runs[f"convert, {args.workers} workers"] = measure("convert", args.timeout, workers=args.workers, **fmt)
@@ -178,6 +198,7 @@ def main(argv=None) -> int:
         nb = info["params"] - args.blocks * info["block_params"]
         full_params = nb + 48 * info["block_params"]
         scale = full_params / info["params"]
+        q_full = scale_to_full(qbytes, qblocks, args.blocks)  # the non-block part does not grow with depth
         lines = [header(f"LTX-2 slice, {args.blocks} of 48 blocks, {args.bps} bps",
                         f"hq-diffusion bench convert --blocks {args.blocks} --bps {args.bps} "
                         f"--workers {args.workers}"),
@@ -186,8 +207,8 @@ def main(argv=None) -> int:
                  f"{info['largest'] / GB:.3f} GB; imports {base / GB:.2f} GB.\n",
                  table(["run", "peak RSS GB", "bound GB", "within", "wall s", "MB/s (bf16 in)"], rows), "",
                  f"Scaled to 48 blocks ({full_params / 1e9:.2f}B parameters, ×{scale:.1f} of this slice): bf16 "
-                 f"{info['bytes'] * scale / GB:.1f} GB → about {qbytes * scale / GB:.1f} GB quantized; conversion "
-                 f"bound {(base + qbytes * scale + 2 * info['largest'] + 0.4 * GB) / GB:.1f} GB; "
+                 f"{info['bytes'] * scale / GB:.1f} GB → about {q_full / GB:.1f} GB quantized; conversion "
+                 f"bound {(base + q_full + 2 * info['largest'] + 0.4 * GB) / GB:.1f} GB; "
                  f"1-worker conversion about {runs['convert, 1 worker']['wall'] * scale / 60:.0f} min."]
         emit("\n".join(lines), args.out)
     finally:
