@@ -22,10 +22,6 @@ __all__ = ["agreement", "prompt_ids", "id_order", "model_info", "model_banner", 
            "rel_link", "CSS", "Images", "load_pair", "png_rgb"]
 
 
-def _num(v: Any) -> float | None:
-    return None if v is None else float(v)
-
-
 def agreement(e: dict) -> float | None:
     """The quantized output's per-prompt content agreement in [0, 1] if the runner recorded one
     (``e["content"]["quant"]["agreement"]``, from :func:`hq_diffusion.eval.content.check_pair`;
@@ -35,7 +31,7 @@ def agreement(e: dict) -> float | None:
         v = e.get("agreement")
     if v is None:
         v = (e.get("means") or {}).get("agreement")
-    return None if v is None else _num(v)
+    return None if v is None else float(v)
 
 
 def prompt_ids(prompt_entries: list[dict]) -> list[str]:
