@@ -322,9 +322,52 @@ def _plot(record: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+#: The recipe keys stage 1 (the VAE) depends on: a stage-1 result may be reused only where they all agree.
+STAGE1_KEYS = ("seed", "frames", "size", "latent_channels", "vae_blocks", "vae_steps", "vae_batch", "vae_lr",
+               "vae_kl", "vae_object_weight")
+
+
+def load_stage1(components: dict[str, Any], recipe: dict[str, Any], src: Path) -> dict[str, Any]:
+    """Load the trained VAE of an earlier ``train-tiny`` output ``src`` into ``components`` (in place) instead of
+    re-running stage 1, which is deterministic given :data:`STAGE1_KEYS` (bit-exact for one thread).
+
+    Returns:
+        ``src``'s training record (its stage-1 curves are copied into the new record by :func:`train`).
+
+    Raises:
+        ValueError: ``src`` is no complete ``train-tiny`` output, or its stage-1 recipe differs (keys named).
+    """
+    from diffusers import AutoencoderKLLTXVideo
+
+    prior = check_stage1(recipe, src)
+    vae = AutoencoderKLLTXVideo.from_pretrained(str(src / "vae"), local_files_only=True)
+    components["vae"].load_state_dict(vae.state_dict(), strict=True)
+    components["vae"].eval()
+    return prior
+
+
+def check_stage1(recipe: dict[str, Any], src: Path) -> dict[str, Any]:
+    """``src``'s training record if its stage 1 matches ``recipe`` (:data:`STAGE1_KEYS`); else ValueError."""
+    rec_path = src / "training_record.json"
+    if not rec_path.is_file() or not (src / "vae" / "config.json").is_file():
+        raise ValueError(f"--vae-from {src}: not a train-tiny output (no training_record.json or vae/)")
+    prior = json.loads(rec_path.read_text())
+    theirs = prior.get("recipe", {})
+    differ = [k for k in STAGE1_KEYS if _plain(theirs.get(k)) != _plain(recipe[k])]
+    if differ or prior.get("vae_steps_done") != recipe["vae_steps"]:
+        raise ValueError(f"--vae-from {src}: its stage-1 recipe differs in {', '.join(differ) or 'vae_steps_done'}")
+    return prior
+
+
+def _plain(v: Any) -> Any:
+    return list(v) if isinstance(v, (list, tuple)) else v
+
+
 def train(out: Path, recipe: dict[str, Any] | None = None, checkpoint_every: int = 150,
-          progress: bool = True) -> dict[str, Any]:
-    """Run both stages of ``recipe`` and write the pipeline to ``out``. Returns the training record."""
+          progress: bool = True, vae_from: Path | None = None) -> dict[str, Any]:
+    """Run both stages of ``recipe`` and write the pipeline to ``out``. Returns the training record.
+
+    ``vae_from``: an earlier output of the same stage-1 recipe whose VAE is reused (:func:`load_stage1`)."""
     r = dict(RECIPE if recipe is None else recipe)
     comps = build_components(r)
     t0 = time.time()
@@ -344,14 +387,21 @@ def train(out: Path, recipe: dict[str, Any] | None = None, checkpoint_every: int
         )
         return record
 
-    for step, loss, mse in vae_losses(comps, r, r["vae_steps"], progress=progress):
-        curves["vae_loss"].append(loss)
-        curves["vae_mse"].append(mse)
-        if progress and step % 50 == 0:
-            print(f"vae step {step}: mse {np.mean(curves['vae_mse'][-50:]):.4f} ({time.time() - t0:.0f} s)",
-                  flush=True)
-    set_latent_stats(comps["vae"], r)
-    record["vae_wall_s"] = round(time.time() - t0, 1)
+    if vae_from is not None:
+        prior = load_stage1(comps, r, Path(vae_from))
+        curves["vae_loss"].extend(prior["curves"]["vae_loss"])
+        curves["vae_mse"].extend(prior["curves"]["vae_mse"])
+        record["vae_wall_s"] = prior.get("vae_wall_s")
+        record["vae_from"] = dict(commit=prior.get("commit"), vae_wall_s=prior.get("vae_wall_s"))
+    else:
+        for step, loss, mse in vae_losses(comps, r, r["vae_steps"], progress=progress):
+            curves["vae_loss"].append(loss)
+            curves["vae_mse"].append(mse)
+            if progress and step % 50 == 0:
+                print(f"vae step {step}: mse {np.mean(curves['vae_mse'][-50:]):.4f} ({time.time() - t0:.0f} s)",
+                      flush=True)
+        set_latent_stats(comps["vae"], r)
+        record["vae_wall_s"] = round(time.time() - t0, 1)
     for step, loss in transformer_stage_losses(comps, r, r["dit_steps"], progress=progress):
         curves["dit_loss"].append(loss)
         if progress and step % 50 == 0:
@@ -378,16 +428,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vae-object-weight", type=float, default=RECIPE["vae_object_weight"],
                    help="extra weight of object pixels in the VAE loss")
     p.add_argument("--checkpoint-every", type=int, default=150, help="transformer steps between checkpoints")
+    p.add_argument("--vae-from", type=Path, default=None,
+                   help="reuse the VAE of an earlier train-tiny output with the same stage-1 recipe (skips stage 1)")
+    p.add_argument("--dit-layers", type=int, default=RECIPE["layers"], help="transformer blocks")
+    p.add_argument("--dit-heads", type=int, default=RECIPE["heads"], help="attention heads (head dim 32)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1: the recorded first losses are bit-exact for 1 thread)")
     args = p.parse_args(argv)
-    for name in ("vae_steps", "dit_steps", "threads"):
+    for name in ("vae_steps", "dit_steps", "threads", "dit_layers", "dit_heads"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     torch.set_num_threads(args.threads)
     recipe = dict(RECIPE, seed=args.seed, vae_steps=args.vae_steps, dit_steps=args.dit_steps, vae_lr=args.vae_lr,
-                  vae_object_weight=args.vae_object_weight, decoder_steps=args.decoder_steps)
-    rec = train(args.out, recipe, checkpoint_every=args.checkpoint_every)
+                  vae_object_weight=args.vae_object_weight, decoder_steps=args.decoder_steps,
+                  layers=args.dit_layers, heads=args.dit_heads)
+    if args.vae_from is not None:
+        try:
+            check_stage1(recipe, args.vae_from)
+        except ValueError as e:
+            p.error(str(e))
+    rec = train(args.out, recipe, checkpoint_every=args.checkpoint_every, vae_from=args.vae_from)
     print(f"train-tiny: wrote {args.out} in {rec['wall_s']:.0f} s; final VAE MSE "
           f"{rec['final_losses']['vae_mse']:.4f}, transformer loss {rec['final_losses']['dit']:.4f}")
     return 0
