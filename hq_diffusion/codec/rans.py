@@ -239,8 +239,7 @@ def _encode_blocks(g: np.ndarray, freqs: np.ndarray, prec: int):
     tmp = np.empty_like(x)
     emit = np.empty((steps, nb, k), bool)
     wx = np.empty((steps, nb, k), np.uint32)
-    hi = 2.0 ** -(32 - prec)
-    lo = 2.0 ** -WORD_BITS
+    hi, lo = np.float64(2.0 ** -(32 - prec)), np.float64(2.0 ** -WORD_BITS)
     for s in range(steps - 1, -1, -1):
         f, e = f_all[s], emit[s]
         np.multiply(x, hi, out=tmp)
@@ -315,7 +314,7 @@ def _decode_steps(x, ptr, out, words, fq, dq, ctx_bits, prec):
     nb = x.shape[0]
     x = np.array(x, np.int64)
     p = np.array(ptr, np.int64).reshape(nb, 1)
-    mask = (1 << prec) - 1
+    mask, shift, low, wbits = np.int64((1 << prec) - 1), np.int64(prec), np.int64(STATE_LOW), np.int64(WORD_BITS)
     need = np.empty((nb, LANES), bool)
     tmp, w = np.empty((nb, LANES), np.int64), np.empty((nb, LANES), np.int64)
     widx = (np.empty((nb, LANES), np.int64), np.empty((nb, LANES), np.int64))
@@ -328,21 +327,23 @@ def _decode_steps(x, ptr, out, words, fq, dq, ctx_bits, prec):
         np.bitwise_and(x, mask, out=sl)
         if ctx_bits is not None:
             np.bitwise_or(sl, ctx_bits, out=sl)
-        np.right_shift(x, prec, out=x)
-        np.take(fq, sl, out=tmp, mode="clip")
+        np.right_shift(x, shift, out=x)
+        fq.take(sl, out=tmp, mode="clip")
         np.multiply(x, tmp, out=x)
-        np.take(dq, sl, out=tmp, mode="clip")
+        dq.take(sl, out=tmp, mode="clip")
         np.add(x, tmp, out=x)
-        np.less(x, STATE_LOW, out=need)
+        np.less(x, low, out=need)
         wi = widx[i & 1]
         if little:
             np.multiply(packed, _PREFIX, out=cs64)
-            np.add(p, cs8, out=wi)
+            np.copyto(wi, cs8)
         else:
-            np.add(p, np.cumsum(need, axis=1), out=wi)
-        np.take(words, wi, out=w, mode="clip")
-        np.left_shift(x, WORD_BITS, out=x, where=need)
-        np.bitwise_or(x, w, out=x, where=need)
+            np.cumsum(need, axis=1, out=wi)
+        np.add(wi, p, out=wi)
+        words.take(wi, out=w, mode="clip")
+        np.left_shift(x, wbits, out=tmp)
+        np.bitwise_or(tmp, w, out=tmp)
+        np.copyto(x, tmp, where=need)
         p = wi[:, LANES - 1:]
     return x, p.reshape(nb).copy()
 
