@@ -221,3 +221,26 @@ def test_encoded_blob_bytes_are_pinned(lattice, digest):
     w = torch.from_numpy(np.random.default_rng(12).standard_normal((96, 1000)).astype(np.float32))
     blob = encode(w, CodecConfig(bps=4.0, lattice=lattice, coder="rans", block=64), key="pin").to_bytes()
     assert hashlib.sha256(blob).hexdigest()[:16] == digest
+
+
+@pytest.mark.parametrize("byteorder", ["little", "big"])
+def test_numpy_decoder_both_prefix_paths_and_tail_corruption(monkeypatch, byteorder):
+    """The lanes' word prefix counts (one 64-bit multiply on little-endian machines, a cumsum otherwise) give
+    the same symbols; a corrupt state, word or truncated word array of the tail block or of a full block is
+    an HQFormatError."""
+    monkeypatch.setattr(sys, "byteorder", byteorder)
+    z = torch.from_numpy((np.abs(np.random.default_rng(4).standard_normal(8 * 32 * 5 + 29)) * 6).astype(np.int32))
+    st = rans.encode_stream(z, 32, 2)
+    assert torch.equal(rans.decode_stream(st, 2), z)
+    nb = st.states.shape[0]
+    for blk in (0, nb - 1):  # a full block, the tail block
+        for lane in (0, 3):
+            states = st.states.clone()
+            states[blk, lane] ^= 1 << 9
+            with pytest.raises(HQFormatError):
+                rans.decode_stream(rans.RansStream(st.n, st.block, st.prec, st.freqs, states, st.offsets, st.words,
+                                                   st.escapes), 2)
+    for words in (st.words[:-1], st.words[1:]):
+        with pytest.raises(HQFormatError):
+            rans.decode_stream(rans.RansStream(st.n, st.block, st.prec, st.freqs, st.states, st.offsets, words,
+                                               st.escapes), 2)
