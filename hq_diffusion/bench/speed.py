@@ -1,6 +1,7 @@
 """``hq-diffusion bench speed``: codec throughput on this machine (median of N runs).
 
-Throughput is MB/s of bf16 input (2 bytes per weight). Also the ratio of one decode to one ``F.linear``
+Throughput is MB/s of bf16 input (2 bytes per weight); with several coders (``--coder rice,rans``) the
+rounds are interleaved (each round times every coder once) and each figure is the median over rounds. Also the ratio of one decode to one ``F.linear``
 of the same matrix with 512 tokens, the cost a weight-only path pays per forward on the CPU.
 
 ``--forward``: one quantized linear layer's CPU forward (default 4096×4096, 16 bf16 tokens, one thread) side by
@@ -10,9 +11,11 @@ qint4 when installed (a peer that cannot run is listed with the reason) — time
 from __future__ import annotations
 
 import argparse
+import statistics
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from hq_diffusion.codec import CodecConfig, decode, encode
 
@@ -47,12 +50,16 @@ def main(argv=None) -> int:
         p.error(f"--coder: unknown coder(s) {bad}; choose from rice, rans")
     rows = []
     for lat in a.lattices.split(","):
-        for coder in coders:
-            cfg = CodecConfig(bps=a.bps, lattice=lat, coder=coder)
-            t_enc = median_time(lambda: encode(w, cfg), a.repeat, warmup=1)
-            q = encode(w, cfg)
-            t_codes = median_time(lambda: decode(q, out="codes"), a.repeat)
-            t_w = median_time(lambda: decode(q), a.repeat)
+        cfgs = [CodecConfig(bps=a.bps, lattice=lat, coder=coder) for coder in coders]
+        qs = [encode(w, cfg) for cfg in cfgs]  # also the warm-up
+        times = [[[], [], []] for _ in coders]
+        for _ in tqdm(range(a.repeat), desc=f"bench speed {lat}", disable=len(coders) == 1):
+            for cfg, q, tm in zip(cfgs, qs, times):  # interleaved: a load change hits every coder alike
+                tm[0].append(median_time(lambda: encode(w, cfg), 1, warmup=0))
+                tm[1].append(median_time(lambda: decode(q, out="codes"), 1, warmup=0))
+                tm[2].append(median_time(lambda: decode(q), 1, warmup=0))
+        for coder, q, tm in zip(coders, qs, times):
+            t_enc, t_codes, t_w = (statistics.median(t) for t in tm)
             rows.append([lat.upper(), coder, f"{q.bps:.3f}", mb / t_enc, mb / t_codes, mb / t_w,
                          f"{t_codes / t_lin:.2f}×"])
     cmd = f"hq-diffusion bench speed --rows {a.rows} --cols {a.cols} --repeat {a.repeat} --lattices {a.lattices} --coder {a.coder}"

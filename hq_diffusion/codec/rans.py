@@ -18,9 +18,15 @@ Side information per stream: ``prec``, ``T``, the ``C × T`` uint16 frequencies,
 one uint32 word offset per block, the escapes. The cost of a stream is computed exactly by
 :func:`stream_bits_exact` (it encodes).
 
-The CPU implementation is numpy, vectorized across all lanes of all blocks (one step of every lane per
-numpy operation); :func:`decode_stream_torch` is the torch twin (same result on any device), the
-reference of the Triton decoder in ``kernels/rans_decode.py``.
+The CPU implementation is numpy, vectorized across all lanes of all blocks: one step of every lane of every
+block (the tail block included) is one vector operation per arithmetic step, in place, with numpy scalar
+constants (a Python int operand costs about as much as the operation on a few hundred elements). The
+encoder runs its states in float64 with the symbols' f, c and M − f gathered once beforehand; the decoder
+runs int64 states, gathers f and slot − cum per step, and counts the words the 8 lanes of a block read
+before each lane with one 64-bit multiply of the lanes' 0/1 bytes. The sequential steps (``block`` per
+stream) are fixed by the format, so the per-step cost bounds the speed of small tensors.
+:func:`decode_stream_torch` is the torch twin (same result on any device), the reference of the Triton
+decoder in ``kernels/rans_decode.py``.
 """
 from __future__ import annotations
 
@@ -224,9 +230,9 @@ def _encode_blocks(g: np.ndarray, freqs: np.ndarray, prec: int):
     """Encode step-major table indices ``g`` (int64 (S, NB, K), see :func:`_step_major`) → final states
     uint32 (NB, K), word counts int64 (NB,), words uint16 (W,) in decoder order (block, step, lane).
 
-    The states run in float64: every value is an integer below 2**32 + 2**31, so products, sums and the
+    The states run in float64: every value is an integer below 2**33, so products, sums and the
     power-of-two scalings are exact, and ``floor(x / f)`` is exact too (a non-integer quotient of
-    x < 2**33 by f < 2**16 is at least 2**-16 from an integer, far above float64's rounding). One step of
+    x < 2**33 by f ≤ 2**15 is at least 2**-15 from an integer, far above float64's rounding). One step of
     every lane of every block is one vector operation; a word is emitted when ``x ≥ f · 2**(32 − prec)``."""
     steps, nb, k = g.shape
     m = 1 << prec
