@@ -286,13 +286,13 @@ def decode_stream(st: RansStream, num_ctx: int = 1) -> torch.Tensor:
     ctx_bits = contexts(num_ctx) * m if num_ctx > 1 else None
     ts = -(-tail // LANES)  # steps of the tail block
     s = steps if nfull else ts
-    slots = np.empty((s, nb, LANES), np.int64)
-    run = lambda x, p, a, b: _decode_steps(x, p, slots[a:b, : len(x)], words, fq, dq, ctx_bits, st.prec)  # noqa: E731
+    slots = np.zeros((nb, s, LANES), np.int64)  # block-major: the symbols' order, no transpose at the end
+    run = lambda x, p, a, b: _decode_steps(x, p, slots[: len(x), a:b], words, fq, dq, ctx_bits, st.prec)  # noqa: E731
     x, ptr, ok = states, offsets - 1, True
     if tail:  # every block to the tail's last step, which only the tail's first `last` lanes take
         x, ptr = run(x, ptr, 0, ts - 1)
         last = tail - (ts - 1) * LANES
-        xt, pt = _decode_lanes(x[nfull, :last], int(ptr[nfull]), slots[ts - 1, nfull, :last], words, fq, dq,
+        xt, pt = _decode_lanes(x[nfull, :last], int(ptr[nfull]), slots[nfull, ts - 1, :last], words, fq, dq,
                                None if ctx_bits is None else ctx_bits[:last], st.prec)
         ok = bool(np.all(xt == STATE_LOW) and np.all(x[nfull, last:] == STATE_LOW) and pt + 1 == ends[nfull])
         x, ptr = x[:nfull], ptr[:nfull]
@@ -301,10 +301,11 @@ def decode_stream(st: RansStream, num_ctx: int = 1) -> torch.Tensor:
     if not ok or np.any(x != STATE_LOW) or np.any(ptr + 1 != ends[:nfull]):
         raise HQFormatError("rANS stream is corrupt: a block does not end in its initial state with its words "
                             "used up")
-    flat = slots[:, :nfull].transpose(1, 0, 2).reshape(-1)
+    sym = lut.astype(np.uint8).take(slots)  # table entries (T ≤ 256): uint8, 1/8 of the bytes to move
+    flat = sym[:nfull].reshape(-1)
     if tail:  # the tail block's symbols: its first ts steps
-        flat = np.concatenate([flat, slots[:ts, nfull].reshape(-1)[:tail]])
-    return torch.from_numpy(_apply_escapes(lut[flat], t, st.escapes.cpu().numpy()))
+        flat = np.concatenate([flat, sym[nfull, :ts].reshape(-1)[:tail]])
+    return torch.from_numpy(_apply_escapes(flat, t, st.escapes.cpu().numpy()))
 
 
 _PREFIX = np.uint64(0x0101010101010101)  # × 8 packed 0/1 bytes = their inclusive prefix sums (little-endian)
@@ -313,7 +314,7 @@ _PREFIX = np.uint64(0x0101010101010101)  # × 8 packed 0/1 bytes = their inclusi
 def _decode_steps(x, ptr, out, words, fq, dq, ctx_bits, prec):
     """Decode steps of every lane of ``nb`` blocks: states ``x`` int64 (nb, K), ``ptr`` int64 (nb,) index of
     each block's last word read; writes the flat table slots (``slot | context · M``) of each step into
-    ``out`` int64 (S, nb, K) and returns the new (x, ptr). One vector operation per step for each of: slot,
+    ``out`` int64 (nb, S, K) (a strided view is fine) and returns the new (x, ptr). One vector operation per step for each of: slot,
     state update (one gather of f and one of slot − cum), renormalization test, the lanes' word indices
     (the prefix count of the 8 lanes' 0/1 needs as one 64-bit multiply), the word gather and the masked
     shift-in. Reads past ``words`` are clipped (the end check rejects such a stream)."""
@@ -328,8 +329,8 @@ def _decode_steps(x, ptr, out, words, fq, dq, ctx_bits, prec):
     cs64 = np.empty(nb, np.uint64)
     cs8 = cs64.view(np.uint8).reshape(nb, LANES)
     little = sys.byteorder == "little"
-    for i in range(out.shape[0]):
-        sl = out[i]
+    for i in range(out.shape[1]):
+        sl = out[:, i]
         np.bitwise_and(x, mask, out=sl)
         if ctx_bits is not None:
             np.bitwise_or(sl, ctx_bits, out=sl)
