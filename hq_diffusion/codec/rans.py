@@ -197,7 +197,7 @@ def encode_stream(z: torch.Tensor, block: int, num_ctx: int = 1, prec: int = DEF
         return RansStream(0, block, prec, torch.from_numpy(freqs.astype(np.uint16)),
                           torch.zeros(0, LANES, dtype=torch.uint32), torch.zeros(0, dtype=torch.uint32),
                           torch.zeros(0, dtype=torch.uint16), torch.from_numpy(escapes))
-    states, counts, words = _encode_blocks(_step_major(zn, t, num_ctx, block), freqs, prec)
+    states, counts, words = _encode_blocks(_block_major(zn, t, num_ctx, block), freqs, prec)
     offsets = np.zeros(len(counts), np.int64)
     offsets[1:] = np.cumsum(counts)[:-1]
     return RansStream(n, block, prec, torch.from_numpy(freqs.astype(np.uint16)),
@@ -205,8 +205,8 @@ def encode_stream(z: torch.Tensor, block: int, num_ctx: int = 1, prec: int = DEF
                       torch.from_numpy(words), torch.from_numpy(escapes))
 
 
-def _step_major(zn: np.ndarray, t: int, num_ctx: int, block: int) -> np.ndarray:
-    """Flat table index of every symbol, step-major: int64 (S, NB, K). The tail block (if any) is the last
+def _block_major(zn: np.ndarray, t: int, num_ctx: int, block: int) -> np.ndarray:
+    """Flat table index of every symbol, in stream order: int64 (NB, S, K). The tail block (if any) is the last
     block; its absent symbols (after its last one) get the identity entry ``C · T`` (f = M, c = 0), which
     leaves a state unchanged and never emits a word. S = ``block`` if there is a full block, else the tail's
     steps."""
@@ -223,18 +223,18 @@ def _step_major(zn: np.ndarray, t: int, num_ctx: int, block: int) -> np.ndarray:
     g = g.reshape(nb, s, LANES)
     if num_ctx == 2:  # lane 7 reads the second table
         g[:, :, LANES - 1] += np.where(g[:, :, LANES - 1] < num_ctx * t, t, 0)
-    return np.ascontiguousarray(g.transpose(1, 0, 2))
+    return g
 
 
 def _encode_blocks(g: np.ndarray, freqs: np.ndarray, prec: int):
-    """Encode step-major table indices ``g`` (int64 (S, NB, K), see :func:`_step_major`) → final states
+    """Encode table indices ``g`` (int64 (NB, S, K), see :func:`_block_major`) → final states
     uint32 (NB, K), word counts int64 (NB,), words uint16 (W,) in decoder order (block, step, lane).
 
     The states run in float64: every value is an integer below 2**33, so products, sums and the
     power-of-two scalings are exact, and ``floor(x / f)`` is exact too (a non-integer quotient of
     x < 2**33 by f ≤ 2**15 is at least 2**-15 from an integer, far above float64's rounding). One step of
     every lane of every block is one vector operation; a word is emitted when ``x ≥ f · 2**(32 − prec)``."""
-    steps, nb, k = g.shape
+    nb, steps, k = g.shape
     m = 1 << prec
     fq = np.append(freqs.reshape(-1), m).astype(np.float64)  # + the identity entry
     cm = np.append((np.cumsum(freqs, axis=1) - freqs).reshape(-1), 0).astype(np.float64)
@@ -243,25 +243,24 @@ def _encode_blocks(g: np.ndarray, freqs: np.ndarray, prec: int):
     mf_all = m - f_all
     x = np.full((nb, k), float(STATE_LOW))
     tmp = np.empty_like(x)
-    emit = np.empty((steps, nb, k), bool)
-    wx = np.empty((steps, nb, k), np.uint32)
+    emit = np.empty((nb, steps, k), bool)
+    wx = np.empty((nb, steps, k), np.uint32)
     hi, lo = np.float64(2.0 ** -(32 - prec)), np.float64(2.0 ** -WORD_BITS)
     for s in range(steps - 1, -1, -1):
-        f, e = f_all[s], emit[s]
+        f, e = f_all[:, s], emit[:, s]  # strided views: one step of every block
         np.multiply(x, hi, out=tmp)
         np.greater_equal(tmp, f, out=e)
-        np.copyto(wx[s], x, casting="unsafe")  # exact: 0 ≤ x < 2**32
+        np.copyto(wx[:, s], x, casting="unsafe")  # exact: 0 ≤ x < 2**32
         np.multiply(x, lo, out=tmp)
         np.floor(tmp, out=tmp)
         np.copyto(x, tmp, where=e)
         np.divide(x, f, out=tmp)
         np.floor(tmp, out=tmp)
-        np.multiply(tmp, mf_all[s], out=tmp)
-        tmp += c_all[s]
+        np.multiply(tmp, mf_all[:, s], out=tmp)
+        tmp += c_all[:, s]
         x += tmp
-    emit_b = emit.transpose(1, 0, 2)
-    words = (wx.transpose(1, 0, 2)[emit_b] & 0xFFFF).astype(np.uint16)
-    return x.astype(np.uint32), emit_b.sum((1, 2)), words
+    words = (wx[emit] & 0xFFFF).astype(np.uint16)
+    return x.astype(np.uint32), emit.sum((1, 2)), words
 
 
 def decode_stream(st: RansStream, num_ctx: int = 1) -> torch.Tensor:
