@@ -183,3 +183,64 @@ def test_triton_rans_decoder_matches_torch_twin():
     r = subprocess.run([sys.executable, "-W", "ignore", "-c", _KERNEL_CHECK], env=env, capture_output=True,
                        text=True, timeout=600)
     assert r.returncode == 0 and "rans kernel ok" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+
+
+# ---- pinned bytes: the bitstream must not change when the coder is made faster --------------------------
+def _stream_digest(st) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for t in st.tensors().values():
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+_PINNED_STREAMS = [  # (n, block, contexts, prec, scale of |N(0,1)|, sha256 prefix of the stream's tensors)
+    (8 * 64 * 7 + 77, 64, 1, 14, 10.0, "81dbf6bc181568d2"),
+    (8 * 512 * 3 + 5, 512, 2, 12, 100.0, "d7341b268a0db377"),  # T = 256: escapes
+    (100000, 4096, 2, 15, 3.0, "96ba36f57bb08f45"),  # three full blocks and a tail
+    (50001, 256, 1, 13, 1.0, "f4f762b572f85563"),
+]
+
+
+@pytest.mark.parametrize("n,block,ctx,prec,scale,digest", _PINNED_STREAMS)
+def test_encoded_stream_bytes_are_pinned(n, block, ctx, prec, scale, digest):
+    """The encoder's output (tables, states, offsets, words, escapes) is pinned byte for byte, so that a
+    faster implementation cannot change the format-v2 bitstream; the decoders return the symbols."""
+    z = torch.from_numpy((np.abs(np.random.default_rng(n).standard_normal(n)) * scale).astype(np.int32))
+    st = rans.encode_stream(z, block, ctx, prec)
+    assert _stream_digest(st) == digest
+    assert torch.equal(rans.decode_stream(st, ctx), z)
+    assert torch.equal(rans.decode_stream_torch(st, ctx), z)
+
+
+@pytest.mark.parametrize("lattice,digest", [("e8", "cfb0bf7da5d6e015"), ("d4", "054e5a324e49ad3c")])
+def test_encoded_blob_bytes_are_pinned(lattice, digest):
+    import hashlib
+
+    w = torch.from_numpy(np.random.default_rng(12).standard_normal((96, 1000)).astype(np.float32))
+    blob = encode(w, CodecConfig(bps=4.0, lattice=lattice, coder="rans", block=64), key="pin").to_bytes()
+    assert hashlib.sha256(blob).hexdigest()[:16] == digest
+
+
+@pytest.mark.parametrize("byteorder", ["little", "big"])
+def test_numpy_decoder_both_prefix_paths_and_tail_corruption(monkeypatch, byteorder):
+    """The lanes' word prefix counts (one 64-bit multiply on little-endian machines, a cumsum otherwise) give
+    the same symbols; a corrupt state, word or truncated word array of the tail block or of a full block is
+    an HQFormatError."""
+    monkeypatch.setattr(sys, "byteorder", byteorder)
+    z = torch.from_numpy((np.abs(np.random.default_rng(4).standard_normal(8 * 32 * 5 + 29)) * 6).astype(np.int32))
+    st = rans.encode_stream(z, 32, 2)
+    assert torch.equal(rans.decode_stream(st, 2), z)
+    nb = st.states.shape[0]
+    for blk in (0, nb - 1):  # a full block, the tail block
+        for lane in (0, 3):
+            states = st.states.clone()
+            states[blk, lane] ^= 1 << 9
+            with pytest.raises(HQFormatError):
+                rans.decode_stream(rans.RansStream(st.n, st.block, st.prec, st.freqs, states, st.offsets, st.words,
+                                                   st.escapes), 2)
+    for words in (st.words[:-1], st.words[1:]):
+        with pytest.raises(HQFormatError):
+            rans.decode_stream(rans.RansStream(st.n, st.block, st.prec, st.freqs, st.states, st.offsets, words,
+                                               st.escapes), 2)

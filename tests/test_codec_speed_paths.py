@@ -226,3 +226,14 @@ def test_implementation_is_chosen_in_one_place():
 
     for mod in (lattice, rice, strip):
         assert "device.type" not in inspect.getsource(mod), mod.__name__
+
+
+def test_bench_speed_times_two_coders_side_by_side(capsys):
+    """``bench speed --coder rice,rans``: one row per coder in one run; an unknown coder is a usage error."""
+    from hq_diffusion.bench import speed
+
+    assert speed.main(["--rows", "16", "--cols", "256", "--repeat", "1", "--coder", "rice,rans"]) == 0
+    rows = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| E8 |")]
+    assert [r.split("|")[2].strip() for r in rows] == ["rice", "rans"]
+    with pytest.raises(SystemExit):
+        speed.main(["--rows", "16", "--cols", "256", "--coder", "rice,ans"])

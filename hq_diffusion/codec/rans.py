@@ -18,12 +18,19 @@ Side information per stream: ``prec``, ``T``, the ``C × T`` uint16 frequencies,
 one uint32 word offset per block, the escapes. The cost of a stream is computed exactly by
 :func:`stream_bits_exact` (it encodes).
 
-The CPU implementation is numpy, vectorized across all lanes of all blocks (one step of every lane per
-numpy operation); :func:`decode_stream_torch` is the torch twin (same result on any device), the
-reference of the Triton decoder in ``kernels/rans_decode.py``.
+The CPU implementation is numpy, vectorized across all lanes of all blocks: one step of every lane of every
+block (the tail block included) is one vector operation per arithmetic step, in place, with numpy scalar
+constants (a Python int operand costs about as much as the operation on a few hundred elements). The
+encoder runs its states in float64 with the symbols' f, c and M − f gathered once beforehand; the decoder
+runs int64 states, gathers f and slot − cum per step, and counts the words the 8 lanes of a block read
+before each lane with one 64-bit multiply of the lanes' 0/1 bytes. The sequential steps (``block`` per
+stream) are fixed by the format, so the per-step cost bounds the speed of small tensors.
+:func:`decode_stream_torch` is the torch twin (same result on any device), the reference of the Triton
+decoder in ``kernels/rans_decode.py``.
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -126,14 +133,23 @@ def max_freq(prec: int) -> int:
     return (15 << prec) >> 4
 
 
+def _counts(z: np.ndarray, num_ctx: int, t: int) -> np.ndarray:
+    """Symbol counts int64 (C, T) of the table entries of ``z`` (int32 (n,)); symbol ``i`` is in lane
+    ``i mod LANES`` and so in context ``contexts(num_ctx)[i mod LANES]`` (for two contexts: lane 7 alone)."""
+    sym = np.minimum(z, t - 1)
+    total = np.bincount(sym, minlength=t)
+    if num_ctx == 1:
+        return total[None].astype(np.int64)
+    contexts(num_ctx)  # validates num_ctx
+    last = np.bincount(sym[LANES - 1:: LANES], minlength=t)
+    return np.stack([total - last, last]).astype(np.int64)
+
+
 def build_tables(z: np.ndarray, num_ctx: int, prec: int, block: int) -> tuple[np.ndarray, np.ndarray]:
     """Table size T and frequencies int64 (C, T) for the symbols ``z`` (int32 (n,))."""
     top = int(z.max()) if z.size else 0
     t = min(top, MAX_TABLE - 2) + 2
-    sym = np.minimum(z, t - 1)
-    ctx = contexts(num_ctx)
-    lane_ctx = np.resize(ctx, z.size) if z.size else np.zeros(0, np.int64)
-    counts = np.bincount(lane_ctx * t + sym, minlength=num_ctx * t).reshape(num_ctx, t)
+    counts = _counts(z, num_ctx, t)
     freqs = np.stack([quantize_freqs(c, prec) for c in counts])
     return t, freqs
 
@@ -141,12 +157,14 @@ def build_tables(z: np.ndarray, num_ctx: int, prec: int, block: int) -> tuple[np
 def table_cost_bits(z: np.ndarray, num_ctx: int, prec: int = DEFAULT_PREC) -> float:
     """Estimated payload bits of ``z`` (int32 (n,)) under its own quantized tables: Σ log2(M / f) plus
     32 bits per escape. Excludes states, offsets and the tables (see :func:`side_bits`)."""
-    t, freqs = build_tables(z, num_ctx, prec, 1)
-    sym = np.minimum(z, t - 1)
-    counts = np.bincount(np.resize(contexts(num_ctx), z.size) * t + sym, minlength=num_ctx * t)
+    top = int(z.max()) if z.size else 0
+    t = min(top, MAX_TABLE - 2) + 2
+    counts2 = _counts(z, num_ctx, t)
+    freqs = np.stack([quantize_freqs(c, prec) for c in counts2])
+    counts = counts2.reshape(-1)
     f = freqs.reshape(-1).astype(np.float64)
     used = counts > 0
-    return float((counts[used] * (prec - np.log2(f[used]))).sum()) + 32.0 * int(counts.reshape(num_ctx, t)[:, -1].sum())
+    return float((counts[used] * (prec - np.log2(f[used]))).sum()) + 32.0 * int(counts2[:, -1].sum())
 
 
 def side_bytes(n: int, block: int, num_ctx: int, t: int) -> int:
@@ -174,63 +192,75 @@ def encode_stream(z: torch.Tensor, block: int, num_ctx: int = 1, prec: int = DEF
         raise ValueError("rANS symbols must be non-negative")
     n = zn.size
     t, freqs = build_tables(zn, num_ctx, prec, block)
-    cum = np.zeros_like(freqs)
-    cum[:, 1:] = np.cumsum(freqs, axis=1)[:, :-1]
-    sym = np.minimum(zn, t - 1).astype(np.int64)
     escapes = zn[zn >= t - 1].astype(np.int32)
-    ctx_off = contexts(num_ctx) * t
-    fq, cm = freqs.reshape(-1), cum.reshape(-1)
-    nfull, steps, tail = _layout(n, block)
-    parts = []
-    if nfull:
-        parts.append(_encode_blocks(sym[: nfull * LANES * steps].reshape(nfull, steps, LANES), LANES,
-                                    fq, cm, ctx_off, prec))
-    if tail:
-        ts = -(-tail // LANES)
-        padded = np.zeros(ts * LANES, np.int64)
-        padded[:tail] = sym[nfull * LANES * steps:]
-        parts.append(_encode_blocks(padded.reshape(1, ts, LANES), tail - (ts - 1) * LANES, fq, cm, ctx_off, prec))
-    states = np.concatenate([p[0] for p in parts]) if parts else np.zeros((0, LANES), np.uint32)
-    counts = np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.int64)
-    words = np.concatenate([p[2] for p in parts]) if parts else np.zeros(0, np.uint16)
+    if n == 0:
+        return RansStream(0, block, prec, torch.from_numpy(freqs.astype(np.uint16)),
+                          torch.zeros(0, LANES, dtype=torch.uint32), torch.zeros(0, dtype=torch.uint32),
+                          torch.zeros(0, dtype=torch.uint16), torch.from_numpy(escapes))
+    states, counts, words = _encode_blocks(_block_major(zn, t, num_ctx, block), freqs, prec)
     offsets = np.zeros(len(counts), np.int64)
     offsets[1:] = np.cumsum(counts)[:-1]
     return RansStream(n, block, prec, torch.from_numpy(freqs.astype(np.uint16)),
-                      torch.from_numpy(states.astype(np.uint32)), torch.from_numpy(offsets.astype(np.uint32)),
+                      torch.from_numpy(states), torch.from_numpy(offsets.astype(np.uint32)),
                       torch.from_numpy(words), torch.from_numpy(escapes))
 
 
-def _encode_blocks(sym: np.ndarray, last: int, fq, cm, ctx_off, prec: int):
-    """Encode (nb, S, K) symbols (lanes ``≥ last`` of the last step are absent) → states uint32 (nb, K),
-    word counts (nb,), words uint16 in decoder order. Works step-major ((S, nb, K), so each step is one
-    contiguous slice); states are int64 (exact below 2**32) and ``x // f`` runs as a float64 division, exact
-    for these magnitudes (a quotient's error is below 2**-20 < 1/f)."""
-    nb, steps, k = sym.shape
-    x = np.full((nb, k), STATE_LOW, np.int64)
-    g = np.ascontiguousarray((sym + ctx_off).transpose(1, 0, 2))  # (S, nb, K) index into the flat tables
-    f_all, c_all = fq[g], cm[g]
-    ff_all = f_all.astype(np.float64)
-    xmax_all = ((STATE_LOW >> prec) << WORD_BITS) * f_all
-    words = np.zeros((steps, nb, k), np.uint16)
-    emit = np.zeros((steps, nb, k), bool)
-    for t in range(steps - 1, -1, -1):
-        w = last if t == steps - 1 else k
-        if w == k:
-            xs, f, ff, c, xm = x, f_all[t], ff_all[t], c_all[t], xmax_all[t]
-        else:
-            xs, f, ff, c, xm = x[:, :w], f_all[t, :, :w], ff_all[t, :, :w], c_all[t, :, :w], xmax_all[t, :, :w]
-        e = xs >= xm
-        emit[t, :, :w] = e
-        words[t, :, :w] = xs
-        xs = np.where(e, xs >> WORD_BITS, xs)
-        q = np.floor_divide(xs, ff).astype(np.int64)
-        xs = (q << prec) + c + xs - q * f
-        if w == k:
-            x = xs
-        else:
-            x[:, :w] = xs
-    emit_b = emit.transpose(1, 0, 2)
-    return x.astype(np.uint32), emit_b.sum((1, 2)), words.transpose(1, 0, 2)[emit_b]
+def _block_major(zn: np.ndarray, t: int, num_ctx: int, block: int) -> np.ndarray:
+    """Flat table index of every symbol, in stream order: int64 (NB, S, K). The tail block (if any) is the last
+    block; its absent symbols (after its last one) get the identity entry ``C · T`` (f = M, c = 0), which
+    leaves a state unchanged and never emits a word. S = ``block`` if there is a full block, else the tail's
+    steps."""
+    n = zn.size
+    nfull, steps, tail = _layout(n, block)
+    s = steps if nfull else -(-tail // LANES)
+    nb = nfull + (1 if tail else 0)
+    g = np.full((nb, s * LANES), num_ctx * t, np.int64)
+    sym = np.minimum(zn, t - 1)
+    if nfull:
+        g[:nfull] = sym[: nfull * LANES * steps].reshape(nfull, -1)
+    if tail:
+        g[nfull, :tail] = sym[nfull * LANES * steps:]
+    g = g.reshape(nb, s, LANES)
+    if num_ctx == 2:  # lane 7 reads the second table
+        g[:, :, LANES - 1] += np.where(g[:, :, LANES - 1] < num_ctx * t, t, 0)
+    return g
+
+
+def _encode_blocks(g: np.ndarray, freqs: np.ndarray, prec: int):
+    """Encode table indices ``g`` (int64 (NB, S, K), see :func:`_block_major`) → final states
+    uint32 (NB, K), word counts int64 (NB,), words uint16 (W,) in decoder order (block, step, lane).
+
+    The states run in float64: every value is an integer below 2**33, so products, sums and the
+    power-of-two scalings are exact, and ``floor(x / f)`` is exact too (a non-integer quotient of
+    x < 2**33 by f ≤ 2**15 is at least 2**-15 from an integer, far above float64's rounding). One step of
+    every lane of every block is one vector operation; a word is emitted when ``x ≥ f · 2**(32 − prec)``."""
+    nb, steps, k = g.shape
+    m = 1 << prec
+    fq = np.append(freqs.reshape(-1), m).astype(np.float64)  # + the identity entry
+    cm = np.append((np.cumsum(freqs, axis=1) - freqs).reshape(-1), 0).astype(np.float64)
+    f_all = fq[g]
+    c_all = cm[g]
+    mf_all = m - f_all
+    x = np.full((nb, k), float(STATE_LOW))
+    tmp = np.empty_like(x)
+    emit = np.empty((nb, steps, k), bool)
+    wx = np.empty((nb, steps, k), np.uint32)
+    hi, lo = np.float64(2.0 ** -(32 - prec)), np.float64(2.0 ** -WORD_BITS)
+    for s in range(steps - 1, -1, -1):
+        f, e = f_all[:, s], emit[:, s]  # strided views: one step of every block
+        np.multiply(x, hi, out=tmp)
+        np.greater_equal(tmp, f, out=e)
+        np.copyto(wx[:, s], x, casting="unsafe")  # exact: 0 ≤ x < 2**32
+        np.multiply(x, lo, out=tmp)
+        np.floor(tmp, out=tmp)
+        np.copyto(x, tmp, where=e)
+        np.divide(x, f, out=tmp)
+        np.floor(tmp, out=tmp)
+        np.multiply(tmp, mf_all[:, s], out=tmp)
+        tmp += c_all[:, s]
+        x += tmp
+    words = (wx[emit] & 0xFFFF).astype(np.uint16)
+    return x.astype(np.uint32), emit.sum((1, 2)), words
 
 
 def decode_stream(st: RansStream, num_ctx: int = 1) -> torch.Tensor:
@@ -239,7 +269,7 @@ def decode_stream(st: RansStream, num_ctx: int = 1) -> torch.Tensor:
     freqs, t, m = check_tables(st, num_ctx)
     states = st.states.cpu().numpy().astype(np.int64)
     offsets = st.offsets.cpu().numpy().astype(np.int64)
-    words = st.words.cpu().numpy()
+    words = st.words.cpu().numpy().astype(np.int64)
     nfull, steps, tail = _layout(st.n, st.block)
     nb = nfull + (1 if tail else 0)
     if states.shape != (nb, LANES) or offsets.shape != (nb,):
@@ -247,23 +277,95 @@ def decode_stream(st: RansStream, num_ctx: int = 1) -> torch.Tensor:
     ends = np.append(offsets[1:], len(words))
     if nb and (offsets[0] != 0 or np.any(ends < offsets)):
         raise HQFormatError("rANS block offsets are not increasing from 0")
-    lut_slot, fq, dq = _decode_tables(freqs, m)
-    ctx_off = contexts(num_ctx) * m
-    wpad = np.append(words, np.uint16(0)).astype(np.int64)
-    out = np.empty(st.n, np.int64)
+    if st.n == 0:
+        return torch.zeros(0, dtype=torch.int32)
+    lut, fq, dq = _decode_tables(freqs, m)
+    if not words.size:
+        words = np.zeros(1, np.int64)  # every read is then rejected by the end check
+    ctx_bits = contexts(num_ctx) * m if num_ctx > 1 else None
+    ts = -(-tail // LANES)  # steps of the tail block
+    s = steps if nfull else ts
+    slots = np.zeros((nb, s, LANES), np.int64)  # block-major: the symbols' order, no transpose at the end
+    run = lambda x, p, a, b: _decode_steps(x, p, slots[: len(x), a:b], words, fq, dq, ctx_bits, st.prec)  # noqa: E731
+    x, ptr, ok = states, offsets - 1, True
+    if tail:  # every block to the tail's last step, which only the tail's first `last` lanes take
+        x, ptr = run(x, ptr, 0, ts - 1)
+        last = tail - (ts - 1) * LANES
+        xt, pt = _decode_lanes(x[nfull, :last], int(ptr[nfull]), slots[nfull, ts - 1, :last], words, fq, dq,
+                               None if ctx_bits is None else ctx_bits[:last], st.prec)
+        ok = bool(np.all(xt == STATE_LOW) and np.all(x[nfull, last:] == STATE_LOW) and pt + 1 == ends[nfull])
+        x, ptr = x[:nfull], ptr[:nfull]
     if nfull:
-        sl = slice(0, nfull)
-        out[: nfull * LANES * steps] = _decode_blocks(states[sl], offsets[sl], ends[sl], steps, LANES, wpad,
-                                                      lut_slot, fq, dq, ctx_off, st.prec).reshape(-1)
-    if tail:
-        ts = -(-tail // LANES)
-        sl = slice(nfull, nb)
-        res = _decode_blocks(states[sl], offsets[sl], ends[sl], ts, tail - (ts - 1) * LANES, wpad,
-                             lut_slot, fq, dq, ctx_off, st.prec)
-        out[nfull * LANES * steps:] = res.reshape(-1)[:tail]
-    g = out
-    sym = (lut_slot[g] if g.size else g).astype(np.int64)
-    return torch.from_numpy(_apply_escapes(sym, t, st.escapes.cpu().numpy()))
+        x, ptr = run(x, ptr, ts - 1 if tail else 0, s)
+    if not ok or np.any(x != STATE_LOW) or np.any(ptr + 1 != ends[:nfull]):
+        raise HQFormatError("rANS stream is corrupt: a block does not end in its initial state with its words "
+                            "used up")
+    sym = lut.astype(np.uint8).take(slots)  # table entries (T ≤ 256): uint8, 1/8 of the bytes to move
+    flat = sym[:nfull].reshape(-1)
+    if tail:  # the tail block's symbols: its first ts steps
+        flat = np.concatenate([flat, sym[nfull, :ts].reshape(-1)[:tail]])
+    return torch.from_numpy(_apply_escapes(flat, t, st.escapes.cpu().numpy()))
+
+
+_PREFIX = np.uint64(0x0101010101010101)  # × 8 packed 0/1 bytes = their inclusive prefix sums (little-endian)
+
+
+def _decode_steps(x, ptr, out, words, fq, dq, ctx_bits, prec):
+    """Decode steps of every lane of ``nb`` blocks: states ``x`` int64 (nb, K), ``ptr`` int64 (nb,) index of
+    each block's last word read; writes the flat table slots (``slot | context · M``) of each step into
+    ``out`` int64 (nb, S, K) (a strided view is fine) and returns the new (x, ptr). One vector operation per step for each of: slot,
+    state update (one gather of f and one of slot − cum), renormalization test, the lanes' word indices
+    (the prefix count of the 8 lanes' 0/1 needs as one 64-bit multiply), the word gather and the masked
+    shift-in. Reads past ``words`` are clipped (the end check rejects such a stream)."""
+    nb = x.shape[0]
+    x = np.array(x, np.int64)
+    p = np.array(ptr, np.int64).reshape(nb, 1)
+    mask, shift, low, wbits = np.int64((1 << prec) - 1), np.int64(prec), np.int64(STATE_LOW), np.int64(WORD_BITS)
+    need = np.empty((nb, LANES), bool)
+    tmp, w = np.empty((nb, LANES), np.int64), np.empty((nb, LANES), np.int64)
+    widx = (np.empty((nb, LANES), np.int64), np.empty((nb, LANES), np.int64))
+    packed = need.view(np.uint64).reshape(nb)
+    cs64 = np.empty(nb, np.uint64)
+    cs8 = cs64.view(np.uint8).reshape(nb, LANES)
+    little = sys.byteorder == "little"
+    for i in range(out.shape[1]):
+        sl = out[:, i]
+        np.bitwise_and(x, mask, out=sl)
+        if ctx_bits is not None:
+            np.bitwise_or(sl, ctx_bits, out=sl)
+        np.right_shift(x, shift, out=x)
+        fq.take(sl, out=tmp, mode="clip")
+        np.multiply(x, tmp, out=x)
+        dq.take(sl, out=tmp, mode="clip")
+        np.add(x, tmp, out=x)
+        np.less(x, low, out=need)
+        wi = widx[i & 1]
+        if little:
+            np.multiply(packed, _PREFIX, out=cs64)
+            np.copyto(wi, cs8)
+        else:
+            np.cumsum(need, axis=1, out=wi)
+        np.add(wi, p, out=wi)
+        words.take(wi, out=w, mode="clip")
+        np.left_shift(x, wbits, out=tmp)
+        np.bitwise_or(tmp, w, out=tmp)
+        np.copyto(x, tmp, where=need)
+        p = wi[:, LANES - 1:]
+    return x, p.reshape(nb).copy()
+
+
+def _decode_lanes(x, ptr, out, words, fq, dq, ctx_bits, prec):
+    """One decode step of the first ``w`` lanes of one block (the tail block's last step): states int64 (w,),
+    ``ptr`` the block's last word read; writes the slots into ``out`` int64 (w,); returns (x, ptr)."""
+    out[:] = x & ((1 << prec) - 1)
+    if ctx_bits is not None:
+        out |= ctx_bits
+    x = fq[out] * (x >> prec) + dq[out]
+    need = x < STATE_LOW
+    cs = np.cumsum(need)
+    w = words[np.clip(ptr + cs, 0, len(words) - 1)]
+    x = np.where(need, (x << WORD_BITS) | w, x)
+    return x, ptr + int(cs[-1])
 
 
 def check_tables(st: RansStream, num_ctx: int) -> tuple[np.ndarray, int, int]:
@@ -302,40 +404,6 @@ def _decode_tables(freqs: np.ndarray, m: int):
     slot = np.arange(c * m) % m
     dq = np.where(filled, slot - cum, 0)
     return full - (full // t) * t, fq, dq
-
-
-_TRI = np.triu(np.ones((LANES, LANES), np.float32))  # need (nb, K) @ _TRI = inclusive prefix count
-
-
-def _decode_blocks(x, offs, ends, steps, last, wpad, lut, fq, dq, ctx_off, prec):
-    """Decode (nb, K) states → flat table slots int64 (nb, steps, K). Checks each block's end state and
-    word count (HQFormatError). ``wpad``: int64 words with one extra zero (reads past the end are clipped
-    and then rejected by the end check)."""
-    nb = len(x)
-    x = x.astype(np.int64)
-    ptr = offs.astype(np.int64) - 1
-    outs = np.zeros((nb, steps, LANES), np.int64)
-    mask = (1 << prec) - 1
-    top = len(wpad) - 1
-    for t in range(steps):
-        w = last if t == steps - 1 else LANES
-        xs = x if w == LANES else x[:, :w]
-        idx = (xs & mask) + ctx_off[:w]
-        outs[:, t, :w] = idx
-        xs = fq[idx] * (xs >> prec) + dq[idx]
-        need = xs < STATE_LOW
-        cs = (need.astype(np.float32) @ _TRI[:w, :w]).astype(np.int64)
-        widx = np.minimum(ptr[:, None] + cs, top)
-        xs = np.where(need, (xs << WORD_BITS) | wpad[widx], xs)
-        ptr += cs[:, -1]
-        if w == LANES:
-            x = xs
-        else:
-            x[:, :w] = xs
-    if np.any(x != STATE_LOW) or np.any(ptr + 1 != ends):
-        raise HQFormatError("rANS stream is corrupt: a block does not end in its initial state with its words "
-                            "used up")
-    return outs
 
 
 def _apply_escapes(sym: np.ndarray, t: int, escapes: np.ndarray) -> np.ndarray:
