@@ -12,7 +12,17 @@ from .rht import ALLOWED_TILES
 
 FORMAT_VERSION = 1
 SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-CODERS = ("rice", "rans")
+CODERS = ("rice", "rans", "auto")
+#: ``coder="auto"`` codes with rANS up to this total rate (bits per scalar, per lattice) and with Rice above it.
+#: rANS's tables hold at most 256 entries, so at high rates more and more symbols are escaped at 32 bits each and
+#: Rice wins. Measured at the same total rate on 512×1024 (E8) and 256×1024 (D4, A2, Z) iid N(0,1), rANS − Rice in
+#: dB (docs/ARCHITECTURE.md "The rANS coder"): E8 +0.48 (3 bps), +0.46 (4), +0.43 (6), +0.40 (7), +0.47 (7.5),
+#: −0.26 (7.75), −1.25 (8); D4 +0.59 (4), +0.41 (7), −0.14 (7.5); A2 +0.50 (4), +0.41 (6), −0.50 (7);
+#: Z +0.53 (4), +0.44 (7.5), −1.23 (8).
+AUTO_RANS_MAX_BPS = {"e8": 7.5, "d4": 7.0, "a2": 6.0, "z": 7.5}
+#: With an SNR target instead of a rate, ``"auto"`` codes with rANS up to this SNR (just below what rANS reached
+#: at the last rate where it wins above; an SNR target fixes α, so the coder only changes the size).
+AUTO_RANS_MAX_SNR_DB = {"e8": 43.0, "d4": 40.0, "a2": 34.0, "z": 42.5}
 
 
 @dataclass(frozen=True)
@@ -29,10 +39,14 @@ class CodecConfig:
             ``coder="rans"`` the steps per lane of a rANS block (a block codes ``8 · block`` symbols).
         seed: seed of the RHT sign hash.
         scale_dtype: dtype of the per-row scales: ``"float16"``, ``"bfloat16"`` or ``"float32"``.
-        coder: entropy coder: ``"rice"`` (format version 1) or ``"rans"`` (interleaved rANS with static
+        coder: entropy coder: ``"rice"`` (format version 1), ``"rans"`` (interleaved rANS with static
             per-tensor tables, format version 2; about 0.08 bit per scalar less at the same distortion, so
-            about +0.45 dB at the same total rate — docs/ARCHITECTURE.md). The default stays ``"rice"``
-            until the compressed ``HQLinear`` and the Triton decoders read rANS streams.
+            about +0.45 dB at the same total rate — docs/ARCHITECTURE.md) or ``"auto"`` (rANS up to
+            :data:`AUTO_RANS_MAX_BPS` total bps or :data:`AUTO_RANS_MAX_SNR_DB` dB for the lattice, where it
+            wins; Rice above;
+            :meth:`resolved_coder`). The codec's own default stays ``"rice"`` so that a bare ``encode`` keeps
+            writing the version-1 blobs of the golden fixtures and of existing readers; the model-level default
+            (``HQConfig.coder``, ``quantize``, the CLI) is ``"auto"``.
         version: format version this config writes.
     """
 
@@ -64,6 +78,15 @@ class CodecConfig:
         if self.version != FORMAT_VERSION:
             raise ConfigFieldError("CodecConfig", "version", self.version,
                                    f"must be {FORMAT_VERSION} (the codec format version this build writes)")
+
+    def resolved_coder(self) -> str:
+        """The coder :func:`~hq_diffusion.codec.encode` uses: ``coder``, with ``"auto"`` resolved by the rate
+        (or the SNR target) — see :data:`AUTO_RANS_MAX_BPS`."""
+        if self.coder != "auto":
+            return self.coder
+        if self.bps is not None:
+            return "rans" if float(self.bps) <= AUTO_RANS_MAX_BPS[self.lattice] else "rice"
+        return "rans" if float(self.snr_db) <= AUTO_RANS_MAX_SNR_DB[self.lattice] else "rice"
 
     def to_dict(self) -> dict:
         """``{"_type": "CodecConfig", "_version", "_data"}`` form for metadata and quantization configs
