@@ -115,3 +115,14 @@ def test_golden_v1_checkpoint_reads_as_rice():
     assert model.hq_state.config.coder == "rice"
     layers = [m for m in model.modules() if isinstance(m, HQLinear)]
     assert layers and {m.storage for m in layers} == {"rice"} and {m.hq_meta["version"] for m in layers} == {1}
+
+
+def test_golden_v1_checkpoint_reads_as_rice():
+    """The committed checkpoint predates ``coder`` (HQConfig version 1): it reads as Rice, every layer Rice."""
+    import hq_diffusion as H
+    from hq_diffusion.nn.linear import HQLinear
+
+    model = H.load_quantized(DATA / "golden_ltx")
+    assert model.hq_state.config.coder == "rice"
+    layers = [m for m in model.modules() if isinstance(m, HQLinear)]
+    assert layers and {m.storage for m in layers} == {"rice"} and {m.hq_meta["version"] for m in layers} == {1}

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hq_diffusion.codec import CodecConfig, HQFormatError
-from hq_diffusion.codec.config import AUTO_RANS_MAX_BPS
+from hq_diffusion.codec.config import AUTO_RANS_MAX_BPS, AUTO_RANS_MIN_NUMEL
 from hq_diffusion.integrations import serialization as ser
 from hq_diffusion.integrations.api import quantize, summary
 from hq_diffusion.integrations.config import HQConfig
@@ -93,8 +93,12 @@ def test_auto_coder_follows_the_measured_crossover():
         assert CodecConfig(bps=top + 0.25, lattice=lat, coder="auto").resolved_coder() == "rice"
     assert CodecConfig(snr_db=20.0, coder="auto").resolved_coder() == "rans"
     assert CodecConfig(snr_db=50.0, coder="auto").resolved_coder() == "rice"
+    assert CodecConfig(bps=4.0, coder="auto").resolved_coder(AUTO_RANS_MIN_NUMEL - 1) == "rice"  # small: Rice
+    assert CodecConfig(bps=4.0, coder="auto").resolved_coder(AUTO_RANS_MIN_NUMEL) == "rans"
+    assert HQLinear.from_linear(_linear(128, 256), CodecConfig(bps=4.0, coder="auto"), key="a").storage == "rans"
+    assert HQLinear.from_linear(_linear(64, 128), CodecConfig(bps=4.0, coder="auto"), key="a").storage == "rice"
     assert CodecConfig().coder == "rice" and HQConfig().coder == "auto"
-    m = HQLinear.from_linear(_linear(16, 64), CodecConfig(bps=8.0, coder="auto"), key="hi")
+    m = HQLinear.from_linear(_linear(256, 256), CodecConfig(bps=8.0, coder="auto"), key="hi")
     assert m.storage == "rice"
 
 
@@ -104,8 +108,8 @@ def test_hqconfig_v1_reads_as_rice_and_v2_round_trips():
     assert HQConfig.from_dict(d) == HQConfig(bps=3.0)
     v1 = {**d, "_version": 1, "_data": {k: v for k, v in d["_data"].items() if k != "coder"}}
     assert HQConfig.from_dict(v1).coder == "rice"
-    with pytest.raises(ValueError, match="unknown HQConfig fields"):  # v1 never had a coder field
-        HQConfig.from_dict({**d, "_version": 1, "_data": {**d["_data"], "coder": "rans", "extra": 1}})
+    with pytest.raises(ValueError, match="version 1"):  # v1 never had a coder field
+        HQConfig.from_dict({**d, "_version": 1, "_data": {**d["_data"], "coder": "rans"}})
     with pytest.raises(ValueError, match="coder"):
         HQConfig(coder="huffman")
 
@@ -182,8 +186,16 @@ def _copy(src, tmp_path):
 
     dst = tmp_path / "copy"
     shutil.copytree(src, dst)
-    (dst / "hq_manifest.json").unlink(missing_ok=True)  # edited files would fail the manifest first
+    for p in dst.rglob("hq_manifest.json"):  # the edited file would fail its SHA-256 first
+        p.unlink()
     return dst
+
+
+def _no_manifest(meta):
+    qc = json.loads(meta["hq_diffusion"])
+    qc.pop("manifest", None)
+    meta["hq_diffusion"] = json.dumps(qc)
+    return meta
 
 
 def _layer(tensors):
@@ -197,7 +209,7 @@ def test_flipped_rans_table_fails_its_crc(saved, tmp_path):
     t = tensors[name].clone()
     t.view(-1)[0] += 1
     tensors[name] = t
-    _rewrite(_weights(d), tensors, meta)
+    _rewrite(_weights(d), tensors, _no_manifest(meta))
     with pytest.raises(HQFormatError, match=rf"{name}.*CRC32"):
         ser.load_quantized(d / "transformer")
 
@@ -214,6 +226,7 @@ def _crafted(saved, tmp_path, part, edit):
     tensors[name] = edit(tensors[name].clone())
     qc = json.loads(meta["hq_diffusion"])
     qc["checksums"][name] = tensor_crc32(tensors[name])
+    qc.pop("manifest", None)
     meta["hq_diffusion"] = json.dumps(qc)
     _rewrite(_weights(d), tensors, meta)
     return ser.load_quantized(d / "transformer"), layer
@@ -255,7 +268,7 @@ def test_crafted_rans_stream_is_a_typed_error_at_forward(saved, tmp_path, part, 
 
 
 @pytest.mark.parametrize("field,value", [("words", 2**40), ("escapes", 10**12), ("t", 257), ("prec", 30),
-                                         ("n", 7), ("words", 0)])
+                                         ("n", 7), ("t", 1)])
 def test_crafted_rans_metadata_is_refused_before_any_allocation(saved, field, value):
     layers = json.loads((saved[2] / "transformer" / "config.json").read_text())["quantization_config"]["layers"]
     meta = json.loads(json.dumps(next(iter(layers.values()))))

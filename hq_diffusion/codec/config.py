@@ -23,6 +23,11 @@ AUTO_RANS_MAX_BPS = {"e8": 7.5, "d4": 7.0, "a2": 6.0, "z": 7.5}
 #: With an SNR target instead of a rate, ``"auto"`` codes with rANS up to this SNR (just below what rANS reached
 #: at the last rate where it wins above; an SNR target fixes α, so the coder only changes the size).
 AUTO_RANS_MAX_SNR_DB = {"e8": 43.0, "d4": 40.0, "a2": 34.0, "z": 42.5}
+#: ... and only for tensors of at least this many scalars: rANS's side information (8 final states and an offset
+#: per block, the tables) is fixed per tensor, so it loses on small ones. Measured E8, rANS − Rice in dB at 3 / 4 /
+#: 5 bps: 64×64 +0.02 / −0.33 / −1.01, 64×128 +0.15 / −0.13 / −0.63, 128×128 +0.39 / +0.18 / −0.04, 128×256
+#: +0.45 / +0.35 / +0.19, 256×256 +0.47 / +0.41 / +0.33.
+AUTO_RANS_MIN_NUMEL = 1 << 15
 
 
 @dataclass(frozen=True)
@@ -42,8 +47,8 @@ class CodecConfig:
         coder: entropy coder: ``"rice"`` (format version 1), ``"rans"`` (interleaved rANS with static
             per-tensor tables, format version 2; about 0.08 bit per scalar less at the same distortion, so
             about +0.45 dB at the same total rate — docs/ARCHITECTURE.md) or ``"auto"`` (rANS up to
-            :data:`AUTO_RANS_MAX_BPS` total bps or :data:`AUTO_RANS_MAX_SNR_DB` dB for the lattice, where it
-            wins; Rice above;
+            :data:`AUTO_RANS_MAX_BPS` total bps or :data:`AUTO_RANS_MAX_SNR_DB` dB for the lattice and from
+            :data:`AUTO_RANS_MIN_NUMEL` scalars, where it wins; Rice otherwise;
             :meth:`resolved_coder`). The codec's own default stays ``"rice"`` so that a bare ``encode`` keeps
             writing the version-1 blobs of the golden fixtures and of existing readers; the model-level default
             (``HQConfig.coder``, ``quantize``, the CLI) is ``"auto"``.
@@ -79,11 +84,14 @@ class CodecConfig:
             raise ConfigFieldError("CodecConfig", "version", self.version,
                                    f"must be {FORMAT_VERSION} (the codec format version this build writes)")
 
-    def resolved_coder(self) -> str:
-        """The coder :func:`~hq_diffusion.codec.encode` uses: ``coder``, with ``"auto"`` resolved by the rate
-        (or the SNR target) — see :data:`AUTO_RANS_MAX_BPS`."""
+    def resolved_coder(self, numel: int | None = None) -> str:
+        """The coder :func:`~hq_diffusion.codec.encode` uses for a tensor of ``numel`` scalars: ``coder``, with
+        ``"auto"`` resolved by the rate (or the SNR target) and the size — rANS up to :data:`AUTO_RANS_MAX_BPS`
+        for tensors of at least :data:`AUTO_RANS_MIN_NUMEL` scalars (``numel=None``: a large tensor)."""
         if self.coder != "auto":
             return self.coder
+        if numel is not None and numel < AUTO_RANS_MIN_NUMEL:
+            return "rice"
         if self.bps is not None:
             return "rans" if float(self.bps) <= AUTO_RANS_MAX_BPS[self.lattice] else "rice"
         return "rans" if float(self.snr_db) <= AUTO_RANS_MAX_SNR_DB[self.lattice] else "rice"

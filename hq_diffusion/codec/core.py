@@ -246,7 +246,7 @@ def encode(w: torch.Tensor, cfg: CodecConfig | None = None, key: int | str = 0) 
     numel = math.prod(shape)
     fixed = _fixed_bits(shape, rows, lattice, n_pad, cfg.block, scales.element_size())
     meta = {"tile_used": h}
-    if cfg.resolved_coder() == "rans":
+    if cfg.resolved_coder(numel) == "rans":
         return _encode_rans(u, cfg, (shape, w.dtype, h, key32, scales, numel, what, meta))
     if cfg.snr_db is not None:
         alpha = float(torch.tensor(alpha_for_snr(lattice, cfg.snr_db), dtype=torch.float32))

@@ -61,7 +61,7 @@ class HQConfig:
             name) or ``"int8"`` (the lattice integers as an int8 matrix: ≈ 8 bits per weight in memory, no
             entropy decoding).
         coder: entropy coder of the bitstream: ``"auto"`` (default: rANS where it beats Rice at the same total
-            rate — up to 7.5 bps for E8 — Rice above; :meth:`~hq_diffusion.codec.CodecConfig.resolved_coder`),
+            rate — up to 7.5 bps for E8, for weights of at least 32768 scalars — Rice otherwise; :meth:`~hq_diffusion.codec.CodecConfig.resolved_coder`),
             ``"rice"`` or ``"rans"``. Each layer records the coder it got (``hq_meta["storage"]``).
         seed: seed of the RHT sign hash (the layer name is the per-layer key).
         tile: largest RHT tile, a power of two in 8..2048.

@@ -554,6 +554,9 @@ def validate_meta(meta: dict, name: str = "") -> dict:
             f"{sorted(set(META_VERSIONS.values()))})")
     if meta["lattice"] not in LATTICES or meta["storage"] not in LAYER_STORAGES or meta["mma"] not in MMA_CHOICES:
         bad(f"unknown lattice/storage/mma {meta['lattice']!r}/{meta['storage']!r}/{meta['mma']!r}")
+    if meta["version"] != META_VERSIONS[meta["storage"]]:
+        bad(f"storage {meta['storage']!r} needs metadata version {META_VERSIONS[meta['storage']]}, "
+            f"got {meta['version']}")
     if meta["mma"] == "int8" and not meta["fits_int8"]:
         bad("mma 'int8' needs lattice integers that fit int8, but fits_int8 is false")
     if meta["dtype"] not in _DTYPES or meta["scale_dtype"] not in _RAW_SCALE:
@@ -617,8 +620,6 @@ def _validate_rans_streams(meta: dict, bad) -> None:
     stream's symbol count (a stored word or escape per symbol at most, one word per 256 symbols at least, as
     :meth:`~hq_diffusion.codec.format.EncodedTensor.from_bytes` checks for a blob), so a crafted checkpoint
     cannot size a buffer beyond what its weight shape allows."""
-    if meta["version"] != RANS_META_VERSION:
-        bad(f"rANS storage needs metadata version {RANS_META_VERSION}, got {meta['version']}")
     streams = meta.get("streams")
     expect = stream_lengths(meta["lattice"], meta["out_features"] * meta["n_pad"])
     if not isinstance(streams, list) or len(streams) != NUM_STREAMS[meta["lattice"]]:
