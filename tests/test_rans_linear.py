@@ -283,7 +283,8 @@ def test_crafted_rans_metadata_is_refused_before_any_allocation(saved, field, va
 
 def test_kernel_backend_forward_in_triton_interpreter():
     """The forward of a rANS layer through ``kernels/rans_decode.py`` (the GPU when there is one, else Triton's
-    interpreter in a child process) equals the torch-reference forward bit for bit."""
+    interpreter in a child process): the decoded integers equal the layer's bit for bit, the output the
+    torch-reference forward up to the float32 rounding of the Triton RHT."""
     pytest.importorskip("triton")
     code = r'''
 import torch, warnings
@@ -300,7 +301,7 @@ q = m.encoded()
 assert dispatch.backend(q.scales) == "triton"
 assert torch.equal(dispatch.decode(q, "codes"), m.lattice_codes().to(dev))
 x = torch.randn(3, 40, device=dev)
-assert torch.equal(m.forward_kernel(x), m.forward_native(x))
+torch.testing.assert_close(m.forward_kernel(x), m.forward_native(x), rtol=1e-5, atol=1e-5)  # the Triton RHT
 print("rans layer ok")
 '''
     env = dict(os.environ, HQ_KERNELS="triton")
