@@ -16,17 +16,16 @@ CODERS = ("rice", "rans", "auto")
 #: ``coder="auto"`` codes with rANS up to this total rate (bits per scalar, per lattice) and with Rice above it.
 #: rANS's tables hold at most 256 entries, so at high rates more and more symbols are escaped at 32 bits each and
 #: Rice wins. Measured at the same total rate on 512×1024 (E8) and 256×1024 (D4, A2, Z) iid N(0,1), rANS − Rice in
-#: dB (docs/ARCHITECTURE.md "The rANS coder"): E8 +0.48 (3 bps), +0.46 (4), +0.43 (6), +0.40 (7), +0.47 (7.5),
-#: −0.26 (7.75), −1.25 (8); D4 +0.59 (4), +0.41 (7), −0.14 (7.5); A2 +0.50 (4), +0.41 (6), −0.50 (7);
-#: Z +0.53 (4), +0.44 (7.5), −1.23 (8).
+#: dB (``bench rd``; docs/ARCHITECTURE.md "The rANS coder"): E8 +0.47 (7.5 bps), −0.24 (7.75), −1.24 (8);
+#: D4 +0.39 (7), −0.13 (7.5); A2 +0.40 (6), −0.44 (7); Z +0.49 (7.5), −1.22 (8).
 AUTO_RANS_MAX_BPS = {"e8": 7.5, "d4": 7.0, "a2": 6.0, "z": 7.5}
 #: With an SNR target instead of a rate, ``"auto"`` codes with rANS up to this SNR (just below what rANS reached
 #: at the last rate where it wins above; an SNR target fixes α, so the coder only changes the size).
 AUTO_RANS_MAX_SNR_DB = {"e8": 43.0, "d4": 40.0, "a2": 34.0, "z": 42.5}
 #: ... and only for tensors of at least this many scalars: rANS's side information (8 final states and an offset
 #: per block, the tables) is fixed per tensor, so it loses on small ones. Measured E8, rANS − Rice in dB at 3 / 4 /
-#: 5 bps: 64×64 +0.02 / −0.33 / −1.01, 64×128 +0.15 / −0.13 / −0.63, 128×128 +0.39 / +0.18 / −0.04, 128×256
-#: +0.45 / +0.35 / +0.19, 256×256 +0.47 / +0.41 / +0.33.
+#: 5 bps (``bench rd``): 64×64 +0.03 / −0.38 / −1.29, 64×128 +0.18 / −0.11 / −0.54, 128×128 +0.35 / +0.18 / −0.06,
+#: 128×256 +0.40 / +0.28 / +0.16.
 AUTO_RANS_MIN_NUMEL = 1 << 15
 
 
