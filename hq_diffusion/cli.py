@@ -29,6 +29,7 @@ BENCHES = {
     "app-load": ("hq_diffusion.bench.app_load", "main", "8 concurrent /generate calls against a local app"),
     "peers": ("hq_diffusion.bench.peers", "main", "installed peer libraries (bnb, HQQ, quanto, torchao, gguf, SDNQ), every bit counted"),
     "convert": ("hq_diffusion.bench.convert", "main", "real-width LTX-2 slice: streaming conversion, RSS and MB/s"),
+    "rans-linear": ("hq_diffusion.bench.rans_linear", "main", "HQLinear with Rice vs rANS vs auto: bps, SNR, CPU forward"),
 }
 
 

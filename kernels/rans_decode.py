@@ -25,6 +25,8 @@ from hq_diffusion.codec.core import decode_symbols
 from hq_diffusion.codec.errors import HQFormatError
 from hq_diffusion.codec.format import rans_contexts
 
+from . import _jit  # noqa: F401  (loader.kernel_module checks the interpreter mode the kernels were loaded with)
+
 
 @triton.jit
 def _rans_decode_kernel(states_ptr, offsets_ptr, ends_ptr, words_ptr, fq_ptr, dq_ptr, lut_ptr, ctx_ptr,

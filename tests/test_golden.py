@@ -104,3 +104,14 @@ def test_golden_checkpoint_matches_a_fresh_quantization(generic_cpu_path):
     model = make_golden.tiny_transformer()
     H.quantize(model, bps=4.0, progress=False)
     assert torch.equal(make_golden.run_forward(model, io["inputs"]), io["output"])
+
+
+def test_golden_v1_checkpoint_reads_as_rice():
+    """The committed checkpoint predates ``coder`` (HQConfig version 1): it reads as Rice, every layer Rice."""
+    import hq_diffusion as H
+    from hq_diffusion.nn.linear import HQLinear
+
+    model = H.load_quantized(DATA / "golden_ltx")
+    assert model.hq_state.config.coder == "rice"
+    layers = [m for m in model.modules() if isinstance(m, HQLinear)]
+    assert layers and {m.storage for m in layers} == {"rice"} and {m.hq_meta["version"] for m in layers} == {1}

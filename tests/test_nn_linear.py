@@ -26,9 +26,16 @@ def _linear(k: int, n: int, bias: bool = True, seed: int = 0) -> nn.Linear:
 
 
 def _hq(lin, bps=4.0, lattice="e8", key="blocks.0.attn.to_q", **kw) -> HQLinear:
+    """storage ``"rans"`` here: the bitstream storage with ``coder="rans"`` (the layer then stores rANS streams)."""
+    coder = "rans" if kw.get("storage") == "rans" else "rice"
+    if coder == "rans":
+        kw["storage"] = "rice"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tiny tensors: RateBudgetWarning
-        return HQLinear.from_linear(lin, CodecConfig(bps=bps, lattice=lattice), key=key, backend="native", **kw)
+        m = HQLinear.from_linear(lin, CodecConfig(bps=bps, lattice=lattice, coder=coder), key=key, backend="native",
+                                 **kw)
+    assert m.storage == (coder if kw.get("storage", "rice") == "rice" else kw["storage"])
+    return m
 
 
 def _snr(ref: torch.Tensor, out: torch.Tensor) -> float:
@@ -38,11 +45,11 @@ def _snr(ref: torch.Tensor, out: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("k", [1000, 7, 1152, 3840])
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("storage", ["rice", "int8"])
+@pytest.mark.parametrize("storage", ["rice", "int8", "rans"])
 def test_bf16_path_equals_linear_of_decoded_weight(k, bias, storage):
     lin = _linear(k, 24, bias)
     m = _hq(lin, mma="bf16", storage=storage)
-    q = encode(lin.weight, CodecConfig(bps=4.0), key="blocks.0.attn.to_q")
+    q = encode(lin.weight, CodecConfig(bps=4.0, coder="rans" if storage == "rans" else "rice"), key="blocks.0.attn.to_q")
     x = torch.randn(2, 3, k)
     out = m.forward_native(x)
     ref = F.linear(x, decode(q), lin.bias)
@@ -229,7 +236,8 @@ def test_validate_meta_rejects_inconsistent_metadata():
         validate_meta(bad, "layer")
 
 
-@pytest.mark.parametrize("storage,mma", [("rice", "bf16"), ("rice", "int8"), ("int8", "int8")])
+@pytest.mark.parametrize("storage,mma", [("rice", "bf16"), ("rice", "int8"), ("int8", "int8"), ("rans", "bf16"),
+                                         ("rans", "int8")])
 def test_kernel_seam_matches_native(storage, mma):
     """``hq_diffusion.kernels.hq_linear(x, module)`` (its torch reference on CPU) reads the module correctly."""
     kernels = pytest.importorskip("hq_diffusion.nn.linear")
@@ -241,7 +249,8 @@ def test_kernel_seam_matches_native(storage, mma):
 
 
 @pytest.mark.parametrize("storage,mma,tokens", [("rice", "int8", 3), ("rice", "int8", 40), ("int8", "int8", 5),
-                                                ("rice", "bf16", 4), ("int8", "bf16", 4), ("rice", "fp8", 4)])
+                                                ("rice", "bf16", 4), ("int8", "bf16", 4), ("rice", "fp8", 4),
+                                                ("rans", "int8", 3), ("rans", "int8", 40), ("rans", "bf16", 4)])
 def test_both_backends_compose_the_same_ops(monkeypatch, storage, mma, tokens):
     """Each backend only picks an op set (``OP_SETS``): the same ops are called the same way for both."""
     from hq_diffusion.codec import ops_ref

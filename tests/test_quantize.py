@@ -53,7 +53,7 @@ def test_hqconfig_round_trip(cfg):
 @pytest.mark.parametrize("field,value", [
     ("mma", "int4"), ("lattice", "e9"), ("storage", "zip"), ("bps", 0.5), ("bps", 17), ("kv_bps", 0.1),
     ("kv_correction", "qjl"), ("tile", 100), ("block", 1000), ("seed", -1), ("scale_dtype", "int8"),
-    ("skip", "proj_in"), ("skip", ["re:("]), ("version", 2),
+    ("skip", "proj_in"), ("skip", ["re:("]), ("version", 3), ("version", 1), ("coder", "zip"),
 ])
 def test_hqconfig_rejects_bad_values_naming_the_field(field, value):
     with pytest.raises(ValueError, match=f"HQConfig.{field}"):

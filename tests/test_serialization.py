@@ -25,9 +25,10 @@ PROMPT = "a red cat"
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    """A tiny LTX pipeline quantized (int8 matmul, Rice storage), its output, and its saved directory."""
+    """A tiny LTX pipeline quantized (int8 matmul, Rice storage), its output, and its saved directory (rANS
+    checkpoints: tests/test_rans_linear.py)."""
     pipe = tiny_pipeline("ltx", 0)
-    quantize(pipe, bps=4.0, mma="int8", progress=False)
+    quantize(pipe, bps=4.0, mma="int8", coder="rice", progress=False)
     frames = generate(pipe, "ltx", PROMPT, 0)
     d = tmp_path_factory.mktemp("hq") / "ltx-hq4"
     ser.save_quantized(pipe, d)
@@ -109,10 +110,11 @@ def test_loading_never_encodes(saved, monkeypatch):
     ser.load_quantized(saved[2] / "transformer")
 
 
-@pytest.mark.parametrize("storage", ["int8", "rice"])
+@pytest.mark.parametrize("storage", ["int8", "rice", "rans"])
 def test_bare_model_round_trip(tmp_path, storage):
     tr = tiny_pipeline("flux", 0).transformer
-    quantize(tr, bps=3.0, lattice="a2", mma="bf16", storage=storage, progress=False)
+    quantize(tr, bps=3.0, lattice="a2", mma="bf16", storage="int8" if storage == "int8" else "rice",
+             coder="rans" if storage == "rans" else "rice", progress=False)
     ser.save_quantized(tr, tmp_path / "flux-tr")
     back = ser.load_quantized(tmp_path / "flux-tr")
     _assert_same_state(back, tr)

@@ -6,7 +6,8 @@ directory (every ``*.safetensors`` under it, e.g. a diffusers model or pipeline 
 Hadamard transform the codec applies (rows padded and rotated per tile, each row divided by its RMS as the
 codec does): excess kurtosis, skewness and the Kolmogorov–Smirnov statistic of the standardized entries
 against N(0, 1); the tile-to-tile spread after the RHT (coefficient of variation of the per-tile RMS);
-and the stored bits and SNR of the codec at the chosen rate. A table goes to stdout, an HTML page with
+and the stored bits and SNR of the codec at the chosen rate with the chosen coder (``--coder``: ``auto``, the
+default of ``quantize``, picks rANS where it beats Rice at that rate; the table names the coder each layer got). A table goes to stdout, an HTML page with
 histograms (matplotlib PNGs embedded) to ``--html``.
 """
 from __future__ import annotations
@@ -58,8 +59,9 @@ def _sample(x: torch.Tensor, k: int = SAMPLE) -> torch.Tensor:
     return v[torch.randperm(v.numel(), generator=torch.Generator().manual_seed(0))[:k]]
 
 
-def layer_stats(name: str, w: torch.Tensor, bps: float, tile: int = 256, seed: int = 0) -> dict:
-    """Diagnostics of one weight ``w`` float (N, K). See the module docstring for each figure."""
+def layer_stats(name: str, w: torch.Tensor, bps: float, tile: int = 256, seed: int = 0, coder: str = "auto") -> dict:
+    """Diagnostics of one weight ``w`` float (N, K) coded with ``coder`` (``"auto"``, ``"rice"`` or ``"rans"``).
+    See the module docstring for each figure."""
     w = w.float()
     u, h = rotated_rows(w, tile, seed, name)
     rms = u.square().mean(1, keepdim=True).sqrt().clamp_min(1e-30)
@@ -67,12 +69,12 @@ def layer_stats(name: str, w: torch.Tensor, bps: float, tile: int = 256, seed: i
     tiles = u.reshape(u.shape[0], -1, h).square().mean(-1).sqrt().flatten()
     kb, sb = moments(w)
     ka, sa = moments(u)
-    q = encode(w, CodecConfig(bps=bps), key=name)
+    q = encode(w, CodecConfig(bps=bps, coder=coder), key=name)
     return {
         "name": name, "shape": tuple(w.shape), "kurt_before": kb, "skew_before": sb, "ks_before": ks_normal(_sample(w)),
         "kurt_after": ka, "skew_after": sa, "ks_after": ks_normal(_sample(u)),
         "tile_spread": float(tiles.std() / tiles.mean()) if tiles.numel() > 1 else 0.0,
-        "bits": q.total_bits, "bps": q.bps, "snr": snr_db(w, decode(q)),
+        "bits": q.total_bits, "bps": q.bps, "coder": q.coder, "snr": snr_db(w, decode(q)),
         "_before": _sample(w), "_after": _sample(u),
     }
 
@@ -129,12 +131,13 @@ def _png(stats: dict) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-COLS = ["layer", "shape", "kurt", "skew", "KS", "kurt RHT", "skew RHT", "KS RHT", "tile spread", "bits", "bps", "SNR dB"]
+COLS = ["layer", "shape", "kurt", "skew", "KS", "kurt RHT", "skew RHT", "KS RHT", "tile spread", "coder", "bits", "bps",
+        "SNR dB"]
 
 
 def _row(s: dict) -> list:
     return [s["name"], "×".join(map(str, s["shape"])), s["kurt_before"], s["skew_before"], f"{s['ks_before']:.4f}",
-            s["kurt_after"], s["skew_after"], f"{s['ks_after']:.4f}", f"{s['tile_spread']:.3f}", s["bits"],
+            s["kurt_after"], s["skew_after"], f"{s['ks_after']:.4f}", f"{s['tile_spread']:.3f}", s["coder"], s["bits"],
             f"{s['bps']:.3f}", s["snr"]]
 
 
@@ -157,12 +160,14 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="hq-diffusion inspect", description=__doc__.splitlines()[0])
     p.add_argument("model", help="registry name (tiny-ltx), diffusers directory, or .safetensors file")
     p.add_argument("--bps", type=float, default=4.0)
+    p.add_argument("--coder", default="auto", choices=["auto", "rice", "rans"],
+                   help="entropy coder: auto (rANS where it beats Rice at --bps, as quantize does), rice or rans")
     p.add_argument("--html", help="write the HTML page with plots here")
     p.add_argument("--max-layers", type=int, default=0, help="only the first N layers (0: all)")
     a = p.parse_args(argv)
     ws = load_weights(a.model)
     names = list(ws)[: a.max_layers or None]
-    stats = [layer_stats(n, ws[n], a.bps) for n in tqdm(names, desc="layers", leave=False)]
+    stats = [layer_stats(n, ws[n], a.bps, coder=a.coder) for n in tqdm(names, desc="layers", leave=False)]
     print(table(COLS, [_row(s) for s in stats]))
     if a.html:
         write_html(a.html, a.model, a.bps, stats)

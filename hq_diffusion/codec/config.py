@@ -12,7 +12,21 @@ from .rht import ALLOWED_TILES
 
 FORMAT_VERSION = 1
 SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-CODERS = ("rice", "rans")
+CODERS = ("rice", "rans", "auto")
+#: ``coder="auto"`` codes with rANS up to this total rate (bits per scalar, per lattice) and with Rice above it.
+#: rANS's tables hold at most 256 entries, so at high rates more and more symbols are escaped at 32 bits each and
+#: Rice wins. Measured at the same total rate on 512×1024 (E8) and 256×1024 (D4, A2, Z) iid N(0,1), rANS − Rice in
+#: dB (``bench rd``; docs/ARCHITECTURE.md "The rANS coder"): E8 +0.47 (7.5 bps), −0.24 (7.75), −1.24 (8);
+#: D4 +0.39 (7), −0.13 (7.5); A2 +0.40 (6), −0.44 (7); Z +0.49 (7.5), −1.22 (8).
+AUTO_RANS_MAX_BPS = {"e8": 7.5, "d4": 7.0, "a2": 6.0, "z": 7.5}
+#: With an SNR target instead of a rate, ``"auto"`` codes with rANS up to this SNR (just below what rANS reached
+#: at the last rate where it wins above; an SNR target fixes α, so the coder only changes the size).
+AUTO_RANS_MAX_SNR_DB = {"e8": 43.0, "d4": 40.0, "a2": 34.0, "z": 42.5}
+#: ... and only for tensors of at least this many scalars: rANS's side information (8 final states and an offset
+#: per block, the tables) is fixed per tensor, so it loses on small ones. Measured E8, rANS − Rice in dB at 3 / 4 /
+#: 5 bps (``bench rd``): 64×64 +0.03 / −0.38 / −1.29, 64×128 +0.18 / −0.11 / −0.54, 128×128 +0.35 / +0.18 / −0.06,
+#: 128×256 +0.40 / +0.28 / +0.16.
+AUTO_RANS_MIN_NUMEL = 1 << 15
 
 
 @dataclass(frozen=True)
@@ -29,10 +43,14 @@ class CodecConfig:
             ``coder="rans"`` the steps per lane of a rANS block (a block codes ``8 · block`` symbols).
         seed: seed of the RHT sign hash.
         scale_dtype: dtype of the per-row scales: ``"float16"``, ``"bfloat16"`` or ``"float32"``.
-        coder: entropy coder: ``"rice"`` (format version 1) or ``"rans"`` (interleaved rANS with static
+        coder: entropy coder: ``"rice"`` (format version 1), ``"rans"`` (interleaved rANS with static
             per-tensor tables, format version 2; about 0.08 bit per scalar less at the same distortion, so
-            about +0.45 dB at the same total rate — docs/ARCHITECTURE.md). The default stays ``"rice"``
-            until the compressed ``HQLinear`` and the Triton decoders read rANS streams.
+            about +0.45 dB at the same total rate — docs/ARCHITECTURE.md) or ``"auto"`` (rANS up to
+            :data:`AUTO_RANS_MAX_BPS` total bps or :data:`AUTO_RANS_MAX_SNR_DB` dB for the lattice and from
+            :data:`AUTO_RANS_MIN_NUMEL` scalars, where it wins; Rice otherwise;
+            :meth:`resolved_coder`). The codec's own default stays ``"rice"`` so that a bare ``encode`` keeps
+            writing the version-1 blobs of the golden fixtures and of existing readers; the model-level default
+            (``HQConfig.coder``, ``quantize``, the CLI) is ``"auto"``.
         version: format version this config writes.
     """
 
@@ -64,6 +82,18 @@ class CodecConfig:
         if self.version != FORMAT_VERSION:
             raise ConfigFieldError("CodecConfig", "version", self.version,
                                    f"must be {FORMAT_VERSION} (the codec format version this build writes)")
+
+    def resolved_coder(self, numel: int | None = None) -> str:
+        """The coder :func:`~hq_diffusion.codec.encode` uses for a tensor of ``numel`` scalars: ``coder``, with
+        ``"auto"`` resolved by the rate (or the SNR target) and the size — rANS up to :data:`AUTO_RANS_MAX_BPS`
+        for tensors of at least :data:`AUTO_RANS_MIN_NUMEL` scalars (``numel=None``: a large tensor)."""
+        if self.coder != "auto":
+            return self.coder
+        if numel is not None and numel < AUTO_RANS_MIN_NUMEL:
+            return "rice"
+        if self.bps is not None:
+            return "rans" if float(self.bps) <= AUTO_RANS_MAX_BPS[self.lattice] else "rice"
+        return "rans" if float(self.snr_db) <= AUTO_RANS_MAX_SNR_DB[self.lattice] else "rice"
 
     def to_dict(self) -> dict:
         """``{"_type": "CodecConfig", "_version", "_data"}`` form for metadata and quantization configs

@@ -1,8 +1,8 @@
 """``encode`` / ``decode``: the codec pipeline end to end.
 
 encode: ``w → rows (R, n) → zero-pad to n_pad → RHT per tile → divide by the row RMS (stored)
-→ × α → nearest lattice point → strip → Rice``. α comes from the calibration table and is refined on
-the real coded length so that ``total_bits / numel ≤ bps``.
+→ × α → nearest lattice point → strip → Rice or rANS`` (``CodecConfig.resolved_coder()``). α comes from the
+calibration table and is refined on the real coded length so that ``total_bits / numel ≤ bps``.
 """
 from __future__ import annotations
 
@@ -246,7 +246,7 @@ def encode(w: torch.Tensor, cfg: CodecConfig | None = None, key: int | str = 0) 
     numel = math.prod(shape)
     fixed = _fixed_bits(shape, rows, lattice, n_pad, cfg.block, scales.element_size())
     meta = {"tile_used": h}
-    if cfg.coder == "rans":
+    if cfg.resolved_coder(numel) == "rans":
         return _encode_rans(u, cfg, (shape, w.dtype, h, key32, scales, numel, what, meta))
     if cfg.snr_db is not None:
         alpha = float(torch.tensor(alpha_for_snr(lattice, cfg.snr_db), dtype=torch.float32))

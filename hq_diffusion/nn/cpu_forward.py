@@ -106,14 +106,14 @@ def mma_codes_cpu(m, x: torch.Tensor, ops: OpSet) -> torch.Tensor:
 
 @contextlib.contextmanager
 def cached_codes(module: nn.Module) -> Iterator[int]:
-    """Decode each Rice-stored ``HQLinear`` under ``module`` (itself included) once for the ``with`` block.
+    """Decode each stream-stored (Rice or rANS) ``HQLinear`` under ``module`` (itself included) once for the ``with`` block.
 
     Use it around one denoising step (or any run of forwards with the same weights): a layer called several
     times inside (classifier-free guidance halves, repeated blocks) decodes its streams at its first CPU
     forward only, keeps int8 (N, K_pad) codes and frees them at exit, also when the block raises. Yields the
     number of layers it covers. Nesting the same module is an error (ValueError), since the inner exit
     would free the outer block's codes."""
-    layers = [mod for mod in module.modules() if getattr(mod, "storage", None) == "rice" and hasattr(mod, "encoded")]
+    layers = [mod for mod in module.modules() if getattr(mod, "storage", None) in ("rice", "rans") and hasattr(mod, "encoded")]
     if any(hasattr(mod, _CACHE_ATTR) for mod in layers):
         raise ValueError("cached_codes: some layers are already inside a cached_codes block")
     for mod in layers:

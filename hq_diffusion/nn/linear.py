@@ -15,6 +15,11 @@ Buffers (registered, so ``.to()``, ``state_dict`` and accelerate/diffusers offlo
   so a dtype cast of the model (``.to(torch.bfloat16)``, ``torch_dtype=`` at load) can never round them.
 - storage ``"rice"``, per stream ``i``: ``s{i}_ks`` uint8 (NB,), ``s{i}_offsets`` int32 (NB,), ``s{i}_unary``
   uint8 (U,), ``s{i}_rem`` uint8 (Q,), ``s{i}_escapes`` int32 (E,) (:class:`~hq_diffusion.codec.rice.RiceStream`).
+- storage ``"rans"``, per stream ``i`` (:class:`~hq_diffusion.codec.rans.RansStream`, C contexts, T table
+  entries, NB rANS blocks, W words, E escapes; unsigned fields kept as same-width signed bit views so that every
+  checkpoint dtype is a plain safetensors one): ``s{i}_freqs`` int16 (C, T) (uint16 bits), ``s{i}_states`` int32
+  (NB, 8) (uint32 bits), ``s{i}_offsets`` int32 (NB,) (uint32 bits), ``s{i}_words`` int16 (W,) (uint16 bits),
+  ``s{i}_escapes`` int32 (E,). The precision of each stream is in ``hq_meta`` (metadata version 2).
 - storage ``"int8"``: ``codes`` int8 (N, K_pad), the lattice integers (int16 when some exceed ±127).
 - ``bias``: an ``nn.Parameter`` (N,) in the original dtype, when the linear had one.
 
@@ -31,10 +36,13 @@ references elsewhere, ``HQ_KERNELS`` overrides; see ``kernels/dispatch.py``). Wh
 (stored ``codes`` or decoding the streams) and whether to fuse decode + GEMM is decided here and nowhere else.
 
 - ``"bf16"``: ``F.linear(rht(x), W_rot)`` in the activation dtype, ``W_rot = p(Y)/α·scale`` decoded
-  (``decode(q, "rotated")``) or computed from the stored ``codes``.
+  (``decode(q, "rotated")``: Rice or rANS streams, whichever the layer stores) or computed from the stored
+  ``codes``.
 - ``"int8"``: ``rht_quant_int8`` of the activations, then the int8 GEMM with the dequantization epilogue
   (``ws = scale / α``, float32) against ``Y``: the stored ``codes``; for Rice storage at ≤
-  :data:`FUSED_MAX_TOKENS` tokens ``fused_decode_gemm``, above it ``decode(q, "codes")`` + ``int8_gemm_dequant``.
+  :data:`FUSED_MAX_TOKENS` tokens ``fused_decode_gemm``, above it ``decode(q, "codes")`` + ``int8_gemm_dequant``
+  (for rANS storage the dispatcher's ``fused_decode_gemm`` decodes, then runs the int8 GEMM: the fused kernel is
+  Rice-only, docs/ARCHITECTURE.md "The rANS coder").
   The exact int32 accumulation uses ``torch._int_mm`` where torch accepts it (inside the ops).
 - ``"fp8"``, ``"nvfp4"``, ``"mxfp4"``: both operands rounded to the format (:mod:`hq_diffusion.nn.lowp`),
   simulated with torch casts (a :class:`SimulatedFormatWarning` says so at each forward; Python's default
@@ -62,6 +70,8 @@ from ..codec.config import SCALE_DTYPES, CodecConfig
 from ..codec.lattice import LATTICES, to_physical
 from ..codec.ops_ref import REFERENCE, OpSet, int8_operand_gain, row_dequant_scale
 from ..codec.rht import ALLOWED_TILES, inverse_rht, legacy_plan_tiles, pad_last, plan_tiles
+from ..codec import rans
+from ..codec.format import _SYMBOLS_PER_WORD, rans_contexts
 from ..codec.rice import RiceStream, _num_blocks
 from ..codec.strip import NUM_STREAMS, stream_lengths
 from ..kernels import DISPATCHED
@@ -69,9 +79,20 @@ from .cpu_forward import codes_path_applies, mma_codes_cpu
 from .compile_ops import compiled_opset
 from .lowp import FAKE_QUANT
 
-META_VERSION = 1
+META_VERSION = 1  # layers that store Rice streams or int8 codes (unchanged since the first checkpoints)
+RANS_META_VERSION = 2  # layers that store rANS streams (per-stream precision and table size in the metadata)
+META_VERSIONS = {"rice": META_VERSION, "int8": META_VERSION, "rans": RANS_META_VERSION}
 MMA_CHOICES = ("auto", "bf16", "int8", "fp8", "nvfp4", "mxfp4")
+#: What ``storage=`` of :meth:`HQLinear.from_linear` and ``HQConfig.storage`` accept: ``"rice"`` (historical
+#: name: the entropy-coded bitstream, Rice or rANS as the codec config's ``coder`` resolves) or ``"int8"``.
 STORAGE_CHOICES = ("rice", "int8")
+#: What a layer stores (``HQLinear.storage``, ``hq_meta["storage"]``): the coder's streams or the int8 codes.
+LAYER_STORAGES = ("rice", "rans", "int8")
+RANS_PARTS = ("freqs", "states", "offsets", "words", "escapes")
+#: rANS buffer dtype in the module and checkpoint → the dtype the codec reads (same width, a bit view)
+_RANS_DTYPES = {"freqs": (torch.int16, torch.uint16), "states": (torch.int32, torch.uint32),
+                "offsets": (torch.int32, torch.uint32), "words": (torch.int16, torch.uint16),
+                "escapes": (torch.int32, torch.int32)}
 BACKENDS = ("native", "kernel")
 STREAM_PARTS = ("ks", "offsets", "unary", "rem", "escapes")
 _PART_DTYPES = {"ks": torch.uint8, "offsets": torch.int32, "unary": torch.uint8, "rem": torch.uint8,
@@ -216,6 +237,10 @@ def _apply(module, x: torch.Tensor, mma: str, ops: OpSet) -> torch.Tensor:
     x2 = x.reshape(-1, x.shape[-1])
     ops = REFERENCE if mma in SIMULATED else ops
     if torch.compiler.is_compiling():  # one opaque custom op per host-reading operation: no graph break
+        if q.coder == "rans":
+            raise NotImplementedError(f"{_label(module)}: torch.compile does not yet trace layers that store rANS "
+                                      f"streams (nn/compile_ops.py passes Rice streams); quantize with "
+                                      f"coder='rice' or storage='int8' to compile")
         ops = compiled_opset(ops)
     out = MMA_PATHS[mma](module, x2, ops)
     return out.reshape(*x.shape[:-1], q.shape[0])
@@ -279,6 +304,10 @@ class HQLinear(nn.Module):
             for i, st in enumerate(meta["streams"]):
                 for part in STREAM_PARTS:
                     self.register_buffer(f"s{i}_{part}", torch.empty(st[part], dtype=_PART_DTYPES[part], device=device))
+        elif self.storage == "rans":
+            for i, st in enumerate(meta["streams"]):
+                for part, shape in _rans_shapes(meta["lattice"], i, st, self.block).items():
+                    self.register_buffer(f"s{i}_{part}", torch.empty(shape, dtype=_RANS_DTYPES[part][0], device=device))
         else:
             self.register_buffer("codes", torch.empty(n, kp, dtype=_CODE_DTYPES[meta["codes_dtype"]], device=device))
         if meta["bias"] is not None:
@@ -329,7 +358,8 @@ class HQLinear(nn.Module):
             key: the layer key mixed into the RHT signs — use the module name.
             mma: matmul path (see the module docstring). ``"int8"`` on a layer whose lattice integers exceed
                 ±127 falls back to ``"bf16"`` with a warning (recorded in ``hq_meta["mma"]``).
-            storage: ``"rice"`` or ``"int8"``.
+            storage: ``"rice"`` — the entropy-coded streams of ``codec_cfg.coder`` (``"rice"``, ``"rans"``, or
+                ``"auto"`` resolved by rate; the layer's :attr:`storage` then names the coder used) — or ``"int8"``.
             backend: ``"kernel"`` (the dispatched kernels: Triton on CUDA) or ``"native"`` (torch references).
             name: the module path, for messages (defaults to ``key`` when it is a str).
         """
@@ -355,6 +385,8 @@ class HQLinear(nn.Module):
                           stacklevel=2)
             mma = "bf16"
         codes = None
+        if storage == "rice":
+            storage = q.coder  # the streams of the coder the codec used ("auto" resolved)
         if storage == "int8":
             codes = decode(q, out="codes")
             if codes.dtype != torch.int8:
@@ -363,10 +395,14 @@ class HQLinear(nn.Module):
         meta = _meta_from_encoded(q, storage=storage, mma=mma, bias=linear.bias, codes=codes)
         mod = cls(meta, device=w.device, backend=backend, name=name)
         mod.scales.copy_(q.scales.view(mod.scales.dtype))
-        if storage == "rice":
+        if mod.storage == "rice":
             for i, st in enumerate(q.streams):
                 for part, t in st.tensors().items():
                     getattr(mod, f"s{i}_{part}").copy_(t)
+        elif mod.storage == "rans":
+            for i, st in enumerate(q.streams):
+                for part, t in st.tensors().items():
+                    getattr(mod, f"s{i}_{part}").copy_(t.reshape(-1).view(_RANS_DTYPES[part][0]).reshape(t.shape))
         else:
             mod.codes.copy_(codes)
         if linear.bias is not None:
@@ -389,11 +425,16 @@ class HQLinear(nn.Module):
         if self.storage == "rice":
             streams = [RiceStream(st["n"], self.block, *(getattr(self, f"s{i}_{p}") for p in STREAM_PARTS))
                        for i, st in enumerate(self.hq_meta["streams"])]
+        elif self.storage == "rans":
+            streams = [rans.RansStream(st["n"], self.block, st["prec"],
+                                       *(_bits_view(getattr(self, f"s{i}_{p}"), _RANS_DTYPES[p][1]) for p in RANS_PARTS))
+                       for i, st in enumerate(self.hq_meta["streams"])]
         else:
             streams = []
         return EncodedTensor((self.out_features, self.in_features), self.weight_dtype, self.lattice, self.tile,
                              self.block, self.seed, self.key, self.alpha, self.scale_dtype,
-                             self.scales.view(SCALE_DTYPES[self.scale_dtype]), streams, self.fits_int8)
+                             self.scales.view(SCALE_DTYPES[self.scale_dtype]), streams, self.fits_int8,
+                             coder="rans" if self.storage == "rans" else "rice")
 
     def lattice_codes(self) -> torch.Tensor:
         """Lattice integers ``Y`` (N, K_pad): int8 when they fit, else int16/int32 (the ``codes`` buffer for
@@ -461,7 +502,7 @@ def _meta_from_encoded(q: EncodedTensor, *, storage: str, mma: str, bias: torch.
     """Every ``hq_meta`` field but ``snr_db`` (which :meth:`HQLinear.from_linear` measures on the built module)."""
     n_out, n_in = q.shape
     meta = {
-        "version": META_VERSION,
+        "version": META_VERSIONS[storage],
         "in_features": int(n_in), "out_features": int(n_out), "dtype": dtype_name(q.dtype),
         "lattice": q.lattice, "tile": int(q.tile), "n_pad": int(q.n_pad), "block": int(q.block),
         "seed": int(q.seed), "key": int(q.key), "alpha": float(q.alpha), "scale_dtype": q.scale_dtype,
@@ -472,6 +513,10 @@ def _meta_from_encoded(q: EncodedTensor, *, storage: str, mma: str, bias: torch.
     if storage == "rice":
         meta["streams"] = [{"n": int(s.n), **{p: int(t.numel()) for p, t in s.tensors().items()}} for s in q.streams]
         meta["bps"] = float(q.bps)  # codec rate: every stored bit incl. header and checksum
+    elif storage == "rans":
+        meta["streams"] = [{"n": int(s.n), "prec": int(s.prec), "t": int(s.freqs.shape[1]),
+                            "words": int(s.words.numel()), "escapes": int(s.escapes.numel())} for s in q.streams]
+        meta["bps"] = float(q.bps)
     else:
         meta["codes_dtype"] = dtype_name(codes.dtype)
         stored = codes.numel() * codes.element_size() + q.scales.numel() * q.scales.element_size()
@@ -504,10 +549,14 @@ def validate_meta(meta: dict, name: str = "") -> dict:
             ok = False
         if not ok:
             bad(f"field {k!r} must be {typ.__name__}, got {v!r}")
-    if meta["version"] != META_VERSION:
-        bad(f"metadata version {meta['version']} is not supported (this build reads {META_VERSION})")
-    if meta["lattice"] not in LATTICES or meta["storage"] not in STORAGE_CHOICES or meta["mma"] not in MMA_CHOICES:
+    if meta["version"] not in set(META_VERSIONS.values()):
+        bad(f"metadata version {meta['version']} is not supported (this build reads "
+            f"{sorted(set(META_VERSIONS.values()))})")
+    if meta["lattice"] not in LATTICES or meta["storage"] not in LAYER_STORAGES or meta["mma"] not in MMA_CHOICES:
         bad(f"unknown lattice/storage/mma {meta['lattice']!r}/{meta['storage']!r}/{meta['mma']!r}")
+    if meta["version"] != META_VERSIONS[meta["storage"]]:
+        bad(f"storage {meta['storage']!r} needs metadata version {META_VERSIONS[meta['storage']]}, "
+            f"got {meta['version']}")
     if meta["mma"] == "int8" and not meta["fits_int8"]:
         bad("mma 'int8' needs lattice integers that fit int8, but fits_int8 is false")
     if meta["dtype"] not in _DTYPES or meta["scale_dtype"] not in _RAW_SCALE:
@@ -542,7 +591,48 @@ def validate_meta(meta: dict, name: str = "") -> dict:
             nb = _num_blocks(st["n"], blk)
             if st["ks"] != nb or st["offsets"] != nb:
                 bad(f"stream {i} needs {nb} block headers, metadata says {st['ks']}/{st['offsets']}")
+    elif meta["storage"] == "rans":
+        _validate_rans_streams(meta, bad)
     else:
         if meta.get("codes_dtype") not in _CODE_DTYPES:
             bad(f"invalid codes_dtype {meta.get('codes_dtype')!r}")
     return meta
+
+
+def _bits_view(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` reinterpreted as the same-width ``dtype`` (no copy; an empty tensor becomes an empty one)."""
+    if t.dtype == dtype:
+        return t
+    if t.numel() == 0:
+        return torch.empty(t.shape, dtype=dtype, device=t.device)
+    return t.view(dtype)
+
+
+def _rans_shapes(lattice: str, i: int, st: dict, block: int) -> dict[str, tuple[int, ...]]:
+    """Buffer shapes of rANS stream ``i`` of a layer from its metadata ``st`` (n, prec, t, words, escapes)."""
+    nb = rans.num_blocks(st["n"], block)
+    return {"freqs": (rans_contexts(lattice, i), st["t"]), "states": (nb, rans.LANES), "offsets": (nb,),
+            "words": (st["words"],), "escapes": (st["escapes"],)}
+
+
+def _validate_rans_streams(meta: dict, bad) -> None:
+    """The rANS stream descriptions of a layer's metadata (``bad(msg)`` raises). Bounds every buffer by the
+    stream's symbol count (a stored word or escape per symbol at most, one word per 256 symbols at least, as
+    :meth:`~hq_diffusion.codec.format.EncodedTensor.from_bytes` checks for a blob), so a crafted checkpoint
+    cannot size a buffer beyond what its weight shape allows."""
+    streams = meta.get("streams")
+    expect = stream_lengths(meta["lattice"], meta["out_features"] * meta["n_pad"])
+    if not isinstance(streams, list) or len(streams) != NUM_STREAMS[meta["lattice"]]:
+        bad(f"expected {NUM_STREAMS[meta['lattice']]} rANS stream descriptions, got {streams!r}")
+    for i, st in enumerate(streams):
+        if not isinstance(st, dict) or set(st) != {"n", "prec", "t", "words", "escapes"}:
+            bad(f"rANS stream {i} description malformed: {st!r}")
+        if any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in st.values()):
+            bad(f"rANS stream {i} fields must be non-negative ints: {st!r}")
+        if st["n"] != expect[i]:
+            bad(f"rANS stream {i} has {st['n']} symbols, expected {expect[i]}")
+        if not rans.PREC_RANGE[0] <= st["prec"] <= rans.PREC_RANGE[1] or not 2 <= st["t"] <= rans.MAX_TABLE:
+            bad(f"rANS stream {i}: precision {st['prec']} or table size {st['t']} out of range")
+        nb = rans.num_blocks(st["n"], meta["block"])
+        if st["words"] > st["n"] or st["escapes"] > st["n"] or st["n"] > _SYMBOLS_PER_WORD * (st["words"] + 2 * rans.LANES * nb + 1):
+            bad(f"rANS stream {i}: {st['words']} words / {st['escapes']} escapes inconsistent with {st['n']} symbols")
