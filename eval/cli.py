@@ -35,8 +35,8 @@ def build_parser(prog: str = "hq-diffusion eval") -> argparse.ArgumentParser:
                         f"have random weights)")
     p.add_argument("--reference", metavar="MODEL",
                    help="with a --model saved quantized: the float pipeline to compare with, a tiny model key or "
-                        "a float pipeline directory (default: the origin the saved directory records; without "
-                        "one, a quant-only run: no PSNR/SSIM)")
+                        "a float pipeline directory, or none for a quant-only run (no PSNR/SSIM) (default: the origin the "
+                        "saved directory records; without one, a quant-only run)")
     p.add_argument("--prompts", metavar="FILE", help="one prompt per line, '#' comments (default: the "
                                                      "16 held-out captions for tiny-ltx-trained, else the "
                                                      "packaged 32-prompt suite)")

@@ -240,6 +240,8 @@ def _quantized_model(args: argparse.Namespace) -> tuple[SavedQuantized, str, str
                              else os.path.join(sq.path, "transformer", "config.json"))
     except (HQFormatError, OSError) as e:
         raise EvalInputError(f"--model {args.model}: {e}") from None
+    if args.reference == "none":
+        return sq, digest, None, "no float reference: --reference none"
     if args.reference is not None:
         return sq, digest, resolve_reference(args.reference, sq.pipeline_class), "given by --reference"
     if sq.source is not None:
@@ -260,7 +262,8 @@ def build_config(args: argparse.Namespace) -> EvalConfig:
     if is_quantized_dir(args.model):
         sq, quantized, reference, note = _quantized_model(args)
         pipeline = PIPELINE_CLASSES[sq.pipeline_class]
-        tiny_ref = reference in MODEL_ALIASES
+        origin = reference if reference is not None else sq.source  # its generation defaults apply
+        tiny_ref = origin in MODEL_ALIASES
         dtype = args.dtype or sq.dtype or "bfloat16"
     else:
         pipeline = resolve_model(args.model)
@@ -268,9 +271,9 @@ def build_config(args: argparse.Namespace) -> EvalConfig:
             raise EvalInputError(f"--reference applies to a --model saved quantized by hq-diffusion; "
                                  f"{args.model} is quantized by the run and is its own reference")
         tiny_ref = args.model in MODEL_ALIASES
-        reference = args.model if tiny_ref else None
+        origin = args.model
         dtype = args.dtype or "bfloat16"
-    trained = reference is not None and families.is_trained(reference)
+    trained = origin is not None and families.is_trained(origin)
     prompts_file = args.prompts or (shapes_prompts_file() if trained else default_prompts_file())
     prompts = read_prompts(prompts_file)
     if args.num_prompts is not None:
@@ -301,7 +304,7 @@ def build_config(args: argparse.Namespace) -> EvalConfig:
 
     overrides: dict[str, Any] = {}
     if trained:
-        overrides.update(families.trained(reference).call_defaults)
+        overrides.update(families.trained(origin).call_defaults)
     if not tiny_ref:
         overrides.update(_native_call_defaults(args.model, pipeline))
     # the app's rules and words (hq_diffusion.integrations.genrules), without the server's upper limits

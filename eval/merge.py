@@ -88,7 +88,7 @@ def merge(out: str) -> dict:
                 lpips_infos.append(m.get("lpips") or {})
                 entries.append({key: m.get(key) for key in
                                 ("prompt", "index", "seed", "bps", "per_frame", "means", "audio_snr_db",
-                                 "video", "frames", "audio", "content")})
+                                 "video", "frames", "audio", "content", "seconds")})
     lp = lpips_infos[0] if lpips_infos else {"available": False, "reason": "no items"}
     if any(x.get("available") != lp.get("available") for x in lpips_infos):
         lp = {"available": False, "reason": "LPIPS was computed for some items only"}

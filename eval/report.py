@@ -638,7 +638,7 @@ NO_REFERENCE = "no float reference: PSNR/SSIM not computed"
 def _quant_only_section(prompts: list[dict], ids: list[str]) -> str:
     """The page of a run without a float reference: the note, then per prompt its content agreement, the
     generation time and the quantized video (no PSNR/SSIM, no comparison plots)."""
-    out = [f"<p class='warn' id='no-reference'>{html.escape(NO_REFERENCE.capitalize())} (no LPIPS, flicker or "
+    out = [f"<p class='warn' id='no-reference'>{html.escape(NO_REFERENCE[0].upper() + NO_REFERENCE[1:])} (no LPIPS, flicker or "
            "error maps either): this run generated with the quantized pipeline only. Give the float pipeline it "
            "was made from with --reference to compare.</p>",
            "<h2>Per prompt</h2><table class='prompts' id='prompt-table'><tr><th>id</th><th>prompt</th>"
