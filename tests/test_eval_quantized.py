@@ -17,7 +17,7 @@ import torch
 import hq_diffusion
 from hq_diffusion.eval import cli
 from hq_diffusion.eval import config as eval_config
-from hq_diffusion.eval.files import EvalInputError
+from hq_diffusion.eval.files import EvalInputError, shapes_prompts_file
 from hq_diffusion.eval.report import NO_REFERENCE
 from hq_diffusion.eval.saved import inspect_quantized
 
@@ -144,7 +144,9 @@ def test_eval_of_a_quantized_dir_against_the_recorded_reference(saved, tmp_path,
 
 def test_quant_only_run_says_so_in_report_table_and_page(saved, tmp_path, capsys):
     out = tmp_path / "run"
-    rc, text, err = _run(capsys, "--model", str(saved / "anonymous"), "--out", str(out))
+    # no recorded origin: the pipeline class's own defaults apply, so the test names the tiny size
+    rc, text, err = _run(capsys, "--model", str(saved / "anonymous"), "--out", str(out), "--frames", "9",
+                         "--height", "32", "--width", "32", "--prompts", shapes_prompts_file())
     assert rc == 0, err
     rep = json.loads((out / "report.json").read_text())
     assert rep["no_reference"] and rep["config"]["reference"].startswith("none (no float reference")
