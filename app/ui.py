@@ -19,6 +19,8 @@ import math
 import os
 from typing import Any
 
+from hq_diffusion.integrations import families
+
 from .config import (
     KV_CORRECTION_CHOICES,
     LATTICE_CHOICES,
@@ -32,18 +34,42 @@ from .config import (
     is_tiny,
 )
 
-__all__ = ["build_app", "launch_options", "EXAMPLES", "DEFAULT_NEGATIVE", "CSS"]
+__all__ = ["build_app", "launch_options", "EXAMPLES", "RANDOM_EXAMPLES", "ui_defaults", "DEFAULT_NEGATIVE", "CSS"]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_NEGATIVE = "worst quality, blurry, jittery, distorted"
-#: Example prompts; words from the tiny pipelines' vocabulary, so they tokenize as words there too.
-EXAMPLES: list[str] = [
+#: Example prompts for the random-weight models; words from the tiny pipelines' vocabulary.
+RANDOM_EXAMPLES: list[str] = [
     "a red robot walking in the city at night, cinematic",
     "a small boat on the ocean at sunset, realistic",
     "a white horse running on the beach, slow camera",
     "a dark forest in the rain, close up shot",
 ]
+
+
+def _heldout_captions() -> list[str]:
+    """The trained tiny model's held-out captions (``assets/prompts_shapes.txt``: never seen in training)."""
+    from hq_diffusion.eval.files import read_prompts, shapes_prompts_file
+
+    return read_prompts(shapes_prompts_file())
+
+
+#: Example prompts: the held-out captions of the default model, the trained tiny LTX (it draws what they say).
+EXAMPLES: list[str] = _heldout_captions()
+
+
+def ui_defaults(model: str) -> dict:
+    """The generation fields the UI starts with for ``model``: ``{"steps", "height", "width", "frames",
+    "examples"}``. A trained tiny model uses its family's fast settings with its own ``call_defaults`` on top
+    (``tiny-ltx-trained``: 32x32, 9 frames, 12 steps) and its held-out captions; anything else the previous
+    defaults (64x64, 9 frames for video, 4 steps) and :data:`RANDOM_EXAMPLES`."""
+    if families.is_trained(model):
+        t = families.trained(model)
+        kw = {**families.get(t.family).call_defaults, **t.call_defaults}
+        return {"steps": int(kw["num_inference_steps"]), "height": int(kw["height"]), "width": int(kw["width"]),
+                "frames": int(kw.get("num_frames", 1)), "examples": EXAMPLES}
+    return {"steps": 4, "height": 64, "width": 64, "frames": 9, "examples": RANDOM_EXAMPLES}
 
 CSS = """
 #hq-header h1 { margin-bottom: 0.1em; }
@@ -295,7 +321,8 @@ def build_app(settings: AppSettings | None = None, engine=None):
         with gr.Row(equal_height=False):
             with gr.Column(scale=3, min_width=360):
                 model = gr.Dropdown(_model_choices(settings), value=settings.default_model, label="Model")
-                prompt = gr.Textbox(value=EXAMPLES[0], label="Prompt", lines=2, max_lines=6,
+                start = ui_defaults(settings.default_model)
+                prompt = gr.Textbox(value=start["examples"][0], label="Prompt", lines=2, max_lines=6,
                                     max_length=lim.prompt_max_chars, elem_id="hq-prompt",
                                     placeholder="Describe the video")
                 negative = gr.Textbox(value=DEFAULT_NEGATIVE, label="Negative prompt", lines=1,
@@ -303,14 +330,14 @@ def build_app(settings: AppSettings | None = None, engine=None):
                 with gr.Row():
                     # no minimum/maximum: validated with the other fields
                     seed = gr.Number(value=0, label="Seed", precision=0, min_width=100)
-                    frames = gr.Slider(1, lim.frames_max, value=9 if default_video else 1, step=4,
+                    frames = gr.Slider(1, lim.frames_max, value=start["frames"] if default_video else 1, step=4,
                                        label="Frames (4k+1)" if default_video else "Frames (image model: 1)",
                                        interactive=default_video)
-                    steps = gr.Slider(lim.steps_min, lim.steps_max, value=4, step=1, label="Steps")
+                    steps = gr.Slider(lim.steps_min, lim.steps_max, value=start["steps"], step=1, label="Steps")
                 with gr.Row():
-                    height = gr.Slider(lim.size_min, lim.size_max, value=64, step=lim.size_multiple,
+                    height = gr.Slider(lim.size_min, lim.size_max, value=start["height"], step=lim.size_multiple,
                                        label="Height (px)")
-                    width = gr.Slider(lim.size_min, lim.size_max, value=64, step=lim.size_multiple,
+                    width = gr.Slider(lim.size_min, lim.size_max, value=start["width"], step=lim.size_multiple,
                                       label="Width (px)")
                 with gr.Accordion("Quantization", open=True):
                     bps = gr.Slider(lim.bps_min, lim.bps_max, value=4.0, step=0.25, label="Weights: bits per weight",
@@ -341,7 +368,7 @@ def build_app(settings: AppSettings | None = None, engine=None):
                     card = gr.HTML("<div class='hq-card' id='hq-card-empty'><h3>Compression</h3>"
                                    "<span class='hq-note'>Generate to see sizes and bit rates.</span></div>",
                                    js_on_load=None)
-                gr.Examples([[p] for p in EXAMPLES], inputs=[prompt], label="Example prompts")
+                gr.Examples([[p] for p in start["examples"]], inputs=[prompt], label="Example prompts")
                 with gr.Accordion("Metrics (JSON, as returned by the /generate API)", open=False):
                     metrics_json = gr.JSON(elem_id="hq-metrics-json")
 

@@ -97,7 +97,9 @@ def _run_record(cfg: EvalConfig) -> dict:
     return {
         "format": RUN_FORMAT,
         "model": cfg.model, "pipeline": cfg.pipeline, "dtype": cfg.dtype,
-        "model_seed": cfg.model_seed if cfg.is_tiny else None,
+        "model_seed": cfg.model_seed if cfg.ref_is_tiny else None,
+        "quantized_model": cfg.quantized is not None, "reference": cfg.ref_model,
+        "reference_note": cfg.reference_note,
         "prompts_file": cfg.prompts_file, "prompts": list(cfg.prompts), "seeds": list(cfg.seeds),
         "bps_list": list(cfg.bps_list), "quantizer": cfg.quantizer, "quantize": cfg.quantize,
         "call_kwargs": cfg.call_kwargs(),

@@ -30,28 +30,33 @@ def build_parser(prog: str = "hq-diffusion eval") -> argparse.ArgumentParser:
         prog=prog, description="Evaluate a quantized diffusers pipeline against the unquantized one over "
                                "a prompt suite (same prompts, same seeds); writes report.json/csv/html.")
     p.add_argument("--model", default="tiny-ltx-trained",
-                   help=f"{' | '.join(MODEL_ALIASES)} | PATH to a diffusers pipeline directory "
-                        f"(default: tiny-ltx-trained, the trained tiny LTX; the others have random weights)")
+                   help=f"{' | '.join(MODEL_ALIASES)} | PATH to a diffusers pipeline directory, float or saved "
+                        f"quantized by hq-diffusion (default: tiny-ltx-trained, the trained tiny LTX; the others "
+                        f"have random weights)")
+    p.add_argument("--reference", metavar="MODEL",
+                   help="with a --model saved quantized: the float pipeline to compare with, a tiny model key or "
+                        "a float pipeline directory, or none for a quant-only run (no PSNR/SSIM) (default: the origin the "
+                        "saved directory records; without one, a quant-only run)")
     p.add_argument("--prompts", metavar="FILE", help="one prompt per line, '#' comments (default: the "
                                                      "16 held-out captions for tiny-ltx-trained, else the "
                                                      "packaged 32-prompt suite)")
     p.add_argument("--num-prompts", type=int, metavar="N", help="use the first N prompts")
     p.add_argument("--seeds", default="0", help="comma-separated generation seeds (default: 0)")
-    p.add_argument("--bps", default="4", help="weight bits per weight, or a comma-separated sweep (3,4,5)")
-    q = p.add_argument_group("quantization (hq_diffusion.quantize)")
-    q.add_argument("--lattice", default="e8", help="e8 | d4 | a2 | z (default: e8)")
+    p.add_argument("--bps", help="weight bits per weight, or a comma-separated sweep (3,4,5) (default: 4)")
+    q = p.add_argument_group("quantization (hq_diffusion.quantize; a --model saved quantized fixes these)")
+    q.add_argument("--lattice", help="e8 | d4 | a2 | z (default: e8)")
     q.add_argument("--schemes", metavar="LIST",
                    help="rate-quality sweep over schemes, comma-separated: e8, d4, a2, z (hq-diffusion with that "
                         "lattice, at every --bps) and rtn4 (RTN int4 g128 peer, at its own rate: 4.25 bits/weight, "
                         "more where a layer has fewer than 128 inputs); "
                         "one run per scheme in OUT/<scheme>, the sweep page, table and rate_quality.png in OUT "
                         "(replaces --lattice)")
-    q.add_argument("--mma", default="auto",
+    q.add_argument("--mma",
                    help="matmul path: auto | bf16 | int8 | fp8 | nvfp4 | mxfp4 (default: auto)")
     q.add_argument("--kv-bps", type=float, default=None, help="also quantize attention K/V at this rate (default: off)")
-    q.add_argument("--kv-correction", default="haar+dither",
+    q.add_argument("--kv-correction",
                    help="K/V bias correction: none | signs | haar, optionally +dither (default: haar+dither)")
-    q.add_argument("--storage", default="rice", help="weight storage: rice | int8 (default: rice)")
+    q.add_argument("--storage", help="weight storage: rice | int8 (default: rice)")
     q.add_argument("--skip", help="comma-separated module-name patterns kept unquantized (default: the "
                                    "architecture preset)")
     g = p.add_argument_group("generation")
@@ -59,8 +64,9 @@ def build_parser(prog: str = "hq-diffusion eval") -> argparse.ArgumentParser:
     g.add_argument("--frames", type=int, help="video frames")
     g.add_argument("--height", type=int, help="frame height in pixels")
     g.add_argument("--width", type=int, help="frame width in pixels")
-    g.add_argument("--dtype", default="bfloat16", choices=DTYPES,
-                   help="dtype of the reference and of the pipeline before quantization (default: bfloat16)")
+    g.add_argument("--dtype", choices=DTYPES,
+                   help="dtype of the reference and of the pipeline before quantization (default: bfloat16; "
+                        "for a --model saved quantized: the dtype it was saved in)")
     g.add_argument("--model-seed", type=int, default=0, help="random-init seed of the tiny pipelines")
     g.add_argument("--device", help="torch device (default: cuda:LOCAL_RANK if available, else cpu)")
     p.add_argument("--lpips-weights", metavar="PATH", help="full LPIPS state dict (default: the torchvision "

@@ -19,6 +19,7 @@ from hq_diffusion.integrations import families, genrules
 
 from . import report as R
 from .files import EvalInputError, default_prompts_file, read_prompts, shapes_prompts_file
+from .saved import SavedQuantized, inspect_quantized, is_quantized_dir, resolve_reference
 
 __all__ = ["EvalConfig", "MODEL_ALIASES", "PIPELINE_CLASSES", "VIDEO_PIPELINES", "DTYPES", "resolve_model",
            "build_config", "fingerprint"]
@@ -47,6 +48,10 @@ class EvalConfig:
         call_overrides: ``generate`` overrides (on top of ``models.DEFAULT_CALL_KWARGS[pipeline]``).
         dtype: dtype of both the reference and the pipeline that is quantized.
         model_seed: seed of the tiny pipelines' random initialisation (ignored for a PATH).
+        quantized: for a ``--model`` saved quantized by hq-diffusion, the digest of its files (its
+            ``hq_manifest.json``, else its transformer config); None when ``model`` is quantized by the run.
+        reference: with ``quantized``: the float reference (tiny key or pipeline dir), None for a quant-only run.
+        reference_note: with ``quantized``: where ``reference`` came from, or why there is none.
         lpips_weights: optional full LPIPS state dict file.
         out: output directory.
         device: torch device for generation (None: CUDA if available, else CPU).
@@ -67,10 +72,23 @@ class EvalConfig:
     prompts_file: str | None = None
     device: str | None = None
     quantizer: str = "hq_diffusion.quantize"
+    quantized: str | None = None
+    reference: str | None = None
+    reference_note: str | None = None
 
     @property
     def is_tiny(self) -> bool:
         return self.model in MODEL_ALIASES
+
+    @property
+    def ref_model(self) -> str | None:
+        """What the reference is generated from: ``model`` itself, or for a saved quantized ``model`` the
+        ``reference`` (a tiny key or a float directory; None: a quant-only run)."""
+        return self.reference if self.quantized else self.model
+
+    @property
+    def ref_is_tiny(self) -> bool:
+        return self.ref_model in MODEL_ALIASES
 
     @property
     def is_trained(self) -> bool:
@@ -90,12 +108,15 @@ class EvalConfig:
 
     def gen_fingerprint_data(self) -> dict:
         """What the reference output depends on."""
-        return {"model": self.model_id(), "model_seed": self.model_seed if self.is_tiny else None,
+        ref = self.ref_model
+        ref_id = ref if ref is None or self.ref_is_tiny else os.path.realpath(ref)
+        return {"model": ref_id, "model_seed": self.model_seed if self.ref_is_tiny else None,
                 "pipeline": self.pipeline, "dtype": self.dtype, "call_kwargs": self.call_kwargs()}
 
     def run_fingerprint_data(self) -> dict:
         """What every quantized output depends on, apart from its bps, prompt and seed."""
-        return {**self.gen_fingerprint_data(), "quantizer": self.quantizer, "quantize": self.quantize}
+        extra = {} if self.quantized is None else {"quantized_model": [self.model_id(), self.quantized]}
+        return {**self.gen_fingerprint_data(), "quantizer": self.quantizer, "quantize": self.quantize, **extra}
 
     def quant_fingerprint(self, bps: float) -> str:
         return fingerprint({**self.run_fingerprint_data(), "bps": float(bps)})
@@ -163,8 +184,6 @@ def resolve_model(model: str) -> str:
     if cls not in PIPELINE_CLASSES:
         raise EvalInputError(f"--model {model}: pipeline class {cls!r} is not supported; supported: "
                              f"{', '.join(PIPELINE_CLASSES)}")
-    if (problem := genrules.quantized_model_problem(model)) is not None:
-        raise EvalInputError(f"--model {problem}")
     if "transformer" not in info or not os.path.isfile(os.path.join(model, "transformer", "config.json")):
         raise EvalInputError(f"--model {model}: the pipeline has no transformer (model_index.json entry "
                              f"and transformer/config.json are required)")
@@ -194,16 +213,68 @@ def _check_out_dir(out: str) -> str:
     return out
 
 
+_FIXED_BY_DIR = (("bps", "--bps"), ("lattice", "--lattice"), ("schemes", "--schemes"), ("kv_bps", "--kv-bps"),
+                 ("kv_correction", "--kv-correction"), ("storage", "--storage"), ("skip", "--skip"),
+                 ("mma", "--mma"))
+#: parser defaults of the quantization options (None in the parser, so that a given flag can be told apart)
+_QUANT_DEFAULTS = {"bps": "4", "lattice": "e8", "mma": "auto", "kv_correction": "haar+dither", "storage": "rice"}
+
+
+def _quantized_model(args: argparse.Namespace) -> tuple[SavedQuantized, str, str | None, str]:
+    """For a ``--model`` saved quantized: (what it says, its digest, the reference or None, the note).  The
+    quantization options are refused (the directory fixes them), the manifest is verified up front."""
+    sq = inspect_quantized(args.model)
+    given = [flag for key, flag in _FIXED_BY_DIR if getattr(args, key, None) is not None]
+    if given:
+        raise EvalInputError(f"{', '.join(given)}: --model {args.model} is saved quantized "
+                             f"({sq.config.get('lattice', '?').upper()} at {sq.bps:g} bps), which fixes the "
+                             f"quantization; drop {'these options' if len(given) > 1 else 'this option'}")
+    from hq_diffusion.codec import HQFormatError
+    from hq_diffusion.integrations.manifest import MANIFEST_NAME, sha256_file, verify_manifest
+
+    manifest = os.path.join(sq.path, MANIFEST_NAME)
+    try:
+        if os.path.isfile(manifest):
+            verify_manifest(sq.path)
+        digest = sha256_file(manifest if os.path.isfile(manifest)
+                             else os.path.join(sq.path, "transformer", "config.json"))
+    except (HQFormatError, OSError) as e:
+        raise EvalInputError(f"--model {args.model}: {e}") from None
+    if args.reference == "none":
+        return sq, digest, None, "no float reference: --reference none"
+    if args.reference is not None:
+        return sq, digest, resolve_reference(args.reference, sq.pipeline_class), "given by --reference"
+    if sq.source is not None:
+        return sq, digest, sq.source, sq.source_note
+    return sq, digest, None, f"no float reference: {sq.source_note} and no --reference was given"
+
+
 def build_config(args: argparse.Namespace) -> EvalConfig:
     """Validate parsed ``hq-diffusion eval`` arguments into an :class:`EvalConfig`.
 
-    Everything that can be checked without loading a model is checked here, before any long work.
+    Everything that can be checked without loading a model is checked here, before any long work.  A
+    ``--model`` saved quantized by hq-diffusion is the quantized side as it is (see :mod:`.saved`); the
+    reference is ``--reference``, else the origin the directory records, else none (a quant-only run).
     Raises:
         EvalInputError: with a one-line message naming the bad value.
     """
-    pipeline = resolve_model(args.model)
-    prompts_file = args.prompts or (shapes_prompts_file() if families.is_trained(args.model)
-                                    else default_prompts_file())
+    quantized = reference = note = None
+    if is_quantized_dir(args.model):
+        sq, quantized, reference, note = _quantized_model(args)
+        pipeline = PIPELINE_CLASSES[sq.pipeline_class]
+        origin = reference if reference is not None else sq.source  # its generation defaults apply
+        tiny_ref = origin in MODEL_ALIASES
+        dtype = args.dtype or sq.dtype or "bfloat16"
+    else:
+        pipeline = resolve_model(args.model)
+        if getattr(args, "reference", None) is not None:
+            raise EvalInputError(f"--reference applies to a --model saved quantized by hq-diffusion; "
+                                 f"{args.model} is quantized by the run and is its own reference")
+        tiny_ref = args.model in MODEL_ALIASES
+        origin = args.model
+        dtype = args.dtype or "bfloat16"
+    trained = origin is not None and families.is_trained(origin)
+    prompts_file = args.prompts or (shapes_prompts_file() if trained else default_prompts_file())
     prompts = read_prompts(prompts_file)
     if args.num_prompts is not None:
         if args.num_prompts < 1:
@@ -215,21 +286,26 @@ def build_config(args: argparse.Namespace) -> EvalConfig:
     seeds = _parse_list(args.seeds, int, "--seeds")
     if any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
         raise EvalInputError(f"--seeds must be distinct non-negative integers, got {args.seeds}")
-    bps_list = _parse_list(args.bps, float, "--bps")
-    if len({R.bps_key(b) for b in bps_list}) != len(bps_list):
-        raise EvalInputError(f"--bps has duplicates: {args.bps}")
-    skip = None
-    if args.skip is not None:
-        skip = [s.strip() for s in args.skip.split(",") if s.strip()]
-    quantize = {"lattice": args.lattice, "mma": args.mma,
-                "kv_bps": None if args.kv_bps is None else float(args.kv_bps),
-                "kv_correction": args.kv_correction, "skip": skip, "storage": args.storage}
-    _check_quantize_options(bps_list, quantize)
+    if quantized is not None:
+        bps_list = [sq.bps]
+        quantize = {k: sq.config.get(k) for k in ("lattice", "mma", "kv_bps", "kv_correction", "skip", "storage")}
+    else:
+        opt = {k: getattr(args, k, None) or d for k, d in _QUANT_DEFAULTS.items()}
+        bps_list = _parse_list(opt["bps"], float, "--bps")
+        if len({R.bps_key(b) for b in bps_list}) != len(bps_list):
+            raise EvalInputError(f"--bps has duplicates: {opt['bps']}")
+        skip = None
+        if args.skip is not None:
+            skip = [s.strip() for s in args.skip.split(",") if s.strip()]
+        quantize = {"lattice": opt["lattice"], "mma": opt["mma"],
+                    "kv_bps": None if args.kv_bps is None else float(args.kv_bps),
+                    "kv_correction": opt["kv_correction"], "skip": skip, "storage": opt["storage"]}
+        _check_quantize_options(bps_list, quantize)
 
     overrides: dict[str, Any] = {}
-    if families.is_trained(args.model):
-        overrides.update(families.trained(args.model).call_defaults)
-    if args.model not in MODEL_ALIASES:
+    if trained:
+        overrides.update(families.trained(origin).call_defaults)
+    if not tiny_ref:
         overrides.update(_native_call_defaults(args.model, pipeline))
     # the app's rules and words (hq_diffusion.integrations.genrules), without the server's upper limits
     for flag, key in (("steps", "num_inference_steps"), ("frames", "num_frames"), ("height", "height"),
@@ -249,8 +325,9 @@ def build_config(args: argparse.Namespace) -> EvalConfig:
     out = _check_out_dir(args.out)
     return EvalConfig(
         model=args.model, pipeline=pipeline, prompts=tuple(prompts), seeds=tuple(seeds),
-        bps_list=tuple(bps_list), out=out, quantize=quantize, call_overrides=overrides, dtype=args.dtype,
+        bps_list=tuple(bps_list), out=out, quantize=quantize, call_overrides=overrides, dtype=dtype,
         model_seed=args.model_seed,
         lpips_weights=os.path.abspath(args.lpips_weights) if args.lpips_weights else None,
         prompts_file=os.path.abspath(prompts_file), device=args.device,
+        quantized=quantized, reference=reference if quantized is not None else None, reference_note=note,
     )

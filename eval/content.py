@@ -144,7 +144,8 @@ def summarize(entries: list[dict]) -> dict:
 
     Returns:
         ``{bps_key: {"n", "ref", "quant", "ref_both", "quant_both", "quant_colour", "quant_direction"}}``:
-        ``ref`` / ``quant`` the mean agreement in ``[0, 1]`` (reference and quantized pipelines), ``*_both``
+        ``ref`` / ``quant`` the mean agreement in ``[0, 1]`` (reference and quantized pipelines; ``ref`` and
+        ``ref_both`` None in a run without a float reference, whose records carry ``"ref": None``), ``*_both``
         the fraction of clips right on colour and direction, ``quant_colour`` / ``quant_direction`` the
         fraction right on each; only entries that carry a content record count (``n``). Bps with none are
         left out.
@@ -159,9 +160,11 @@ def summarize(entries: list[dict]) -> dict:
     out = {}
     for k, cs in groups.items():
         def mean(side, key):
-            return float(np.mean([float(c[side][key]) for c in cs]))
+            vals = [float(c[side][key]) for c in cs if c.get(side)]
+            return float(np.mean(vals)) if vals else None
+        refs = [c["ref"] for c in cs if c.get("ref")]  # none in a run without a float reference
         out[k] = {"n": len(cs), "ref": mean("ref", "agreement"), "quant": mean("quant", "agreement"),
-                  "ref_both": float(np.mean([c["ref"]["colour_ok"] and c["ref"]["direction_ok"] for c in cs])),
+                  "ref_both": float(np.mean([r["colour_ok"] and r["direction_ok"] for r in refs])) if refs else None,
                   "quant_both": float(np.mean([c["quant"]["colour_ok"] and c["quant"]["direction_ok"] for c in cs])),
                   "quant_colour": mean("quant", "colour_ok"), "quant_direction": mean("quant", "direction_ok")}
     return out

@@ -47,6 +47,8 @@ def _compression_display(summaries: dict[str, dict]) -> dict:
                 out[pre + f"K/V ({comp}): compression \u00d7 vs fp16"] = ks.get("compression")
         elif "kv" in body:
             out[pre + "K/V"] = "not quantized"
+        for key, v in ((s or {}).get("run") or {}).items():  # timing and memory of one generation
+            out[pre + key.replace("_", " ")] = v
         known = {key for key, _ in _COMPRESSION_KEYS} | {"layers", "skipped", "kv", "config"}
         for key, v in body.items():
             if key not in known and (isinstance(v, (int, float, str, bool)) or v is None):
@@ -86,14 +88,24 @@ def merge(out: str) -> dict:
                 lpips_infos.append(m.get("lpips") or {})
                 entries.append({key: m.get(key) for key in
                                 ("prompt", "index", "seed", "bps", "per_frame", "means", "audio_snr_db",
-                                 "video", "frames", "audio", "content")})
+                                 "video", "frames", "audio", "content", "seconds")})
     lp = lpips_infos[0] if lpips_infos else {"available": False, "reason": "no items"}
     if any(x.get("available") != lp.get("available") for x in lpips_infos):
         lp = {"available": False, "reason": "LPIPS was computed for some items only"}
     lp = {"available": bool(lp.get("available")), "reason": lp.get("reason"), "plumbing": bool(lp.get("plumbing"))}
 
+    saved = bool(run.get("quantized_model"))
+    no_reference = saved and run.get("reference") is None
+    if not saved:
+        reference = f"unquantized, {run['dtype']}"
+    elif no_reference:
+        reference = f"none ({run.get('reference_note')})"
+    else:
+        reference = f"{run['reference']}, unquantized, {run['dtype']} ({run.get('reference_note')})"
     config = {
-        "model": run["model"], "pipeline": run["pipeline"], "reference": f"unquantized, {run['dtype']}",
+        "model": run["model"], "pipeline": run["pipeline"], "reference": reference,
+        "quantized": (f"saved quantized in {run['model']} (loaded as stored)" if saved
+                      else "quantized by this run (hq_diffusion.quantize)"),
         "dtype": run["dtype"], "num_prompts": len(prompts), "seeds": seeds, "bps": bps_list,
         **run["quantize"],
         "generation": run["call_kwargs"],
@@ -109,6 +121,7 @@ def merge(out: str) -> dict:
         "prompts": entries,
         "lpips": lp,
         "missing": missing,
+        "no_reference": no_reference,
     }
     report["suite"] = R.suite_aggregates(entries)
     report["content"] = content_summary(entries)

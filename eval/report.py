@@ -322,8 +322,9 @@ def write_side_by_side_mp4(path: str | os.PathLike, ref: np.ndarray, quant: np.n
                            audio: np.ndarray | None = None,
                            audio_sample_rate: int | None = None,
                            quality: float = 8, min_height: int = _MIN_VIDEO_HEIGHT,
-                           colormap: str | None = ERROR_COLORMAP) -> str:
-    """Write an H.264 (libx264, yuv420p) mp4 whose frames are ``ref | quant | error map``
+                           colormap: str | None = ERROR_COLORMAP, quant_only: bool = False) -> str:
+    """Write an H.264 (libx264, yuv420p) mp4 whose frames are ``ref | quant | error map`` (``quant_only``: the
+    quantized panel alone, for a run without a float reference; pass ``quant`` as ``ref`` too)
     (see ``side_by_side_frames``: tiny frames are nearest-upscaled to >= ``min_height`` px high;
     the error map is ``|ref - quant| * error_gain`` through ``colormap``; ``error_gain`` None: one gain for
     the whole video, :func:`auto_error_gain`).
@@ -352,8 +353,9 @@ def write_side_by_side_mp4(path: str | os.PathLike, ref: np.ndarray, quant: np.n
                                 ffmpeg_log_level="error")
         try:
             for i in range(ref.shape[0]):  # one frame at a time: bounded memory for long videos
-                writer.append_data(side_by_side_frames(ref[i:i + 1], quant[i:i + 1], error_gain,
-                                                       min_height, colormap)[0])
+                row = side_by_side_frames(ref[i:i + 1], quant[i:i + 1], error_gain, min_height, colormap)[0]
+                third = row.shape[1] // 3
+                writer.append_data(np.ascontiguousarray(row[:, third:2 * third]) if quant_only else row)
         finally:
             writer.close()
         if audio is not None:
@@ -412,7 +414,8 @@ def _content_cell(c: dict | None) -> str:
     """``"100% / 50%"`` from an entry's content record (eval/content.check_pair), an en dash without one."""
     if not c:
         return "\u2013"
-    return " / ".join(f"{100 * float(c[side]['agreement']):.0f}%" for side in ("ref", "quant"))
+    return " / ".join(f"{100 * float(c[side]['agreement']):.0f}%" if c.get(side) else "\u2013"
+                      for side in ("ref", "quant"))
 
 
 def _entry_means(e: dict) -> dict:
@@ -629,6 +632,31 @@ def _prompt_table(prompts: list[dict], ids: list[str], has_agreement: bool, html
     return "\n".join(out)
 
 
+NO_REFERENCE = "no float reference: PSNR/SSIM not computed"
+
+
+def _quant_only_section(prompts: list[dict], ids: list[str]) -> str:
+    """The page of a run without a float reference: the note, then per prompt its content agreement, the
+    generation time and the quantized video (no PSNR/SSIM, no comparison plots)."""
+    out = [f"<p class='warn' id='no-reference'>{html.escape(NO_REFERENCE[0].upper() + NO_REFERENCE[1:])} (no LPIPS, flicker or "
+           "error maps either): this run generated with the quantized pipeline only. Give the float pipeline it "
+           "was made from with --reference to compare.</p>",
+           "<h2>Per prompt</h2><table class='prompts' id='prompt-table'><tr><th>id</th><th>prompt</th>"
+           "<th>seed</th><th>bps</th><th>content agreement (quant)</th><th>generation (s)</th><th>video</th>"
+           "<th>frames</th></tr>"]
+    for i, e in enumerate(prompts):
+        video, frames = e.get("video"), e.get("frames")
+        vcell = (f"<video controls preload='metadata' src='{_pg.rel_link(video)}'></video>" if video else "\u2013")
+        fcell = (f"<a class='frames-link' href='{_pg.rel_link(frames)}'>{html.escape(str(frames))}</a>"
+                 if frames else "\u2013")
+        out.append(f"<tr id='prompt-{i}'><td>{html.escape(ids[i])}</td><td>{html.escape(str(e.get('prompt')))}</td>"
+                   f"<td>{html.escape(str(e.get('seed')))}</td><td>{html.escape(bps_key(e.get('bps')))}</td>"
+                   f"<td class='num'>{_pg.fmt(_pg.agreement(e), 3)}</td>"
+                   f"<td class='num'>{_pg.fmt(e.get('seconds'), 2)}</td><td>{vcell}</td><td>{fcell}</td></tr>")
+    out.append("</table>")
+    return "\n".join(out)
+
+
 def write_html_report(path: str | os.PathLike, report: dict,
                       plots_dir_or_inline: str | os.PathLike | None = "inline") -> str:
     """Write a report.html for ``report`` (schema: module docstring).
@@ -673,6 +701,10 @@ def write_html_report(path: str | os.PathLike, report: dict,
     out.append(_pg.explanations(has_agreement))
     out.append("<h2>Compression</h2>" + _kv_table(report.get("compression") or {}, "compression"))
     out.append("<h2>Configuration</h2>" + _kv_table(report.get("config") or {}, "config"))
+    if report.get("no_reference"):
+        out.append(_quant_only_section(prompts, ids))
+        out.append("</body></html>\n")
+        return write_bytes_atomic(path, "\n".join(out).encode("utf-8"))
     if lp and not lp.get("available", False):
         out.append(f"<p class='warn' id='lpips-status'>LPIPS not computed: "
                    f"{html.escape(str(lp.get('reason')))}</p>")

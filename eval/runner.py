@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+import time
 from typing import Callable
 
 import numpy as np
@@ -60,12 +61,13 @@ def _device(cfg: EvalConfig) -> str:
 
 
 def _load_pipeline(cfg: EvalConfig):
-    """A fresh pipeline (new modules every call: quantizing it never touches another copy)."""
+    """A fresh float pipeline of the reference (``cfg.ref_model``; new modules every call: quantizing it
+    never touches another copy)."""
     dtype = _torch_dtype(cfg.dtype)
-    if cfg.is_tiny:
+    if cfg.ref_is_tiny:
         from hq_diffusion.models import tiny_pipeline
 
-        pipe = tiny_pipeline(cfg.model, seed=cfg.model_seed, dtype=dtype)
+        pipe = tiny_pipeline(cfg.ref_model, seed=cfg.model_seed, dtype=dtype)
     else:
         import warnings
 
@@ -73,9 +75,35 @@ def _load_pipeline(cfg: EvalConfig):
 
         with warnings.catch_warnings():  # recent diffusers prefer dtype=, which older supported ones lack
             warnings.filterwarnings("ignore", message=".*torch_dtype.*deprecated", category=FutureWarning)
-            pipe = diffusers.DiffusionPipeline.from_pretrained(cfg.model, torch_dtype=dtype)
+            pipe = diffusers.DiffusionPipeline.from_pretrained(cfg.ref_model, torch_dtype=dtype)
         pipe.set_progress_bar_config(disable=True)
     return pipe.to(_device(cfg))
+
+
+def _load_saved_quantized(cfg: EvalConfig):
+    """The pipeline saved quantized in ``cfg.model``, as stored (each component in its saved dtype).
+    Raises EvalInputError naming the directory and the file at fault."""
+    import hq_diffusion
+    from hq_diffusion.codec import HQFormatError
+
+    try:
+        pipe = hq_diffusion.load_quantized(cfg.model, device=_device(cfg))
+    except (HQFormatError, OSError, ValueError) as e:
+        raise EvalInputError(f"--model {cfg.model}: cannot load the quantized pipeline: {e}") from None
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _peak_memory(device: str) -> dict:
+    """Peak memory of this process: CUDA allocations on ``device``, else the CPU resident set (bytes)."""
+    import torch
+
+    if device.startswith("cuda"):
+        return {"peak_memory_bytes": int(torch.cuda.max_memory_allocated(device)), "memory_kind": "cuda allocated"}
+    import resource
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    return {"peak_memory_bytes": int(rss), "memory_kind": "process max resident set (cpu)"}
 
 
 def _default_quantize(pipe, **kwargs):
@@ -167,9 +195,31 @@ def _rank_world() -> tuple[int, int]:
     return rank, world
 
 
-def _write_item(cfg: EvalConfig, it: Item, ref: dict, quant: dict, lpips: _Lpips, fps: float) -> None:
+def quant_only_metrics(quant: np.ndarray, prompt: str | None) -> dict:
+    """An item's record without a float reference: no per-frame comparison (None), the content check of the
+    quantized output alone (``{"ref": None, "quant": ...}``, None when the prompt is no dataset caption)."""
+    per_frame = {m: None for m in R.METRICS}
+    content = None
+    if prompt is not None and C.checkable(prompt):
+        content = {"ref": None, "quant": C.check(quant.astype(np.float32) / 255.0, prompt).as_dict()}
+    return {"per_frame": per_frame, "means": R.prompt_means(per_frame), "audio_snr_db": None,
+            "lpips_info": {"available": False, "reason": "no float reference"}, "content": content}
+
+
+def _write_item(cfg: EvalConfig, it: Item, ref: dict | None, quant: dict, lpips: _Lpips, fps: float) -> None:
     d = item_dir(cfg.out, it.bps, it.idx, it.seed)
     where = f"prompt {it.idx} (seed {it.seed}) at {R.bps_key(it.bps)} bps"
+    if ref is None:  # quant-only run
+        try:
+            res = quant_only_metrics(quant["frames"], it.prompt)
+        except ValueError as e:
+            raise EvalInputError(f"{where}: {e}") from None
+        write_npz(os.path.join(d, "frames.npz"), quant=quant["frames"])
+        R.write_side_by_side_mp4(os.path.join(d, "video.mp4"), quant["frames"], quant["frames"], fps=fps,
+                                 audio=quant.get("audio"), audio_sample_rate=quant.get("audio_sample_rate"),
+                                 quant_only=True)
+        _write_metrics(cfg, it, res, False, quant.get("seconds"))
+        return
     try:
         res = compute_metrics(ref["frames"], quant["frames"], lpips, ref.get("audio"), quant.get("audio"),
                               prompt=it.prompt)
@@ -184,10 +234,10 @@ def _write_item(cfg: EvalConfig, it: Item, ref: dict, quant: dict, lpips: _Lpips
     # The mp4 carries the quantized pipeline's audio (the track under test).
     R.write_side_by_side_mp4(os.path.join(d, "video.mp4"), ref["frames"], quant["frames"], fps=fps,
                              audio=quant.get("audio"), audio_sample_rate=quant.get("audio_sample_rate"))
-    _write_metrics(cfg, it, res, has_audio)
+    _write_metrics(cfg, it, res, has_audio, quant.get("seconds"))
 
 
-def _write_metrics(cfg: EvalConfig, it: Item, res: dict, has_audio: bool) -> None:
+def _write_metrics(cfg: EvalConfig, it: Item, res: dict, has_audio: bool, seconds: float | None = None) -> None:
     d = item_dir(cfg.out, it.bps, it.idx, it.seed)
     rel = lambda name: os.path.relpath(os.path.join(d, name), cfg.out).replace(os.sep, "/")  # noqa: E731
     entry = {
@@ -196,7 +246,7 @@ def _write_metrics(cfg: EvalConfig, it: Item, res: dict, has_audio: bool) -> Non
         "video": rel("video.mp4"), "frames": rel("frames.npz"),
         "audio": rel("audio.npz") if has_audio else None,
         "lpips": res["lpips_info"], "fingerprint": cfg.quant_fingerprint(it.bps),
-        "content": res.get("content"),
+        "content": res.get("content"), "seconds": seconds,
     }
     R.write_json_atomic(os.path.join(d, "metrics.json"), entry)
 
@@ -204,8 +254,12 @@ def _write_metrics(cfg: EvalConfig, it: Item, res: dict, has_audio: bool) -> Non
 def _recompute_metrics(cfg: EvalConfig, it: Item, lpips: _Lpips) -> None:
     """Metrics only, from the stored frames (e.g. LPIPS weights became available)."""
     d = item_dir(cfg.out, it.bps, it.idx, it.seed)
+    old = read_json(os.path.join(d, "metrics.json")) or {}
     with np.load(os.path.join(d, "frames.npz")) as z:
-        ref, quant = z["ref"], z["quant"]
+        ref, quant = (z["ref"] if "ref" in z.files else None), z["quant"]
+    if ref is None:
+        _write_metrics(cfg, it, quant_only_metrics(quant, it.prompt), False, old.get("seconds"))
+        return
     ra = qa = rate = None
     has_audio = os.path.isfile(os.path.join(d, "audio.npz"))
     if has_audio:
@@ -218,7 +272,7 @@ def _recompute_metrics(cfg: EvalConfig, it: Item, lpips: _Lpips) -> None:
     if not os.path.isfile(os.path.join(d, "video.mp4")):
         R.write_side_by_side_mp4(os.path.join(d, "video.mp4"), ref, quant, fps=_fps(cfg), audio=qa,
                                  audio_sample_rate=rate)
-    _write_metrics(cfg, it, res, has_audio)
+    _write_metrics(cfg, it, res, has_audio, old.get("seconds"))
 
 
 def _fps(cfg: EvalConfig) -> float:
@@ -234,16 +288,19 @@ def _checked_generate(generate_fn: Callable, pipe, cfg: EvalConfig, idx: int, se
     # runs reproduce a clean run exactly, and summary.json measures one generation
     reset_kv_state(pipe)
     try:
-        return generate_fn(pipe, cfg, cfg.prompts[idx], seed)
+        t0 = time.perf_counter()
+        out = generate_fn(pipe, cfg, cfg.prompts[idx], seed)
+        return {**out, "seconds": time.perf_counter() - t0}
     except ValueError as e:
         raise EvalInputError(f"quantized generation of prompt {idx} (seed {seed}) at {R.bps_key(bps)} bps: "
                              f"{e}") from None
 
 
-def _write_summary(cfg: EvalConfig, bps: float, summary: dict) -> None:
+def _write_summary(cfg: EvalConfig, bps: float, summary: dict, seconds: float | None) -> None:
+    run = {"generate_seconds": seconds, **_peak_memory(_device(cfg))}
     R.write_json_atomic(os.path.join(bps_dir(cfg.out, bps), "summary.json"),
                         {"fingerprint": cfg.quant_fingerprint(bps), "bps": float(bps),
-                         "measured_on": {"prompt_index": 0, "seed": cfg.seeds[0]}, **summary})
+                         "measured_on": {"prompt_index": 0, "seed": cfg.seeds[0]}, "run": run, **summary})
 
 
 class _Stop(Exception):
@@ -287,8 +344,8 @@ def run_eval(cfg: EvalConfig, *, quantize_fn: Callable | None = None, summary_fn
                      != cfg.quant_fingerprint(b)]
     gen_meta = {"fingerprint": cfg.gen_fingerprint()}
     refs_needed = sorted({(it.idx, it.seed) for it in todo})
-    refs_missing = [(i, s) for i, s in refs_needed
-                    if load_ref(ref_path(cfg.out, i, s), {**gen_meta, "prompt": cfg.prompts[i]}) is None]
+    refs_missing = [] if cfg.ref_model is None else [(i, s) for i, s in refs_needed
+                                                      if load_ref(ref_path(cfg.out, i, s), {**gen_meta, "prompt": cfg.prompts[i]}) is None]
 
     from tqdm import tqdm
 
@@ -321,24 +378,28 @@ def run_eval(cfg: EvalConfig, *, quantize_fn: Callable | None = None, summary_fn
             if not pending and not need_summary:
                 continue
             bar.set_postfix_str(f"quantizing {R.bps_key(b)} bps")
-            pipe = _load_pipeline(cfg)
-            pipe = quantize_fn(pipe, bps=float(b), **cfg.quantize, progress=False) or pipe
+            if cfg.quantized is not None:
+                pipe = _load_saved_quantized(cfg)
+            else:
+                pipe = _load_pipeline(cfg)
+                pipe = quantize_fn(pipe, bps=float(b), **cfg.quantize, progress=False) or pipe
             bar.set_postfix_str(f"{R.bps_key(b)} bps")
             first = (0, cfg.seeds[0])
             if need_summary and not (pending and (pending[0].idx, pending[0].seed) == first):
-                _checked_generate(generate_fn, pipe, cfg, *first, b)  # measurement only
-                _write_summary(cfg, b, summary_fn(pipe))
+                out = _checked_generate(generate_fn, pipe, cfg, *first, b)  # measurement only
+                _write_summary(cfg, b, summary_fn(pipe), out["seconds"])
                 need_summary = False
             for it in pending:
                 if max_items is not None and done_new >= max_items:
                     raise _Stop
-                ref = load_ref(ref_path(cfg.out, it.idx, it.seed), {**gen_meta, "prompt": it.prompt})
-                if ref is None:
+                ref = None if cfg.ref_model is None else load_ref(ref_path(cfg.out, it.idx, it.seed),
+                                                                  {**gen_meta, "prompt": it.prompt})
+                if ref is None and cfg.ref_model is not None:
                     raise EvalInputError(f"reference output of prompt {it.idx} (seed {it.seed}) vanished from "
                                          f"{cfg.out}/ref during the run")
                 quant = _checked_generate(generate_fn, pipe, cfg, it.idx, it.seed, b)
                 if need_summary:
-                    _write_summary(cfg, b, summary_fn(pipe))
+                    _write_summary(cfg, b, summary_fn(pipe), quant["seconds"])
                     need_summary = False
                 _write_item(cfg, it, ref, quant, lpips, fps)
                 done_new += 1

@@ -49,10 +49,13 @@ def _values(suite: dict, q: dict, agreement: float | None) -> list:
             mean("ssim"), mean("lpips"), mean("flicker_psnr"), agreement]
 
 
-def _tail(report_path: str, seconds: float | None, missing: int, lpips: dict | None) -> list[tuple[str, str]]:
+def _tail(report_path: str, seconds: float | None, missing: int, lpips: dict | None,
+          no_reference: bool = False) -> list[tuple[str, str]]:
     tail = []
     lp = lpips or {}
-    if not lp.get("available"):
+    if no_reference:
+        tail.append(("NOTE", R.NO_REFERENCE))
+    elif not lp.get("available"):
         tail.append(("LPIPS", f"not computed: {lp.get('reason')}"))
     elif lp.get("plumbing"):
         tail.append(("LPIPS", "from PLUMBING weights: not a perceptual number"))
@@ -78,7 +81,8 @@ def format_run_table(report: dict, report_path: str, seconds: float | None = Non
         rows.append([k] + [_cell(v, s, u) for v, (_, s, u) in zip(vals, _COLS)] + [worst])
     names = ["bps"] + [c for c, _, _ in _COLS] + ["worst prompt"]
     return _render(_heading(report), names, rows,
-                   _tail(report_path, seconds, len(report.get("missing") or []), report.get("lpips")))
+                   _tail(report_path, seconds, len(report.get("missing") or []), report.get("lpips"),
+                         bool(report.get("no_reference"))))
 
 
 def format_sweep_table(sweep: dict, reports: dict[str, dict], report_path: str,

@@ -306,3 +306,22 @@ def test_cli_serves_on_loopback_and_stops_on_sigterm():
     assert proc.returncode == 0, out
     assert f"serving on http://127.0.0.1:{port}/" in out and "stopping" in out
     assert "Traceback" not in out
+
+
+# ---- defaults for the trained model; --model QUANTIZED_DIR ---------------------------------------------------
+
+def test_ui_defaults_suit_the_trained_default_model():
+    from hq_diffusion.app.ui import EXAMPLES, RANDOM_EXAMPLES, ui_defaults
+    from hq_diffusion.eval.files import read_prompts, shapes_prompts_file
+    from hq_diffusion.integrations import families
+
+    assert AppSettings().default_model == "tiny-ltx-trained"
+    d = ui_defaults("tiny-ltx-trained")
+    want = families.trained("tiny-ltx-trained").call_defaults["num_inference_steps"]
+    assert (d["height"], d["width"], d["frames"], d["steps"]) == (32, 32, 9, want)
+    assert d["examples"] == EXAMPLES == read_prompts(shapes_prompts_file()) and len(EXAMPLES) == 16
+    # the random-weight models stay selectable, with their own examples
+    assert "tiny-ltx" in AppSettings().models and ui_defaults("tiny-ltx")["examples"] == RANDOM_EXAMPLES
+    # the defaults are a valid request under the app's limits
+    GenerationRequest(model="tiny-ltx-trained", prompt=EXAMPLES[0], frames=d["frames"], height=d["height"],
+                      width=d["width"], steps=d["steps"]).validate(AppSettings(), "ltx")

@@ -235,16 +235,7 @@ def test_load_quantized_restores_every_dtype_and_the_frames(quantized_dir, recwa
 
 # ---- CLI and app ---------------------------------------------------------------------------------------------
 
-def test_eval_and_app_refuse_a_quantized_model_dir_in_one_line(quantized_dir, tmp_path, capsys):
-    from hq_diffusion.app.engine import resolve_kind
-    from hq_diffusion.eval import cli
-
-    d = quantized_dir[2]
-    rc = cli.main(["--model", str(d), "--out", str(tmp_path / "run")])
-    err = capsys.readouterr().err.strip()
-    assert rc == 2 and "\n" not in err and "saved quantized by hq-diffusion (transformer)" in err, err
-    with pytest.raises(ValueError, match=r"saved quantized by hq-diffusion \(transformer\)"):
-        resolve_kind(str(d))
+# ``--model QUANTIZED_DIR`` for eval and the app: tests/test_eval_quantized.py and tests/test_app.py
 
 
 @pytest.mark.parametrize("flag, value, words", [
