@@ -312,3 +312,31 @@ def test_bench_convert_scales_only_the_blocks_to_the_full_depth(tmp_path):
     assert block_bytes(tmp_path) == 10 + 24 + 6
     # 2 blocks of 20 bytes each + 200 bytes outside the blocks -> 48 blocks: 200 + 48 * 20
     assert scale_to_full(240, 40, 2) == 200 + 48 * 20
+
+
+@pytest.mark.parametrize("shard", [None, "200KB"])
+def test_quantize_on_load_reads_each_tensor_only_when_loaded(src, reference, tmp_path, monkeypatch, shard):
+    """Quantize-on-load replaces the shard diffusers read (views of one memory map of the whole file, kept
+    resident by any parameter that survives) by a LazyShard: every tensor of the file is read on its own, when
+    the loader reaches it; the result is the in-process one, single file or sharded."""
+    from diffusers import LTXVideoTransformer3DModel
+
+    from hq_diffusion.integrations import load_quantize
+    from hq_diffusion.integrations.config import HQConfig
+
+    d = src / "transformer"
+    if shard is not None:
+        d = tmp_path / "sharded"
+        LTXVideoTransformer3DModel.from_pretrained(str(src / "transformer")).save_pretrained(
+            d, max_shard_size=shard)
+        assert (d / INDEX_NAME).is_file()
+    read, orig = [], load_quantize.read_tensor
+    monkeypatch.setattr(load_quantize, "read_tensor", lambda f, k, *a: read.append(k) or orig(f, k, *a))
+    m = LTXVideoTransformer3DModel.from_pretrained(str(d), torch_dtype=torch.bfloat16,
+                                                   quantization_config=HQConfig(bps=4.0))
+    ref = hq.load_quantized(reference).state_dict()
+    sd = m.state_dict()
+    assert sd.keys() == ref.keys() and all(torch.equal(sd[k], ref[k]) for k in ref)
+    planned = [r.name for r in hq.summary(m).layers]
+    assert planned and all(f"{k}.weight" in read for k in planned)
+    assert len(read) >= len(LTXVideoTransformer3DModel.from_pretrained(str(d)).state_dict())

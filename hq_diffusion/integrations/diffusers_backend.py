@@ -192,6 +192,7 @@ class HQDiffusersQuantizer(DiffusersQuantizer):
     def maybe_update_loaded_keys(self, loaded_keys, checkpoint_files):
         """Verify each checkpoint file (metadata equal to config.json, every tensor's CRC32) before loading."""
         if not self.pre_quantized:
+            load_quantize.note_files(self, checkpoint_files)
             return loaded_keys
         want = self.checkpoint
         self.checkpoint_files = list(checkpoint_files or [])
@@ -209,6 +210,10 @@ class HQDiffusersQuantizer(DiffusersQuantizer):
             missing = sorted(set(qc["checksums"]) - seen)[:5]
             raise HQFormatError(f"{checkpoint_files[0]}: tensors listed in the checksum table are missing: {missing}")
         return loaded_keys
+
+    def maybe_update_state_dict(self, state_dict):
+        """Quantize-on-load: each tensor read from its file only when loaded (``load_quantize.lazy_shard``)."""
+        return state_dict if self.pre_quantized else load_quantize.lazy_shard(self, state_dict)
 
     def _process_model_before_weight_loading(self, model, **kwargs):
         if self.pre_quantized:
