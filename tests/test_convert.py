@@ -340,3 +340,20 @@ def test_quantize_on_load_reads_each_tensor_only_when_loaded(src, reference, tmp
     planned = [r.name for r in hq.summary(m).layers]
     assert planned and all(f"{k}.weight" in read for k in planned)
     assert len(read) >= len(LTXVideoTransformer3DModel.from_pretrained(str(d)).state_dict())
+
+
+def test_single_file_with_model_class(src, reference, tmp_path, capsys):
+    """A single-file safetensors SRC converts with --model-class (+ --config) to the in-process result; without
+    the class, or with an unknown one, it is a one-line error (exit 2) and nothing is written."""
+    file = src / "transformer" / WEIGHTS_NAME
+    out = tmp_path / "single"
+    assert cli_main([str(file), "--out", str(out), "--no-progress"]) == 2
+    assert "needs --model-class" in capsys.readouterr().err and not out.exists()
+    assert cli_main([str(file), "--out", str(out), "--model-class", "NoSuchModel", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "'NoSuchModel': not a diffusers model class" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+    assert cli_main([str(file), "--out", str(out), "--model-class", "LTXVideoTransformer3DModel", "--config",
+                     str(src / "transformer" / "config.json"), "--workers", "1", "--no-progress"]) == 0
+    got, ref = hq.load_quantized(out).state_dict(), hq.load_quantized(reference).state_dict()
+    assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)

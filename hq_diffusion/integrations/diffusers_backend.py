@@ -50,6 +50,7 @@ from . import autoregister
 from .config import HQConfig, QuantMethod, resolve_config
 from .quantize import quantize
 from .manifest import check_directory, find_manifest, verify_manifest
+from .shards import weights_file
 from .state import (METADATA_KEY, STATE_ATTR, HQState, apply_kv, check_no_meta, kv_api, check_quantization_config,
                     file_metadata, looks_quantized, manifest_flag, quantization_config, read_checkpoint_metadata,
                     read_json_file, read_verified_tensors, refuse_stripped_config, strip_file_keys,
@@ -331,7 +332,7 @@ def _is_hq_dir(path: Path) -> bool:
     if claims:
         return True
     try:
-        return looks_quantized(path / WEIGHTS_NAME) is not None
+        return looks_quantized(weights_file(path)) is not None
     except HQFormatError:  # an unreadable file under a config that does not claim hq-diffusion: diffusers reports it
         return False
 
@@ -367,7 +368,7 @@ def guarded_from_pretrained(orig, cls, path: Path, *args, **kwargs):
     - diffusers' own errors (config fields, shapes) are re-raised naming config.json;
     - afterwards no parameter or buffer may be on ``meta``, and the manifest covering ``path`` (the whole saved
       pipeline when ``path`` is one of its components) is verified (:func:`~.manifest.check_directory`)."""
-    cfg_path, st_path = path / CONFIG_NAME, path / WEIGHTS_NAME
+    cfg_path, st_path = path / CONFIG_NAME, weights_file(path)
     config = read_json_file(cfg_path)
     qc = config.get("quantization_config")
     has_qc = isinstance(qc, dict) and qc.get("quant_method") == QuantMethod.HQ_DIFFUSION.value

@@ -160,6 +160,14 @@ def component_files(path: Path) -> list[Path]:
     return [path / f for f in dict.fromkeys(wm.values())]
 
 
+def weights_file(path) -> Path:
+    """The component directory's weights file that identifies it: the single file, else the first shard its
+    index names that exists (a sharded hq-diffusion component has no single file), else the single file's
+    path. HQFormatError for an index without a valid weight_map."""
+    files = component_files(Path(path))
+    return next((f for f in files if f.is_file()), Path(path) / WEIGHTS_NAME)
+
+
 def read_header(path) -> tuple[dict[str, tuple[str, tuple, int, int]], int]:
     """The tensor table of the safetensors file ``path``: ({name: (dtype, shape, begin, end)}, byte offset of
     the data section). Raises :class:`~hq_diffusion.codec.HQFormatError` naming the file for a header that is
@@ -208,5 +216,5 @@ def read_tensor(path, name: str, entry: tuple[str, tuple, int, int], data_start:
 
 
 __all__ = ["WEIGHTS_NAME", "INDEX_NAME", "parse_size", "nbytes", "data_order", "header_bytes", "tensor_bytes",
-           "write_safetensors", "plan_shards", "shard_names", "write_index", "component_files", "read_header",
+           "write_safetensors", "plan_shards", "shard_names", "write_index", "component_files", "weights_file", "read_header",
            "read_tensor"]
