@@ -86,11 +86,8 @@ def _load_tr_with_diffusers(path):
 
 # ---- 1. quantization_config stripped from config.json ---------------------------------------------------------
 
-@pytest.mark.parametrize("old", [False, True], ids=["with-manifest", "pre-manifest"])
-def test_stripped_quantization_config_is_refused(saved, tmp_path, old):
-    d = _copy(saved[1], tmp_path)
-    if old:
-        _old_style(d)
+def _strip_config_and_expect_refusal(d):
+    """Remove the transformer's quantization_config; every load path must refuse it, naming config.json."""
     _edit_json(d / TR / "config.json", lambda c: c.pop("quantization_config"))
     msg = r"transformer.config\.json: no hq_diffusion quantization_config, but .*hq-diffusion checkpoint"
     with pytest.raises(HQFormatError, match=msg):
@@ -99,6 +96,14 @@ def test_stripped_quantization_config_is_refused(saved, tmp_path, old):
         ser.load_quantized(d / TR)
     with pytest.raises(HQFormatError, match=msg):
         _load_tr_with_diffusers(d / TR)
+
+
+@pytest.mark.parametrize("old", [False, True], ids=["with-manifest", "pre-manifest"])
+def test_stripped_quantization_config_is_refused(saved, tmp_path, old):
+    d = _copy(saved[1], tmp_path)
+    if old:
+        _old_style(d)
+    _strip_config_and_expect_refusal(d)
 
 
 def test_stripped_config_and_metadata_is_refused_by_buffer_names(saved, tmp_path):
@@ -544,14 +549,7 @@ def sharded(tmp_path_factory):
 
 def test_stripped_config_of_a_sharded_component_is_refused(sharded, tmp_path):
     d = _copy(sharded, tmp_path)
-    _edit_json(d / TR / "config.json", lambda c: c.pop("quantization_config"))
-    msg = r"transformer.config\.json: no hq_diffusion quantization_config, but .*hq-diffusion checkpoint"
-    with pytest.raises(HQFormatError, match=msg):
-        ser.load_quantized(d)
-    with pytest.raises(HQFormatError, match=msg):
-        ser.load_quantized(d / TR)
-    with pytest.raises(HQFormatError, match=msg):
-        _load_tr_with_diffusers(d / TR)
+    _strip_config_and_expect_refusal(d)
 
 
 def test_sharded_component_without_its_manifest_is_refused(sharded, tmp_path):
