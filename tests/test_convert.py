@@ -357,3 +357,22 @@ def test_single_file_with_model_class(src, reference, tmp_path, capsys):
                      str(src / "transformer" / "config.json"), "--workers", "1", "--no-progress"]) == 0
     got, ref = hq.load_quantized(out).state_dict(), hq.load_quantized(reference).state_dict()
     assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
+
+
+def test_snr_db_is_row_blocked_and_independent_of_the_blocking(monkeypatch):
+    """HQLinear.from_linear's SNR works on row blocks (bounded memory on real-size weights); the stored value is
+    the whole-weight float64 SNR, and the same for any block size (rounded to SNR_DECIMALS)."""
+    from hq_diffusion.codec.config import CodecConfig
+    from hq_diffusion.nn import linear as L
+
+    torch.manual_seed(3)
+    lin = torch.nn.Linear(300, 77).to(torch.bfloat16)  # odd shapes: padded rows, a short last block
+    m = L.HQLinear.from_linear(lin, CodecConfig(bps=4.0), key="blk")
+    w = lin.weight.detach().double()
+    ref = 10 * torch.log10(w.square().sum() / (m.dequantize().double() - w).square().sum()).item()
+    seen = set()
+    for elems in (1, 300, 1000, 1 << 22):
+        monkeypatch.setattr(L, "SNR_BLOCK_ELEMS", elems)
+        seen.add(L._snr_db(lin.weight.detach(), m))
+    assert len(seen) == 1 and m.hq_meta["snr_db"] in seen
+    assert abs(m.hq_meta["snr_db"] - ref) < 2e-3  # dequantize() rounds to bf16; the SNR uses float32
