@@ -312,3 +312,67 @@ def test_bench_convert_scales_only_the_blocks_to_the_full_depth(tmp_path):
     assert block_bytes(tmp_path) == 10 + 24 + 6
     # 2 blocks of 20 bytes each + 200 bytes outside the blocks -> 48 blocks: 200 + 48 * 20
     assert scale_to_full(240, 40, 2) == 200 + 48 * 20
+
+
+@pytest.mark.parametrize("shard", [None, "200KB"])
+def test_quantize_on_load_reads_each_tensor_only_when_loaded(src, reference, tmp_path, monkeypatch, shard):
+    """Quantize-on-load replaces the shard diffusers read (views of one memory map of the whole file, kept
+    resident by any parameter that survives) by a LazyShard: every tensor of the file is read on its own, when
+    the loader reaches it; the result is the in-process one, single file or sharded."""
+    from diffusers import LTXVideoTransformer3DModel
+
+    from hq_diffusion.integrations import load_quantize
+    from hq_diffusion.integrations.config import HQConfig
+
+    d = src / "transformer"
+    if shard is not None:
+        d = tmp_path / "sharded"
+        LTXVideoTransformer3DModel.from_pretrained(str(src / "transformer")).save_pretrained(
+            d, max_shard_size=shard)
+        assert (d / INDEX_NAME).is_file()
+    read, orig = [], load_quantize.read_tensor
+    monkeypatch.setattr(load_quantize, "read_tensor", lambda f, k, *a: read.append(k) or orig(f, k, *a))
+    m = LTXVideoTransformer3DModel.from_pretrained(str(d), torch_dtype=torch.bfloat16,
+                                                   quantization_config=HQConfig(bps=4.0))
+    ref = hq.load_quantized(reference).state_dict()
+    sd = m.state_dict()
+    assert sd.keys() == ref.keys() and all(torch.equal(sd[k], ref[k]) for k in ref)
+    planned = [r.name for r in hq.summary(m).layers]
+    assert planned and all(f"{k}.weight" in read for k in planned)
+    assert len(read) >= len(LTXVideoTransformer3DModel.from_pretrained(str(d)).state_dict())
+
+
+def test_single_file_with_model_class(src, reference, tmp_path, capsys):
+    """A single-file safetensors SRC converts with --model-class (+ --config) to the in-process result; without
+    the class, or with an unknown one, it is a one-line error (exit 2) and nothing is written."""
+    file = src / "transformer" / WEIGHTS_NAME
+    out = tmp_path / "single"
+    assert cli_main([str(file), "--out", str(out), "--no-progress"]) == 2
+    assert "needs --model-class" in capsys.readouterr().err and not out.exists()
+    assert cli_main([str(file), "--out", str(out), "--model-class", "NoSuchModel", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "'NoSuchModel': not a diffusers model class" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+    assert cli_main([str(file), "--out", str(out), "--model-class", "LTXVideoTransformer3DModel", "--config",
+                     str(src / "transformer" / "config.json"), "--workers", "1", "--no-progress"]) == 0
+    got, ref = hq.load_quantized(out).state_dict(), hq.load_quantized(reference).state_dict()
+    assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
+
+
+def test_snr_db_is_row_blocked_and_independent_of_the_blocking(monkeypatch):
+    """HQLinear.from_linear's SNR works on row blocks (bounded memory on real-size weights); the stored value is
+    the whole-weight float64 SNR, and the same for any block size (rounded to SNR_DECIMALS)."""
+    from hq_diffusion.codec.config import CodecConfig
+    from hq_diffusion.nn import linear as L
+
+    torch.manual_seed(3)
+    lin = torch.nn.Linear(300, 77).to(torch.bfloat16)  # odd shapes: padded rows, a short last block
+    m = L.HQLinear.from_linear(lin, CodecConfig(bps=4.0), key="blk")
+    w = lin.weight.detach().double()
+    ref = 10 * torch.log10(w.square().sum() / (m.dequantize().double() - w).square().sum()).item()
+    seen = set()
+    for elems in (1, 300, 1000, 1 << 22):
+        monkeypatch.setattr(L, "SNR_BLOCK_ELEMS", elems)
+        seen.add(L._snr_db(lin.weight.detach(), m))
+    assert len(seen) == 1 and m.hq_meta["snr_db"] in seen
+    assert abs(m.hq_meta["snr_db"] - ref) < 2e-3  # dequantize() rounds to bf16; the SNR uses float32

@@ -86,11 +86,8 @@ def _load_tr_with_diffusers(path):
 
 # ---- 1. quantization_config stripped from config.json ---------------------------------------------------------
 
-@pytest.mark.parametrize("old", [False, True], ids=["with-manifest", "pre-manifest"])
-def test_stripped_quantization_config_is_refused(saved, tmp_path, old):
-    d = _copy(saved[1], tmp_path)
-    if old:
-        _old_style(d)
+def _strip_config_and_expect_refusal(d):
+    """Remove the transformer's quantization_config; every load path must refuse it, naming config.json."""
     _edit_json(d / TR / "config.json", lambda c: c.pop("quantization_config"))
     msg = r"transformer.config\.json: no hq_diffusion quantization_config, but .*hq-diffusion checkpoint"
     with pytest.raises(HQFormatError, match=msg):
@@ -99,6 +96,14 @@ def test_stripped_quantization_config_is_refused(saved, tmp_path, old):
         ser.load_quantized(d / TR)
     with pytest.raises(HQFormatError, match=msg):
         _load_tr_with_diffusers(d / TR)
+
+
+@pytest.mark.parametrize("old", [False, True], ids=["with-manifest", "pre-manifest"])
+def test_stripped_quantization_config_is_refused(saved, tmp_path, old):
+    d = _copy(saved[1], tmp_path)
+    if old:
+        _old_style(d)
+    _strip_config_and_expect_refusal(d)
 
 
 def test_stripped_config_and_metadata_is_refused_by_buffer_names(saved, tmp_path):
@@ -525,3 +530,33 @@ def test_killed_save_leaves_old_or_new(tmp_path, exchange, die_at):
     ser.save_quantized(new, d)
     _assert_is(d, new)
     assert _siblings(d) == []
+
+
+# ---- sharded components (hq-diffusion quantize --max-shard-size) --------------------------------------------
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory):
+    """The tiny LTX pipeline converted by ``hq-diffusion quantize`` into a transformer of several shards."""
+    from hq_diffusion.integrations.convert_cli import main
+
+    root = tmp_path_factory.mktemp("sharded")
+    tiny_pipeline("ltx", 0).save_pretrained(root / "float")
+    assert main([str(root / "float"), "--out", str(root / "q"), "--max-shard-size", "100KB", "--workers", "1",
+                 "--no-progress"]) == 0
+    assert len(list((root / "q" / TR).glob("*.safetensors"))) > 1 and not _st(root / "q").exists()
+    return root / "q"
+
+
+def test_stripped_config_of_a_sharded_component_is_refused(sharded, tmp_path):
+    d = _copy(sharded, tmp_path)
+    _strip_config_and_expect_refusal(d)
+
+
+def test_sharded_component_without_its_manifest_is_refused(sharded, tmp_path):
+    d = _copy(sharded, tmp_path)
+    ser.load_quantized(d)  # intact: loads
+    os.remove(d / man.MANIFEST_NAME)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an error, not a warning
+        with pytest.raises(HQFormatError, match=r"hq_manifest\.json: file is missing.*saved with a manifest"):
+            ser.load_quantized(d)

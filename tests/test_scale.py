@@ -1,6 +1,7 @@
 """Memory bounds of issue 11 on a generated LTX-2-class checkpoint of about 200 MB (slow: fresh processes).
 
-Bounds (peak RSS of a fresh process, from ``getrusage``): the streaming conversion and quantize-on-load ≤
+Bounds (peak RSS of a fresh process, from ``getrusage``; for 2 workers the peak summed PSS of the process tree):
+the streaming conversion (1 and 2 workers) and quantize-on-load ≤
 imports + quantized output + 2 × the largest float tensor + 0.4 GB; ``load_quantized`` ≤ imports + 1.15 ×
 the quantized model + 0.3 GB."""
 from __future__ import annotations
@@ -28,6 +29,8 @@ def test_conversion_and_load_within_bounds(tmp_path):
     qbytes = sum(p.stat().st_size for p in Path(out).rglob("*") if p.is_file())
     bound = base + qbytes + 2 * info["largest"] + 0.4 * GB
     assert conv["rss"] <= bound, (conv["rss"] / GB, bound / GB)
+    conv2 = measure("convert", 1200, workers=2, **fmt)  # parent + 2 forked workers: the tree's summed PSS
+    assert 0 < conv2["tree"] <= bound, (conv2["tree"] / GB, bound / GB)
     onload = measure("on-load", 1200, **fmt)
     assert onload["rss"] <= bound, (onload["rss"] / GB, bound / GB)
     load = measure("load", 600, **fmt)

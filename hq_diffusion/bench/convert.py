@@ -2,7 +2,9 @@
 
 Builds the LTX-2 transformer at its released width with ``--blocks N`` of its 48 blocks on disk (random
 trained-like bf16 weights: Gaussian rows with log-normal column scales, written one tensor at a time into
-safetensors shards), then measures in fresh processes (peak RSS from ``getrusage``, wall time):
+safetensors shards), then measures in fresh processes (peak RSS from ``getrusage``; for the N-worker
+conversion the peak of the process tree's summed PSS, sampled every 0.2 s, so that the pages forked workers
+share count once; wall time):
 
 - the imports alone (torch, diffusers, hq_diffusion) — the base of every bound;
 - ``hq-diffusion quantize`` with 1 and ``--workers`` processes (encode MB/s = bf16 bytes of the slice / wall);
@@ -101,26 +103,79 @@ def build_slice(path: Path, blocks: int, seed: int = 0, max_shard_size: int = 2 
 
 
 def measure(kind: str, timeout: float, **fmt) -> dict:
-    """:func:`_measure` ({"rss": the process's peak, "child": the largest peak of its child processes,
-    "wall"}), reported on stderr as soon as it is done."""
+    """:func:`_measure` ({"rss", "child", "tree", "wall"}), reported on stderr as soon as it is done."""
     r = _measure(kind, timeout, **fmt)
-    print(f"bench convert: {kind} {fmt.get('workers', '')}: peak RSS {r['rss'] / GB:.2f} GB, {r['wall']:.0f} s",
+    print(f"bench convert: {kind} {fmt.get('workers', '')}: peak RSS {r['rss'] / GB:.2f} GB (process tree PSS "
+          f"{r['tree'] / GB:.2f} GB), {r['wall']:.0f} s",
           file=sys.stderr, flush=True)
     return r
 
 
+def _tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (from ``/proc/*/stat``)."""
+    parent = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    parent[int(d)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += [c for c, pp in parent.items() if pp == p]
+    return out
+
+
+def tree_pss(pid: int) -> int:
+    """Bytes of memory of ``pid`` and its descendants: the sum of their proportional set sizes (``Pss`` of
+    ``/proc/PID/smaps_rollup``: a page shared by k processes counts 1/k in each, so forked workers sharing the
+    parent's pages are counted once). 0 where ``/proc`` lacks it."""
+    total = 0
+    for p in _tree(pid):
+        try:
+            with open(f"/proc/{p}/smaps_rollup") as f:
+                total += next(int(x.split()[1]) * 1024 for x in f if x.startswith("Pss:"))
+        except (OSError, StopIteration, ValueError):
+            continue
+    return total
+
+
 def _measure(kind: str, timeout: float, **fmt) -> dict:
-    """Run one snippet in a fresh interpreter: {"rss": peak bytes, "wall": seconds} (RuntimeError on failure)."""
+    """Run one snippet in a fresh interpreter: {"rss": its peak RSS, "child": the largest peak RSS of its
+    child processes, "tree": the peak of :func:`tree_pss` over the process and its children, sampled every
+    0.2 s, "wall": seconds} (RuntimeError on failure)."""
+    import threading
+
     code = ("import resource, time, json, warnings; warnings.simplefilter('ignore'); t = time.perf_counter()\n"
             + SNIPPETS[kind].format(**fmt) + "\n"
             "print('HQRESULT', json.dumps({'rss': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "
             "'child': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024, "
             "'wall': time.perf_counter() - t}))")
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
-    line = [x for x in p.stdout.splitlines() if x.startswith("HQRESULT")]
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    peak, stop = [0], threading.Event()
+
+    def sample():
+        while not stop.wait(0.2):
+            peak[0] = max(peak[0], tree_pss(p.pid))
+
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.communicate()
+        raise RuntimeError(f"bench convert: {kind} did not finish in {timeout:.0f} s") from None
+    finally:
+        stop.set()
+        th.join()
+    line = [x for x in out.splitlines() if x.startswith("HQRESULT")]
     if p.returncode != 0 or not line:
-        raise RuntimeError(f"bench convert: {kind} failed (exit {p.returncode}): {p.stderr.strip()[-800:]}")
-    return json.loads(line[0].split(" ", 1)[1])
+        raise RuntimeError(f"bench convert: {kind} failed (exit {p.returncode}): {err.strip()[-800:]}")
+    return {**json.loads(line[0].split(" ", 1)[1]), "tree": peak[0]}
 
 
 def _dir_bytes(path: Path) -> int:
@@ -188,8 +243,8 @@ def main(argv=None) -> int:
         bounds = {"load_quantized": load_bound}
         rows = []
         for name, r in runs.items():
-            if name.startswith("convert") and name != "convert, 1 worker" and r.get("child"):
-                r["rss"] += args.workers * r["child"]  # worker processes run concurrently: count each
+            if name.startswith("convert") and name != "convert, 1 worker":
+                r["rss"] = r["tree"]  # parent + concurrent workers, shared pages counted once (PSS)
             bound = bounds.get(name, conv_bound if name != "imports" else None)
             mbs = info["bytes"] / r["wall"] / 1e6 if name.startswith("convert") else None
             rows.append([name, f"{r['rss'] / GB:.2f}", "-" if bound is None else f"{bound / GB:.2f}",

@@ -128,13 +128,62 @@ def open_component(path: Path, name: str) -> Component:
     return comp
 
 
-def _sources(src: Path, components) -> tuple[dict[str, Component], bool]:
+def resolve_model_class(name: str):
+    """The diffusers ``ModelMixin`` subclass called ``name`` (ConvertError naming it when there is none)."""
+    import diffusers
+
+    cls = getattr(diffusers, str(name), None) if name else None
+    if not (isinstance(cls, type) and issubclass(cls, diffusers.ModelMixin)):
+        raise ConvertError(f"--model-class {name!r}: not a diffusers model class (e.g. LTX2VideoTransformer3DModel, "
+                           f"FluxTransformer2DModel)")
+    return cls
+
+
+def open_single_file(file: Path, class_name: str | None, config_src=None) -> Component:
+    """A single-file safetensors checkpoint as a component of class ``class_name``, configured by
+    ``config_src`` (a model directory with config.json, or a JSON file; None: the class's defaults)."""
+    if class_name is None:
+        raise ConvertError(f"{file}: a single-file checkpoint needs --model-class (the diffusers class of its "
+                           f"model, e.g. LTX2VideoTransformer3DModel) and, unless the class's defaults fit, --config")
+    cls = resolve_model_class(class_name)
+    if config_src is None:
+        from accelerate import init_empty_weights
+
+        with init_empty_weights():
+            config = dict(cls().config)
+        where = file.parent
+    else:
+        cfg_path = Path(config_src)
+        cfg_path = cfg_path / CONFIG_NAME if cfg_path.is_dir() else cfg_path
+        if not cfg_path.is_file():
+            raise ConvertError(f"{cfg_path}: --config file is missing")
+        config = dict(read_json_file(cfg_path))
+        where = cfg_path.parent
+    config["_class_name"] = cls.__name__
+    if config.get("quantization_config") is not None:
+        raise ConvertError(f"{config_src}: the config carries a quantization_config; convert a float checkpoint")
+    _, header = read_safetensors_header(file)
+    comp = Component("", where, config, {k: file for k in header}, dict(header))
+    for k, (dt, _) in comp.header.items():
+        if dt not in ST_DTYPES:
+            raise ConvertError(f"{file}: tensor {k!r} has dtype {dt}, which hq-diffusion does not handle")
+    if METADATA_KEY in read_safetensors_header(file)[0]:
+        raise ConvertError(f"{file}: the source is already an hq-diffusion checkpoint")
+    return comp
+
+
+def _sources(src: Path, components, class_name: str | None = None,
+             config_src=None) -> tuple[dict[str, Component], bool]:
     """({component name: Component} to quantize, whether ``src`` is a pipeline directory)."""
     if src.is_file():
         if src.suffix in PICKLE_SUFFIXES:
             raise ConvertError(f"{src}: pickle checkpoints are refused (never unpickled); use safetensors")
-        raise ConvertError(f"{src}: single-file checkpoints are not supported by this build; pass a diffusers "
-                           f"model or pipeline directory")
+        if src.suffix != ".safetensors":
+            raise ConvertError(f"{src}: not a safetensors file nor a diffusers model or pipeline directory")
+        return {"": open_single_file(src, class_name, config_src)}, False
+    if class_name is not None or config_src is not None:
+        raise ConvertError(f"{src}: --model-class and --config are for a single-file SRC; a directory has its "
+                           f"own config.json")
     if not src.is_dir():
         raise ConvertError(f"{src}: no such directory (SRC must be a local diffusers model or pipeline directory)")
     if (src / PIPELINE_INDEX).is_file():
@@ -426,13 +475,16 @@ def _copy_tree(src: Path, dst: Path) -> None:
 def convert(src, dst, config: HQConfig | None = None, *, components=("transformer",), dtype=None,
             device: str = "cpu", workers: int | None = None, max_shard_size="10GB", overwrite: bool = False,
             on_invalid: str = "raise", progress: bool = True, rank: int | None = None,
-            world_size: int | None = None, wait_timeout: float = 86400.0, **overrides) -> Path | None:
+            world_size: int | None = None, wait_timeout: float = 86400.0, model_class: str | None = None,
+            model_config=None, **overrides) -> Path | None:
     """Quantize the float diffusers checkpoint ``src`` into ``dst`` one tensor at a time (module docstring).
 
     Args:
         src: a diffusers pipeline directory (``model_index.json``; its ``components`` are quantized, the other
             components copied unchanged) or a model directory (``config.json`` with a single or sharded
-            safetensors file).
+            safetensors file), or a single-file safetensors checkpoint with ``model_class``.
+        model_class, model_config: for a single-file ``src``: the diffusers class name of its model, and a model
+            directory or JSON file with its config (None: the class's defaults).
         dst: the output directory; refused when it exists unless ``overwrite`` (then replaced atomically).
         config / **overrides: the :class:`HQConfig`, as for :func:`~.quantize.quantize`.
         components: pipeline components to quantize.
@@ -456,7 +508,7 @@ def convert(src, dst, config: HQConfig | None = None, *, components=("transforme
 
     cfg = resolve_config(config, overrides, caller="convert", other_keywords=(
         "components", "dtype", "device", "workers", "max_shard_size", "overwrite", "on_invalid", "progress",
-        "rank", "world_size"))
+        "rank", "world_size", "model_class", "model_config"))
     if on_invalid not in ON_INVALID:
         raise ValueError(f"on_invalid must be one of {list(ON_INVALID)}, got {on_invalid!r}")
     if dtype is not None and dtype not in DTYPES.values():
@@ -485,7 +537,7 @@ def convert(src, dst, config: HQConfig | None = None, *, components=("transforme
     if cfg.kv_bps is not None:
         from .state import kv_api
         kv_api()
-    comps, is_pipeline = _sources(src, components)
+    comps, is_pipeline = _sources(src, components, model_class, model_config)
     work = dst.with_name(f".{dst.name}{_RESUME}{_fingerprint(src, comps, cfg, dtype, on_invalid)}")
     keep = False
     try:
@@ -543,4 +595,5 @@ def convert(src, dst, config: HQConfig | None = None, *, components=("transforme
             shutil.rmtree(stale, ignore_errors=True)
 
 
-__all__ = ["convert", "ConvertError", "open_component", "encode_job", "read_piece", "PICKLE_SUFFIXES"]
+__all__ = ["convert", "ConvertError", "open_component", "open_single_file", "resolve_model_class", "encode_job",
+           "read_piece", "PICKLE_SUFFIXES"]

@@ -15,7 +15,8 @@ from ..codec import HQFormatError
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hq-diffusion quantize",
                                 description="Quantize a float diffusers checkpoint one tensor at a time.")
-    p.add_argument("src", help="a local diffusers pipeline directory or model directory (safetensors)")
+    p.add_argument("src", help="a local diffusers pipeline directory or model directory (safetensors), or a "
+                               "single-file safetensors checkpoint (with --model-class)")
     p.add_argument("--out", required=True, help="output directory (appears atomically when done)")
     p.add_argument("--bps", type=float, default=4.0, help="bits per weight, every stored bit counted (4.0)")
     p.add_argument("--lattice", default="e8", help="e8, d4, a2 or z (e8)")
@@ -31,6 +32,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="encode on cpu, cuda or cuda:N")
     p.add_argument("--workers", type=int, default=None, help="encoding processes (default: all cores on cpu)")
     p.add_argument("--max-shard-size", default="10GB", help="largest output shard (10GB)")
+    p.add_argument("--model-class", default=None,
+                   help="single-file SRC: its diffusers model class, e.g. LTX2VideoTransformer3DModel")
+    p.add_argument("--config", default=None,
+                   help="single-file SRC: a model directory or JSON file with its config (default: the class's)")
     p.add_argument("--on-invalid", default="raise", choices=["raise", "skip"], help="NaN/Inf weights")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out (atomically)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -56,7 +61,7 @@ def main(argv=None) -> int:
         out = convert(args.src, args.out, components=args.components, dtype=DTYPES.get(args.dtype),
                       device=args.device, workers=args.workers, max_shard_size=args.max_shard_size,
                       overwrite=args.overwrite, on_invalid=args.on_invalid, progress=not args.no_progress,
-                      **overrides)
+                      model_class=args.model_class, model_config=args.config, **overrides)
     except KeyboardInterrupt:
         print("hq-diffusion quantize: interrupted; run the same command again to resume from the finished layers",
               file=sys.stderr)

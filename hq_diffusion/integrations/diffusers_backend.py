@@ -50,6 +50,7 @@ from . import autoregister
 from .config import HQConfig, QuantMethod, resolve_config
 from .quantize import quantize
 from .manifest import check_directory, find_manifest, verify_manifest
+from .shards import weights_file
 from .state import (METADATA_KEY, STATE_ATTR, HQState, apply_kv, check_no_meta, kv_api, check_quantization_config,
                     file_metadata, looks_quantized, manifest_flag, quantization_config, read_checkpoint_metadata,
                     read_json_file, read_verified_tensors, refuse_stripped_config, strip_file_keys,
@@ -192,6 +193,7 @@ class HQDiffusersQuantizer(DiffusersQuantizer):
     def maybe_update_loaded_keys(self, loaded_keys, checkpoint_files):
         """Verify each checkpoint file (metadata equal to config.json, every tensor's CRC32) before loading."""
         if not self.pre_quantized:
+            load_quantize.note_files(self, checkpoint_files)
             return loaded_keys
         want = self.checkpoint
         self.checkpoint_files = list(checkpoint_files or [])
@@ -209,6 +211,10 @@ class HQDiffusersQuantizer(DiffusersQuantizer):
             missing = sorted(set(qc["checksums"]) - seen)[:5]
             raise HQFormatError(f"{checkpoint_files[0]}: tensors listed in the checksum table are missing: {missing}")
         return loaded_keys
+
+    def maybe_update_state_dict(self, state_dict):
+        """Quantize-on-load: each tensor read from its file only when loaded (``load_quantize.lazy_shard``)."""
+        return state_dict if self.pre_quantized else load_quantize.lazy_shard(self, state_dict)
 
     def _process_model_before_weight_loading(self, model, **kwargs):
         if self.pre_quantized:
@@ -326,7 +332,7 @@ def _is_hq_dir(path: Path) -> bool:
     if claims:
         return True
     try:
-        return looks_quantized(path / WEIGHTS_NAME) is not None
+        return looks_quantized(weights_file(path)) is not None
     except HQFormatError:  # an unreadable file under a config that does not claim hq-diffusion: diffusers reports it
         return False
 
@@ -362,7 +368,7 @@ def guarded_from_pretrained(orig, cls, path: Path, *args, **kwargs):
     - diffusers' own errors (config fields, shapes) are re-raised naming config.json;
     - afterwards no parameter or buffer may be on ``meta``, and the manifest covering ``path`` (the whole saved
       pipeline when ``path`` is one of its components) is verified (:func:`~.manifest.check_directory`)."""
-    cfg_path, st_path = path / CONFIG_NAME, path / WEIGHTS_NAME
+    cfg_path, st_path = path / CONFIG_NAME, weights_file(path)
     config = read_json_file(cfg_path)
     qc = config.get("quantization_config")
     has_qc = isinstance(qc, dict) and qc.get("quant_method") == QuantMethod.HQ_DIFFUSION.value

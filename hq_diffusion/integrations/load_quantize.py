@@ -11,14 +11,22 @@ the model:
 - :func:`create` (``create_quantized_param``): encode the layer (its bias taken from the same shard, or applied
   when it arrives later) and swap in the :class:`~hq_diffusion.nn.linear.HQLinear`, on the parameter's device
   (a CUDA device encodes there);
+- :func:`lazy_shard` (``maybe_update_state_dict``): the state dict diffusers just read is replaced by a
+  :class:`LazyShard` that reads each tensor from its file only when the loader asks for it;
 - :func:`finish` (``_process_model_after_weight_loading``): record the :class:`~.state.HQState` (and K/V).
 
-The peak is then the loaded non-quantized part + the quantized layers + the shard diffusers holds + one layer's
+Why :class:`LazyShard`: diffusers reads a shard with ``safetensors.torch.load_file``, whose tensors are views
+of ONE private memory map of the whole file. A non-quantized parameter copied into the model keeps that map
+alive, so every page the encoder read (every quantized weight) stays resident to the end: the whole shard.
+Read one by one with plain file reads, a quantized weight's float tensor lives only while it is encoded. The
+peak is then the imports + the model being built (non-quantized part + quantized layers) + one layer's
 encoding work.
 """
 from __future__ import annotations
 
+from collections.abc import MutableMapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
@@ -26,6 +34,7 @@ import torch
 from ..nn.linear import HQLinear
 from .config import HQConfig
 from .quantize import _plan
+from .shards import read_header, read_tensor
 from .state import STATE_ATTR, HQState, apply_kv, set_module
 
 ATTR = "_hq_on_load"
@@ -40,12 +49,79 @@ class OnLoad:
     skipped: dict[str, str]
     pending_bias: dict[str, torch.Tensor] = field(default_factory=dict)
     done: set[str] = field(default_factory=set)
+    files: list[str] = field(default_factory=list)
+    headers: dict[str, tuple[dict, int]] = field(default_factory=dict)
 
 
 def prepare(quantizer, model, config: HQConfig) -> None:
     """Plan the layers of the meta ``model`` that loading will quantize (``quantize``'s plan)."""
     todo, skipped = _plan(model, config)
-    setattr(quantizer, ATTR, OnLoad(config, {n: lin.bias is not None for n, lin in todo}, skipped))
+    setattr(quantizer, ATTR, OnLoad(config, {n: lin.bias is not None for n, lin in todo}, skipped,
+                                    files=list(getattr(quantizer, "_hq_on_load_files", []))))
+
+
+class LazyShard(MutableMapping):
+    """name → tensor of one safetensors ``file``, read (:func:`~.shards.read_tensor`, no memory map) each time
+    it is looked up; the keys are those of the state dict it replaces (``eager``: that dict, whose tensors are
+    never touched; a key the file lacks — renamed by the model's key fixes — is served from it)."""
+
+    def __init__(self, file: str, table: dict, data_start: int, eager: dict):
+        self.file, self._table, self._start, self._eager = file, table, data_start, eager
+        self._keys = list(eager)
+
+    def __getitem__(self, key):
+        if key not in self._eager:
+            raise KeyError(key)
+        entry = self._table.get(key)
+        return self._eager[key] if entry is None else read_tensor(self.file, key, entry, self._start)
+
+    def __contains__(self, key):
+        return key in self._eager
+
+    def __iter__(self):
+        return iter(list(self._keys))
+
+    def __len__(self):
+        return len(self._keys)
+
+    def __setitem__(self, key, value):
+        self._table.pop(key, None)
+        if key not in self._eager:
+            self._keys.append(key)
+        self._eager[key] = value
+
+    def __delitem__(self, key):
+        del self._eager[key]
+        self._keys.remove(key)
+
+
+def note_files(quantizer, checkpoint_files) -> None:
+    """Remember the checkpoint files diffusers resolved (``maybe_update_loaded_keys``) for :func:`lazy_shard`."""
+    plan = getattr(quantizer, ATTR, None)
+    files = [str(f) for f in checkpoint_files or [] if str(f).endswith(".safetensors")]
+    if plan is not None:
+        plan.files = files
+    else:
+        quantizer._hq_on_load_files = files
+
+
+def lazy_shard(quantizer, state_dict):
+    """``state_dict`` (one shard, as diffusers read it) as a :class:`LazyShard` over the checkpoint file that
+    holds its tensors; ``state_dict`` itself when no quantize-on-load is in progress or no safetensors file of
+    the checkpoint holds its keys (then the eager dict is used, as diffusers would)."""
+    plan: OnLoad | None = getattr(quantizer, ATTR, None)
+    if plan is None or not isinstance(state_dict, dict) or not state_dict:
+        return state_dict
+    files = plan.files or getattr(quantizer, "_hq_on_load_files", [])
+    keys = set(state_dict)
+    for f in files:
+        if f not in plan.headers:
+            plan.headers[f] = read_header(Path(f))
+        table, start = plan.headers[f]
+        if keys & set(table):
+            mine = {k: v for k, v in table.items() if k in keys}
+            return LazyShard(f, mine, start, state_dict)
+    return state_dict
 
 
 def _split(name: str) -> tuple[str, str]:
@@ -120,4 +196,4 @@ def finish(quantizer, model) -> bool:
     return True
 
 
-__all__ = ["prepare", "is_target", "create", "finish", "OnLoad"]
+__all__ = ["prepare", "is_target", "create", "finish", "OnLoad", "LazyShard", "lazy_shard", "note_files"]

@@ -60,7 +60,7 @@ from ..codec import HQFormatError
 from ..nn.linear import HQLinear
 from .config import QuantMethod
 from .manifest import check_directory, verified, write_manifest
-from .shards import component_files
+from .shards import component_files, weights_file
 from .state import FORMAT_VERSION  # noqa: F401  (re-exported: the checkpoint format version this build writes)
 from .state import (METADATA_KEY, ST_DTYPES, STATE_ATTR, HQState, apply_kv, canonicalize_safetensors_header,
                     parse_json,
@@ -285,7 +285,7 @@ def load_quantized(directory, *, model: nn.Module | None = None, device=None, to
         return _load_pipeline(d, device=device, torch_dtype=torch_dtype, backend=backend)
     if (d / CONFIG_NAME).is_file():
         m = load_component(d, model=model, device=device, torch_dtype=torch_dtype, backend=backend)
-        check_directory(d, flagged=manifest_flag(d / WEIGHTS_NAME))
+        check_directory(d, flagged=manifest_flag(weights_file(d)))
         return m
     raise FileNotFoundError(f"{d}: neither {PIPELINE_INDEX} nor {CONFIG_NAME} found")
 
@@ -299,7 +299,7 @@ def _is_hq_component(path: Path) -> bool:
     qc = _read_json(cfg).get("quantization_config")
     if isinstance(qc, dict) and qc.get("quant_method") == QuantMethod.HQ_DIFFUSION.value:
         return True
-    refuse_stripped_config(cfg, path / WEIGHTS_NAME)
+    refuse_stripped_config(cfg, weights_file(path))
     return False
 
 
@@ -316,7 +316,7 @@ def _load_pipeline(d: Path, *, device, torch_dtype, backend):
     loaded = {n: load_component(d / n, torch_dtype=torch_dtype, backend=backend) for n in hq}
     # the quantized tensors are verified (with messages naming the tensor); now every other file, before any of
     # them is read
-    checked = check_directory(d, flagged=any(manifest_flag(d / n / WEIGHTS_NAME) for n in hq))
+    checked = check_directory(d, flagged=any(manifest_flag(weights_file(d / n)) for n in hq))
     if torch_dtype is None:  # each other component in the dtype it was saved in (diffusers would make it float32)
         saved = {n: _saved_dtype(d / n) for n in names if n not in loaded}
         kwargs = {"torch_dtype": {n: dt for n, dt in saved.items() if dt is not None}}
@@ -387,7 +387,7 @@ def load_component(path, *, model: nn.Module | None = None, device=None, torch_d
     config = _read_json(cfg_path)
     qc_cfg = config.get("quantization_config")
     if not isinstance(qc_cfg, dict) or qc_cfg.get("quant_method") != QuantMethod.HQ_DIFFUSION.value:
-        refuse_stripped_config(cfg_path, st_path)
+        refuse_stripped_config(cfg_path, weights_file(path))
         raise HQFormatError(f"{cfg_path}: no hq_diffusion quantization_config: not an hq-diffusion checkpoint")
     hq_config = check_quantization_config(qc_cfg, cfg_path, with_checksums=False)
     files = component_files(path)  # the single file, or the shards of a streamed conversion

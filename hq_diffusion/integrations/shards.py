@@ -160,5 +160,61 @@ def component_files(path: Path) -> list[Path]:
     return [path / f for f in dict.fromkeys(wm.values())]
 
 
+def weights_file(path) -> Path:
+    """The component directory's weights file that identifies it: the single file, else the first shard its
+    index names that exists (a sharded hq-diffusion component has no single file), else the single file's
+    path. HQFormatError for an index without a valid weight_map."""
+    files = component_files(Path(path))
+    return next((f for f in files if f.is_file()), Path(path) / WEIGHTS_NAME)
+
+
+def read_header(path) -> tuple[dict[str, tuple[str, tuple, int, int]], int]:
+    """The tensor table of the safetensors file ``path``: ({name: (dtype, shape, begin, end)}, byte offset of
+    the data section). Raises :class:`~hq_diffusion.codec.HQFormatError` naming the file for a header that is
+    truncated, not JSON, or names offsets outside the file."""
+    from ..codec import HQFormatError
+
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        n = struct.unpack("<Q", raw)[0] if len(raw) == 8 else -1
+        if n < 0 or 8 + n > size:
+            raise HQFormatError(f"{path}: truncated safetensors header")
+        try:
+            table = json.loads(f.read(n))
+        except ValueError:
+            raise HQFormatError(f"{path}: safetensors header is not valid JSON") from None
+    table.pop("__metadata__", None)
+    out = {}
+    for name, e in table.items():
+        try:
+            begin, end = (int(x) for x in e["data_offsets"])
+            entry = (str(e["dtype"]), tuple(int(x) for x in e["shape"]), begin, end)
+        except (KeyError, TypeError, ValueError):
+            raise HQFormatError(f"{path}: tensor {name!r} has a malformed header entry") from None
+        if entry[0] not in ST_DTYPES or not 0 <= begin <= end or 8 + n + end > size \
+                or end - begin != nbytes(entry[0], entry[1]):
+            raise HQFormatError(f"{path}: tensor {name!r}: dtype {entry[0]!r}, shape {list(entry[1])} and "
+                                f"offsets [{begin}, {end}] do not fit a file of {size} bytes")
+        out[name] = entry
+    return out, 8 + n
+
+
+def read_tensor(path, name: str, entry: tuple[str, tuple, int, int], data_start: int) -> torch.Tensor:
+    """Read tensor ``name`` (its :func:`read_header` ``entry``) of ``path`` into a fresh CPU tensor with plain
+    file reads: no memory map, so its memory is the process's own and goes back when the tensor is freed."""
+    dtype, shape, begin, end = entry
+    buf = torch.empty(end - begin, dtype=torch.uint8)
+    with open(path, "rb") as f:
+        f.seek(data_start + begin)
+        got = f.readinto(buf.numpy()) if end > begin else 0
+    if got != end - begin:
+        from ..codec import HQFormatError
+        raise HQFormatError(f"{path}: tensor {name!r}: read {got} of {end - begin} bytes, the file is truncated")
+    return buf.view(ST_DTYPES[dtype]).reshape(shape)
+
+
 __all__ = ["WEIGHTS_NAME", "INDEX_NAME", "parse_size", "nbytes", "data_order", "header_bytes", "tensor_bytes",
-           "write_safetensors", "plan_shards", "shard_names", "write_index", "component_files"]
+           "write_safetensors", "plan_shards", "shard_names", "write_index", "component_files", "weights_file", "read_header",
+           "read_tensor"]

@@ -485,16 +485,35 @@ class HQLinear(nn.Module):
 
 # ---- metadata -------------------------------------------------------------------------------------------
 
+SNR_BLOCK_ELEMS = 1 << 22  # coordinates per row block of :func:`_snr_db` (16 MiB of float32)
+SNR_DECIMALS = 6  # hq_meta["snr_db"] is rounded: the same value for any row blocking or worker split
+
+
 def _snr_db(w: torch.Tensor, m: HQLinear) -> float:
-    """SNR in dB of the stored weight of ``m`` (decoded in float32, original basis) against ``w``."""
-    n = m.in_features
-    rec = inverse_rht(m.rotated_weight(), m.seed, m.key, m.tile)[:, :n]
-    ref = w.reshape(-1, n).to(torch.float32)
-    sig = float(ref.double().square().sum())
-    err = float((rec.double() - ref.double()).square().sum())
+    """SNR in dB of the stored weight of ``m`` against ``w`` (any float dtype, ``numel = N·K``), in the
+    original basis, rounded to :data:`SNR_DECIMALS` decimals.
+
+    Row-blocked so that it adds one block's work space to the stored integers: the lattice integers
+    (N, K_pad) are decoded once (int8 when they fit), then each block of rows is made float32
+    ``p(Y) / α · scale`` (the decoder's arithmetic), inverse-rotated and compared with the same rows of ``w``;
+    float64 accumulators of the squared error and the squared signal are divided once at the end."""
+    n, rows = m.in_features, m.out_features
+    ref_rows = w.reshape(-1, n)
+    codes = m.lattice_codes().reshape(rows, m.n_pad)
+    scale = row_dequant_scale(m.encoded())
+    step = max(1, SNR_BLOCK_ELEMS // m.n_pad)
+    sig = err = 0.0
+    for s in range(0, rows, step):
+        sl = slice(s, min(s + step, rows))
+        rot = to_physical(m.lattice, codes[sl]).mul_(scale[sl].unsqueeze(1))
+        rec = inverse_rht(rot, m.seed, m.key, m.tile)[:, :n].double()
+        ref = ref_rows[sl].to(torch.float32).double()
+        sig += float(ref.square().sum())
+        err += float(rec.sub_(ref).square_().sum())
+        del rot, rec, ref
     if err == 0.0:
         return math.inf
-    return 10.0 * math.log10(sig / err) if sig > 0 else -math.inf
+    return round(10.0 * math.log10(sig / err), SNR_DECIMALS) if sig > 0 else -math.inf
 
 
 def _meta_from_encoded(q: EncodedTensor, *, storage: str, mma: str, bias: torch.Tensor | None,
