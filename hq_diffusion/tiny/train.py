@@ -52,7 +52,7 @@ RECIPE: dict[str, Any] = dict(
     vae_object_weight=4.0,
     heads=2, head_dim=32, layers=3, text_width=32,
     decoder_steps=0,
-    dit_steps=900, dit_lr=1e-3, dit_warmup=100, chunk=32, bank_chunks=96, caption_dropout=0.1,
+    dit_steps=900, dit_lr=1e-3, dit_warmup=100, dit_sigma_shift=1.0, chunk=32, bank_chunks=96, caption_dropout=0.1,
     max_sequence_length=16,
 )
 
@@ -247,6 +247,9 @@ def transformer_stage_losses(components: dict[str, Any], recipe: dict[str, Any],
         emb, mask = _encode_text(components, texts, r["max_sequence_length"])
         b, _, f, h, w = x0.shape
         sigma = torch.rand(b)
+        shift = float(r.get("dit_sigma_shift", 1.0))
+        if shift != 1.0:  # spend more steps at high noise, where layout and motion are decided
+            sigma = shift * sigma / (1.0 + (shift - 1.0) * sigma)
         noise = torch.randn_like(x0)
         s = sigma.view(b, 1, 1, 1, 1)
         xt = (1 - s) * x0 + s * noise
@@ -432,6 +435,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="reuse the VAE of an earlier train-tiny output with the same stage-1 recipe (skips stage 1)")
     p.add_argument("--dit-layers", type=int, default=RECIPE["layers"], help="transformer blocks")
     p.add_argument("--dit-heads", type=int, default=RECIPE["heads"], help="attention heads (head dim 32)")
+    p.add_argument("--dit-sigma-shift", type=float, default=RECIPE["dit_sigma_shift"],
+                   help="shift s of the training noise levels: sigma = s*u / (1 + (s-1)*u), u uniform (1: uniform)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1: the recorded first losses are bit-exact for 1 thread)")
     args = p.parse_args(argv)
@@ -441,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     recipe = dict(RECIPE, seed=args.seed, vae_steps=args.vae_steps, dit_steps=args.dit_steps, vae_lr=args.vae_lr,
                   vae_object_weight=args.vae_object_weight, decoder_steps=args.decoder_steps,
-                  layers=args.dit_layers, heads=args.dit_heads)
+                  layers=args.dit_layers, heads=args.dit_heads, dit_sigma_shift=args.dit_sigma_shift)
     if args.vae_from is not None:
         try:
             check_stage1(recipe, args.vae_from)
