@@ -126,8 +126,14 @@ def test_given_reference_and_unfit_ones(saved, tmp_path):
         AppSettings(models=("tiny-ltx",), reference="none")
 
 
-def test_bad_directory_is_one_line_at_startup(saved, tmp_path, capsys):
+def test_bad_directory_is_one_line_at_startup(saved, tmp_path, capsys, monkeypatch):
+    from hq_diffusion.app import server
     from hq_diffusion.app.server import main
+
+    def must_not_serve(*a, **k):
+        raise AssertionError("a bad --model directory must stop the app before it serves")
+
+    monkeypatch.setattr(server, "start", must_not_serve)
 
     broken = tmp_path / "broken"
     shutil.copytree(saved, broken)
