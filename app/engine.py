@@ -13,6 +13,9 @@ frames and K/V byte counts.
 Caches:
     * bf16 results, LRU of ``settings.result_cache_size``, keyed by (model, prompt, negative prompt, seed,
       frames, height, width, steps);
+    * a model saved quantized by hq-diffusion (:class:`SavedModel`) is loaded once with ``load_quantized`` and
+      kept as its fixed quantized pipeline (never re-quantized); its float reference, if any, takes the place
+      of the bf16 pipeline below;
     * quantized pipelines, LRU of ``settings.quant_cache_size``, keyed by (model, quantization settings).
       Each is a fresh copy of the bf16 pipeline: the transformer and the scheduler are deep-copied, the other
       components (VAE, text encoders, tokenizers) are shared, so the bf16 pipeline is never modified.

@@ -8,10 +8,16 @@ of example prompts and the raw metrics JSON.
 The Generate button is also the API endpoint ``/generate`` (``gradio_client``: ``client.predict(...,
 api_name="/generate")``) returning the three videos, the plot, the metrics text, the compression card and
 the metrics as JSON; ``/limits`` returns the input limits and the offered models.
+
+A model saved quantized by hq-diffusion (``--model QUANTIZED_DIR``) fixes its quantization: the controls are
+disabled for it with a note saying so (``/limits`` lists its settings under ``saved_quantized``); without a
+float reference the left video, the error map, the plot and the comparison metrics stay empty (None in the API's
+JSON) and the metrics text says "No float reference: PSNR/SSIM not computed".
 """
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import html
 import logging
 import threading
@@ -238,6 +244,16 @@ def _model_choices(settings: AppSettings, engine) -> list[tuple[str, str]]:
     return out
 
 
+def reference_label(saved) -> str:
+    """Label of the left video: ``"bf16"``, or for a directory saved quantized its float reference."""
+    if saved is None:
+        return "bf16"
+    if saved.reference is None:
+        return "float reference: none"
+    name = saved.reference if is_tiny(saved.reference) else os.path.basename(os.path.normpath(saved.reference))
+    return f"float reference: {name} ({saved.info.dtype or 'bfloat16'})"
+
+
 def quant_note(saved) -> str:
     """The note under the quantization controls: empty for a model the app quantizes; for a directory saved
     quantized (:class:`~hq_diffusion.app.engine.SavedModel`), that it fixes bps and lattice, and the reference."""
@@ -334,14 +350,18 @@ def build_app(settings: AppSettings | None = None, engine=None):
             fr = gr.Slider(interactive=True, label="Frames (4k+1)")
         else:
             fr = gr.Slider(value=1, interactive=False, label="Frames (image model: 1)")
-        fixed = engine.saved(model) is not None
-        return (fr, *(gr.update(interactive=not fixed) for _ in range(4)), gr.HTML(quant_note(engine.saved(model))))
+        sv = engine.saved(model)
+        return (fr, *(gr.update(interactive=sv is None) for _ in range(4)), gr.HTML(quant_note(sv)),
+                gr.Video(label=reference_label(sv)))
 
     def on_kv(enabled):
         return gr.Slider(interactive=bool(enabled)), gr.Dropdown(interactive=bool(enabled))
 
     def limits() -> dict:
-        return {"limits": lim.to_dict(), "models": list(settings.models),
+        # models saved quantized: the quantization their directory fixes, and their float reference
+        saved = {m: {**dataclasses.asdict(sv.quant), "reference": sv.reference, "reference_note": sv.note}
+                 for m in settings.models if (sv := engine.saved(m)) is not None}
+        return {"limits": lim.to_dict(), "models": list(settings.models), "saved_quantized": saved,
                 "lattices": list(LATTICE_CHOICES), "mma": list(MMA_CHOICES),
                 "kv_corrections": list(KV_CORRECTION_CHOICES)}
 
@@ -396,7 +416,7 @@ def build_app(settings: AppSettings | None = None, engine=None):
                 generate = gr.Button("Generate", variant="primary", elem_id="hq-generate")
             with gr.Column(scale=7):
                 with gr.Row():
-                    v_bf16 = gr.Video(label="bf16", autoplay=True, loop=True, interactive=False, height=330,
+                    v_bf16 = gr.Video(label=reference_label(default_saved), autoplay=True, loop=True, interactive=False, height=330,
                                       elem_id="hq-video-bf16")
                     v_quant = gr.Video(label="HyperQuant (quantized)", autoplay=True, loop=True,
                                        interactive=False, height=330, elem_id="hq-video-quant")
@@ -414,7 +434,7 @@ def build_app(settings: AppSettings | None = None, engine=None):
                 with gr.Accordion("Metrics (JSON, as returned by the /generate API)", open=False):
                     metrics_json = gr.JSON(elem_id="hq-metrics-json")
 
-        model.change(on_model, inputs=model, outputs=[frames, bps, lattice, mma, kv_enabled, fixed_note],
+        model.change(on_model, inputs=model, outputs=[frames, bps, lattice, mma, kv_enabled, fixed_note, v_bf16],
                      api_visibility="private", queue=False)
         kv_enabled.change(on_kv, inputs=kv_enabled, outputs=[kv_bps, kv_correction], api_visibility="private",
                           queue=False)

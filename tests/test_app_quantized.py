@@ -169,6 +169,9 @@ def test_served_api_with_and_without_reference(saved):
         with start(AppSettings(port=0, models=(saved, "tiny-ltx"), reference=reference), preload=False) as app:
             bf16, quant, err, plot, text, card, m = Client(app.url, verbose=False).predict(**args,
                                                                                            api_name="/generate")
+            lim = Client(app.url, verbose=False).predict(api_name="/limits")
+            assert lim["saved_quantized"][saved]["lattice"] == "d4" and "tiny-ltx" not in lim["saved_quantized"]
+            assert lim["saved_quantized"][saved]["reference"] == (None if reference else "tiny-ltx-trained")
             path = quant["video"] if isinstance(quant, dict) else quant
             assert path.endswith(".mp4") and os.path.getsize(path) > 0
             assert m["request"]["quant"]["lattice"] == "d4" and "bits/weight" in card
