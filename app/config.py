@@ -114,7 +114,11 @@ class AppSettings:
         models: model keys offered in the UI, the first being the default: the tiny embedded pipelines
             (any key of ``TINY_MODELS``; by default ``"tiny-ltx-trained"`` (trained weights), ``"tiny-ltx"``,
             ``"tiny-ltx2"``, ``"tiny-pixart"``, ``"tiny-flux"`` (random weights)) and/or local diffusers
-            pipeline directories.
+            pipeline directories: float ones (quantized by the app with the settings of each request) or ones
+            saved quantized by hq-diffusion (served as stored; see ``reference``).
+        reference: the float reference of the models saved quantized: a tiny model key or a float pipeline
+            directory of the same pipeline class, ``"none"`` (the quantized output alone, no PSNR/SSIM), or
+            None (the default: the origin each directory records, else none). Checked by the engine.
         max_concurrency: generations that may be in flight at once (the model itself runs one at a time).
         queue_size: requests that may wait in the queue before new ones are turned away.
         quant_cache_size: quantized pipelines kept (LRU), keyed by model and quantization settings.
@@ -137,6 +141,7 @@ class AppSettings:
     tiny_seed: int = 0
     device: str | None = None
     fps: float | None = None
+    reference: str | None = None
     limits: Limits = field(default_factory=Limits)
 
     def __post_init__(self):
@@ -148,6 +153,10 @@ class AppSettings:
                 raise ValueError(
                     f"AppSettings.models: {m!r} is neither a tiny model ({', '.join(TINY_MODELS)}) nor a "
                     f"local diffusers pipeline directory")
+        if self.reference is not None and not any(genrules.quantized_components(m) for m in models
+                                                   if not is_tiny(m)):
+            raise ValueError(f"--reference applies to a --model saved quantized by hq-diffusion; none of "
+                             f"{', '.join(models)} is")
         # the default first, no duplicates
         object.__setattr__(self, "models", tuple(dict.fromkeys(models)))
         if not (0 <= int(self.port) <= 65535):

@@ -13,6 +13,9 @@ frames and K/V byte counts.
 Caches:
     * bf16 results, LRU of ``settings.result_cache_size``, keyed by (model, prompt, negative prompt, seed,
       frames, height, width, steps);
+    * a model saved quantized by hq-diffusion (:class:`SavedModel`) is loaded once with ``load_quantized`` and
+      kept as its fixed quantized pipeline (never re-quantized); its float reference, if any, takes the place
+      of the bf16 pipeline below;
     * quantized pipelines, LRU of ``settings.quant_cache_size``, keyed by (model, quantization settings).
       Each is a fresh copy of the bf16 pipeline: the transformer and the scheduler are deep-copied, the other
       components (VAE, text encoders, tokenizers) are shared, so the bf16 pipeline is never modified.
@@ -20,6 +23,7 @@ Caches:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import inspect
 import json
@@ -31,20 +35,21 @@ import tempfile
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 import numpy as np
 
 # to_uint8: the evaluator's float [0, 1] -> uint8 frame conversion (raises on NaN / inf frames).
 from hq_diffusion.eval.files import release_memory as _release_memory
-from hq_diffusion.eval.files import to_uint8
-from hq_diffusion.integrations import families, genrules
+from hq_diffusion.eval.files import EvalInputError, to_uint8
+from hq_diffusion.eval.saved import SavedQuantized, choose_reference, inspect_quantized, is_quantized_dir
+from hq_diffusion.integrations import families
 
 from .config import TINY_KINDS, VIDEO_KINDS, AppSettings, GenerationRequest, QuantSettings, is_tiny
 
-__all__ = ["Engine", "GenerationCancelled", "GenerationResult", "PIPELINE_CLASSES", "resolve_kind", "to_uint8",
-           "write_video", "error_gain", "frames_digest"]
+__all__ = ["Engine", "GenerationCancelled", "GenerationResult", "PIPELINE_CLASSES", "SavedModel", "resolve_kind",
+           "resolve_saved", "to_uint8", "write_video", "error_gain", "frames_digest"]
 
 log = logging.getLogger(__name__)
 
@@ -81,9 +86,64 @@ def resolve_kind(model: str) -> str:
     if cls not in PIPELINE_CLASSES:
         raise ValueError(f"{model}: pipeline class {cls!r} is not supported; supported: "
                          f"{', '.join(PIPELINE_CLASSES)}")
-    if (problem := genrules.quantized_model_problem(model)) is not None:
-        raise ValueError(problem)
+    if is_quantized_dir(model):
+        inspect_quantized(model)  # EvalInputError (a ValueError) naming what is wrong with the directory
     return PIPELINE_CLASSES[cls]
+
+
+@dataclass(frozen=True)
+class SavedModel:
+    """A ``--model`` directory saved quantized by hq-diffusion, as the app serves it: the directory is the
+    quantized side (loaded once with ``load_quantized``, never re-quantized, so the request's quantization
+    settings are ignored); the float reference is ``reference`` (a tiny model key or a float pipeline
+    directory), or None when the app shows the quantized column alone.
+
+    Attributes:
+        info: what the directory says about itself (pipeline class, ``HQConfig`` fields, saved dtype, origin).
+        reference: the float reference, or None.
+        note: how ``reference`` was chosen, or why there is none (starts with "no float reference").
+    """
+
+    info: SavedQuantized
+    reference: str | None
+    note: str
+
+    @property
+    def quant(self) -> QuantSettings:
+        """The directory's quantization as :class:`QuantSettings` (what the results report as used)."""
+        c = self.info.config
+        kv = c.get("kv_bps")
+        return QuantSettings(bps=self.info.bps, lattice=str(c.get("lattice", "e8")), mma=str(c.get("mma", "auto")),
+                             kv_enabled=kv is not None, kv_bps=float(kv) if kv is not None else QuantSettings.kv_bps,
+                             kv_correction=str(c.get("kv_correction") or QuantSettings.kv_correction))
+
+    @property
+    def origin(self) -> str | None:
+        """Whose generation defaults apply: the reference, else the recorded origin (may be None)."""
+        return self.reference if self.reference is not None else self.info.source
+
+
+def resolve_saved(model: str, reference: str | None = None) -> SavedModel | None:
+    """:class:`SavedModel` of a ``--model`` directory saved quantized by hq-diffusion (None for a tiny model
+    key or a float pipeline directory). ``reference``: ``--reference`` (a tiny model key, a float pipeline
+    directory, ``"none"``, or None for the origin the directory records). The directory's manifest is verified
+    here, so a damaged one fails at start-up.
+
+    Raises:
+        EvalInputError (a ValueError): one line naming the directory, the file or the ``--reference`` at fault.
+    """
+    if is_tiny(model) or not is_quantized_dir(model):
+        return None
+    sq = inspect_quantized(model)
+    from hq_diffusion.codec import HQFormatError
+    from hq_diffusion.integrations.manifest import MANIFEST_NAME, verify_manifest
+
+    if os.path.isfile(os.path.join(sq.path, MANIFEST_NAME)):
+        try:
+            verify_manifest(sq.path)
+        except (HQFormatError, OSError) as e:
+            raise EvalInputError(f"--model {model}: {e}") from None
+    return SavedModel(sq, *choose_reference(sq, reference))
 
 
 def write_video(path: str, frames: np.ndarray, fps: float, min_height: int = _DISPLAY_MIN_HEIGHT) -> str:
@@ -143,15 +203,17 @@ def _jsonable(obj: Any) -> Any:
 def _mean(values) -> float | None:
     from hq_diffusion.eval.metrics import summarize
 
-    return summarize(values)["mean"]
+    return None if values is None else summarize(values)["mean"]
 
 
 @dataclass
 class _Loaded:
-    pipe: Any
+    pipe: Any  # the bf16 pipeline; for a model saved quantized, its float reference (None without one)
     kind: str
     fps: float
     call_defaults: dict
+    fixed: "_Quantized | None" = None  # a model saved quantized: its pipeline, loaded once as stored
+    saved: "SavedModel | None" = None
 
 
 @dataclass
@@ -170,23 +232,29 @@ class _Quantized:
 
 @dataclass
 class GenerationResult:
-    """What one request produced. Videos are mp4 paths (H.264) inside the engine's work directory."""
+    """What one request produced. Videos are mp4 paths (H.264) inside the engine's work directory.
+
+    For a model saved quantized without a float reference, the reference video, the error map and every
+    comparison metric (PSNR, SSIM, LPIPS, audio SNR, error gain) are None; ``reference`` says why."""
 
     request: GenerationRequest
     kind: str
-    bf16_video: str
+    bf16_video: str | None
     quant_video: str
-    error_video: str
-    psnr: np.ndarray  # (F,) dB, +inf for identical frames
-    ssim: np.ndarray  # (F,)
+    error_video: str | None
+    psnr: np.ndarray | None  # (F,) dB, +inf for identical frames
+    ssim: np.ndarray | None  # (F,)
     lpips: np.ndarray | None  # (F,), None when unavailable
     lpips_reason: str | None
     audio_snr_db: float | None
-    error_gain: int  # the error-map video shows mean |bf16 - quantized| over RGB times this, inferno colours
+    error_gain: int | None  # the error-map video shows mean |bf16 - quantized| over RGB times this, inferno colours
     compression: dict
     timings: dict
     digests: dict
     shape: tuple[int, int, int]  # (frames, height, width) of the outputs
+    #: ``{"model": the float reference or None, "note": how it was chosen, "quantized_dir": the directory
+    #: saved quantized or None (quantized by the app)}``
+    reference: dict = field(default_factory=dict)
 
     def metrics(self) -> dict:
         """JSON-safe metrics (what the ``/generate`` API returns as JSON): +inf is written ``"inf"``."""
@@ -206,7 +274,9 @@ class GenerationResult:
                 "ssim": _mean(self.ssim),
                 "lpips": None if self.lpips is None else _mean(self.lpips),
             },
-            "psnr_all_frames_identical": bool(np.all(np.isposinf(self.psnr))),
+            "psnr_all_frames_identical": None if self.psnr is None else bool(np.all(np.isposinf(self.psnr))),
+            "reference": self.reference,
+            "no_reference": self.psnr is None,
             "lpips": {"available": self.lpips is not None, "reason": self.lpips_reason},
             "audio_snr_db": self.audio_snr_db,
             "error_map_gain": self.error_gain,
@@ -293,6 +363,7 @@ class Engine:
         self.stats = {"bf16_generations": 0, "bf16_cache_hits": 0, "quantizations": 0,
                       "quant_cache_hits": 0, "quant_generations": 0}
         self._kinds: dict[str, str] = {}
+        self._saved: dict[str, SavedModel | None] = {}
         self._shutdown = threading.Event()  # set by shutdown(): new runs are refused, running ones cancelled
         self._idle = threading.Condition()
         self._inflight = 0
@@ -304,8 +375,20 @@ class Engine:
         if model not in self.settings.models:
             return None
         if model not in self._kinds:
-            self._kinds[model] = resolve_kind(model)
+            kind = resolve_kind(model)
+            self.saved(model)  # a damaged directory or an unfit --reference fails here too
+            self._kinds[model] = kind
         return self._kinds[model]
+
+    def saved(self, model: str) -> SavedModel | None:
+        """:class:`SavedModel` of one of ``settings.models`` saved quantized by hq-diffusion (its reference from
+        ``settings.reference``); None for any other model. Raises ValueError (one line) for a bad directory or
+        an unfit reference."""
+        if model not in self.settings.models:
+            return None
+        if model not in self._saved:
+            self._saved[model] = resolve_saved(model, self.settings.reference)
+        return self._saved[model]
 
     def _device(self, model: str) -> str:
         if is_tiny(model):
@@ -323,30 +406,51 @@ class Engine:
         import torch
 
         kind = self.kind(model)
-        if is_tiny(model):
-            from hq_diffusion.models import tiny_pipeline
+        saved = self.saved(model)
+        fixed = None
+        if saved is None:
+            pipe = self._float_pipeline(model, torch.bfloat16, self._device(model))
+            origin = model
+        else:  # the directory is the quantized side, as stored; the float side is its reference, if any
+            import hq_diffusion
 
-            pipe = tiny_pipeline(model, seed=self.settings.tiny_seed, dtype=torch.bfloat16)
+            t0 = time.perf_counter()
+            device = self._device(saved.reference or model)
+            qpipe = hq_diffusion.load_quantized(model, device=device)
+            qpipe.set_progress_bar_config(disable=True)
+            fixed = _Quantized(pipe=qpipe, seconds=time.perf_counter() - t0)
+            dtype = getattr(torch, saved.info.dtype or "bfloat16")  # compare in the dtype it was saved in
+            pipe = None if saved.reference is None else self._float_pipeline(saved.reference, dtype, device)
+            origin = saved.origin
+        if origin is not None and is_tiny(origin):
             defaults: dict = {}
             fps = _TINY_FPS
         else:
-            import warnings
-
-            import diffusers
-
-            with warnings.catch_warnings():  # newer diffusers prefer dtype= over torch_dtype=
-                warnings.filterwarnings("ignore", message=".*torch_dtype.*deprecated", category=FutureWarning)
-                pipe = diffusers.DiffusionPipeline.from_pretrained(model, torch_dtype=torch.bfloat16)
-            pipe.set_progress_bar_config(disable=True)
-            pipe = pipe.to(self._device(model))
-            params = inspect.signature(type(pipe).__call__).parameters
+            params = inspect.signature(type(pipe if fixed is None else fixed.pipe).__call__).parameters
             defaults = {k: params[k].default for k in _TINY_TUNED_KEYS
                         if k in params and params[k].default is not inspect.Parameter.empty}
             fps = float(defaults.get("frame_rate") or 24.0)
         if self.settings.fps is not None:
             fps = float(self.settings.fps)
-        self._loaded[model] = _Loaded(pipe=pipe, kind=kind, fps=fps, call_defaults=defaults)
+        self._loaded[model] = _Loaded(pipe=pipe, kind=kind, fps=fps, call_defaults=defaults, fixed=fixed,
+                                      saved=saved)
         return self._loaded[model]
+
+    def _float_pipeline(self, model: str, dtype, device: str):
+        """A float pipeline: a tiny model key (built in code, on CPU) or a float pipeline directory."""
+        if is_tiny(model):
+            from hq_diffusion.models import tiny_pipeline
+
+            return tiny_pipeline(model, seed=self.settings.tiny_seed, dtype=dtype)
+        import warnings
+
+        import diffusers
+
+        with warnings.catch_warnings():  # newer diffusers prefer dtype= over torch_dtype=
+            warnings.filterwarnings("ignore", message=".*torch_dtype.*deprecated", category=FutureWarning)
+            pipe = diffusers.DiffusionPipeline.from_pretrained(model, torch_dtype=dtype)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe.to(device)
 
     def preload(self, model: str | None = None) -> None:
         """Load ``model`` (default: the default model) now, e.g. in a background thread at start-up."""
@@ -433,6 +537,8 @@ class Engine:
                 :class:`GenerationCancelled`, releasing the model lock; nothing half-done is cached.
         """
         req = request.validate(self.settings, self.kind(request.model))
+        if (sv := self.saved(req.model)) is not None:  # the directory fixes the quantization
+            req = dataclasses.replace(req, quant=sv.quant)
         self._check(cancel)
         with self._idle:
             self._inflight += 1
@@ -478,25 +584,15 @@ class Engine:
             if req.model not in self._loaded:
                 report(0.01, "loading the model")
             loaded = self._load(req.model)
-            bkey = (req.model, req.prompt, req.negative_prompt, req.seed, req.frames, req.height, req.width,
-                    req.steps)
-            bf16 = self._bf16.get(bkey)
-            bf16_cached = bf16 is not None
-            if bf16_cached:
-                self._bf16.move_to_end(bkey)
-                self.stats["bf16_cache_hits"] += 1
-            else:
-                report(0.02, "bf16: generating")
-                t0 = time.perf_counter()
-                out = self._call(loaded, req, loaded.pipe, step(0.02, 0.38, "bf16"))
-                bf16 = _Bf16(out["frames"], out["audio"], out["audio_rate"], time.perf_counter() - t0)
-                self._bf16[bkey] = bf16
-                while len(self._bf16) > self.settings.result_cache_size:
-                    self._bf16.popitem(last=False)
-                self.stats["bf16_generations"] += 1
+            bf16, bf16_cached = None, False
+            if loaded.pipe is not None:
+                bf16, bf16_cached = self._bf16_result(loaded, req, report, step(0.02, 0.38, "bf16"))
             self._check(cancel)
-            report(0.4, "quantizing the transformer")
-            qentry, q_cached = self._quantized(req.model, loaded, req.quant)
+            if loaded.fixed is not None:  # saved quantized: the pipeline as stored, the request's settings unused
+                qentry, q_cached = loaded.fixed, True
+            else:
+                report(0.4, "quantizing the transformer")
+                qentry, q_cached = self._quantized(req.model, loaded, req.quant)
             self._check(cancel)
             report(0.45, "quantized: generating")
             t0 = time.perf_counter()
@@ -510,32 +606,22 @@ class Engine:
             self.stats["quant_generations"] += 1
             summary = self._summary_fn(qentry.pipe)  # after the call: K/V rates are measured
         report(0.86, "measuring")
-        ref, quant = bf16.frames, qout["frames"]
-        if ref.shape != quant.shape:
-            raise RuntimeError(f"bf16 and quantized outputs differ in shape: {ref.shape} vs {quant.shape}")
-        from hq_diffusion.eval import metrics as M
-
-        psnr = M.psnr_per_frame(ref, quant)
-        ssim = M.ssim_per_frame(ref, quant)
-        lp, lp_reason = self._lpips_values(ref, quant)
-        audio_snr = None
-        if bf16.audio is not None and qout["audio"] is not None:
-            try:
-                audio_snr = M.audio_snr_db(bf16.audio, qout["audio"])
-            except ValueError as e:
-                log.warning("audio SNR not computed: %s", e)
+        quant = qout["frames"]
+        cmp = self._compare(bf16, qout) if bf16 is not None else {}
         self._check(cancel)
         report(0.92, "writing videos")
         d = self._new_result_dir()
         fps = loaded.fps
-        bf16_video = write_video(os.path.join(d, "bf16.mp4"), ref, fps)
-        quant_video = write_video(os.path.join(d, "quantized.mp4"), quant, fps)
-        from hq_diffusion.eval.report import error_maps
+        videos = {"quant_video": write_video(os.path.join(d, "quantized.mp4"), quant, fps)}
+        if bf16 is not None:
+            from hq_diffusion.eval.report import error_maps
 
-        gain = error_gain(ref, quant)
-        error_video = write_video(os.path.join(d, "error.mp4"), error_maps(ref, quant, gain=float(gain)), fps)
+            ref = bf16.frames
+            videos["bf16_video"] = write_video(os.path.join(d, "bf16.mp4"), ref, fps)
+            videos["error_video"] = write_video(
+                os.path.join(d, "error.mp4"), error_maps(ref, quant, gain=float(cmp["error_gain"])), fps)
         timings = {
-            "bf16_seconds": bf16.seconds,
+            "bf16_seconds": None if bf16 is None else bf16.seconds,
             "bf16_cached": bf16_cached,
             "quantize_seconds": qentry.seconds,
             "quantized_pipeline_cached": q_cached,
@@ -544,13 +630,56 @@ class Engine:
             "total_seconds": time.perf_counter() - t_start,
         }
         report(1.0, "done")
+        digests = {"bf16_sha256": None if bf16 is None else frames_digest(bf16.frames),
+                   "quantized_sha256": frames_digest(quant)}
+        sv = loaded.saved
+        reference = ({"model": req.model, "note": "the bf16 pipeline the app quantized", "quantized_dir": None}
+                     if sv is None else {"model": sv.reference, "note": sv.note, "quantized_dir": sv.info.path})
+        compression = _compression(summary, req.quant.kv_enabled)
+        if sv is not None:
+            compression["saved"] = {"requested_bps": sv.info.bps, "lattice": sv.quant.lattice,
+                                    "storage": sv.info.config.get("storage"), "dtype": sv.info.dtype}
         return GenerationResult(
-            request=req, kind=loaded.kind, bf16_video=bf16_video, quant_video=quant_video,
-            error_video=error_video, psnr=psnr, ssim=ssim, lpips=lp, lpips_reason=lp_reason,
-            audio_snr_db=audio_snr, error_gain=gain, compression=_compression(summary, req.quant.kv_enabled),
-            timings=timings,
-            digests={"bf16_sha256": frames_digest(ref), "quantized_sha256": frames_digest(quant)},
-            shape=tuple(int(x) for x in ref.shape[:3]))
+            request=req, kind=loaded.kind, bf16_video=videos.get("bf16_video"), quant_video=videos["quant_video"],
+            error_video=videos.get("error_video"), psnr=cmp.get("psnr"), ssim=cmp.get("ssim"),
+            lpips=cmp.get("lpips"), lpips_reason=cmp.get("lpips_reason", sv.note if sv else None),
+            audio_snr_db=cmp.get("audio_snr"), error_gain=cmp.get("error_gain"), compression=compression,
+            timings=timings, digests=digests, shape=tuple(int(x) for x in quant.shape[:3]), reference=reference)
+
+    def _bf16_result(self, loaded: _Loaded, req: GenerationRequest, report, on_step) -> tuple[_Bf16, bool]:
+        """(the float pipeline's output for ``req``, whether it came from the cache). Caller holds the lock."""
+        bkey = (req.model, req.prompt, req.negative_prompt, req.seed, req.frames, req.height, req.width, req.steps)
+        bf16 = self._bf16.get(bkey)
+        if bf16 is not None:
+            self._bf16.move_to_end(bkey)
+            self.stats["bf16_cache_hits"] += 1
+            return bf16, True
+        report(0.02, "bf16: generating")
+        t0 = time.perf_counter()
+        out = self._call(loaded, req, loaded.pipe, on_step)
+        bf16 = _Bf16(out["frames"], out["audio"], out["audio_rate"], time.perf_counter() - t0)
+        self._bf16[bkey] = bf16
+        while len(self._bf16) > self.settings.result_cache_size:
+            self._bf16.popitem(last=False)
+        self.stats["bf16_generations"] += 1
+        return bf16, False
+
+    def _compare(self, bf16: _Bf16, qout: dict) -> dict:
+        """PSNR, SSIM, LPIPS (and its reason), audio SNR and error-map gain of the quantized output vs bf16."""
+        ref, quant = bf16.frames, qout["frames"]
+        if ref.shape != quant.shape:
+            raise RuntimeError(f"bf16 and quantized outputs differ in shape: {ref.shape} vs {quant.shape}")
+        from hq_diffusion.eval import metrics as M
+
+        lp, lp_reason = self._lpips_values(ref, quant)
+        audio_snr = None
+        if bf16.audio is not None and qout["audio"] is not None:
+            try:
+                audio_snr = M.audio_snr_db(bf16.audio, qout["audio"])
+            except ValueError as e:
+                log.warning("audio SNR not computed: %s", e)
+        return {"psnr": M.psnr_per_frame(ref, quant), "ssim": M.ssim_per_frame(ref, quant), "lpips": lp,
+                "lpips_reason": lp_reason, "audio_snr": audio_snr, "error_gain": error_gain(ref, quant)}
 
     def _lpips_values(self, ref: np.ndarray, quant: np.ndarray) -> tuple[np.ndarray | None, str | None]:
         from hq_diffusion.eval.metrics import LPIPS_MIN_SIDE, LPIPSMetric

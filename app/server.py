@@ -120,9 +120,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=7860, help="port (default 7860; 0 = any free port)")
     p.add_argument("--model", action="append", metavar="MODEL",
                    help="model to offer, repeatable, the first is the default: "
-                        f"{', '.join(TINY_MODELS)} (embedded, random weights) or a local diffusers pipeline "
-                        "directory (LTXPipeline, LTX2Pipeline, PixArtSigmaPipeline, FluxPipeline). "
-                        "Default: all tiny models, tiny-ltx first")
+                        f"{', '.join(TINY_MODELS)} (embedded) or a local diffusers pipeline directory "
+                        "(LTXPipeline, LTX2Pipeline, PixArtSigmaPipeline, FluxPipeline): a float one, quantized "
+                        "by the app with the settings of each request, or one saved quantized by hq-diffusion, "
+                        "served as stored (its bps and lattice are fixed) beside its float reference. "
+                        "Default: all tiny models, tiny-ltx-trained first")
+    p.add_argument("--reference", metavar="KEY|FLOAT_DIR|none",
+                   help="float reference of a --model saved quantized: a tiny model key or a float pipeline "
+                        "directory of the same class, or none (the quantized output alone, no PSNR/SSIM). "
+                        "Default: the origin the directory records, else none")
     p.add_argument("--max-concurrency", type=int, default=2,
                    help="generations in flight at once (default 2; the model itself runs one at a time)")
     p.add_argument("--queue-size", type=int, default=16, help="requests that may wait (default 16)")
@@ -140,7 +146,7 @@ def _settings_from_args(args) -> AppSettings:
     if args.model and all(not is_tiny(m) for m in models):
         models = models + tuple(TINY_MODELS)  # the tiny ones stay available next to a checkpoint
     return AppSettings(host=args.host, port=args.port, models=models, max_concurrency=args.max_concurrency,
-                       queue_size=args.queue_size, device=args.device, fps=args.fps)
+                       queue_size=args.queue_size, device=args.device, fps=args.fps, reference=args.reference)
 
 
 def main(argv=None) -> int:

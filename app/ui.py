@@ -8,10 +8,16 @@ of example prompts and the raw metrics JSON.
 The Generate button is also the API endpoint ``/generate`` (``gradio_client``: ``client.predict(...,
 api_name="/generate")``) returning the three videos, the plot, the metrics text, the compression card and
 the metrics as JSON; ``/limits`` returns the input limits and the offered models.
+
+A model saved quantized by hq-diffusion (``--model QUANTIZED_DIR``) fixes its quantization: the controls are
+disabled for it with a note saying so (``/limits`` lists its settings under ``saved_quantized``); without a
+float reference the left video, the error map, the plot and the comparison metrics stay empty (None in the API's
+JSON) and the metrics text says "No float reference: PSNR/SSIM not computed".
 """
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import html
 import logging
 import threading
@@ -70,6 +76,7 @@ def ui_defaults(model: str) -> dict:
         return {"steps": int(kw["num_inference_steps"]), "height": int(kw["height"]), "width": int(kw["width"]),
                 "frames": int(kw.get("num_frames", 1)), "examples": EXAMPLES}
     return {"steps": 4, "height": 64, "width": 64, "frames": 9, "examples": RANDOM_EXAMPLES}
+
 
 CSS = """
 #hq-header h1 { margin-bottom: 0.1em; }
@@ -148,10 +155,17 @@ def compression_card(metrics: dict) -> str:
                   f"{kv.get('attention_modules', 'n/a')} attention modules)")
     else:
         kv_row = "off (16-bit)"
-    bf16_t = _seconds(t["bf16_seconds"]) + (" <span class='hq-note'>(cached result)</span>"
-                                            if t["bf16_cached"] else "")
-    qz = _seconds(t["quantize_seconds"]) + (" <span class='hq-note'>(cached pipeline)</span>"
-                                            if t["quantized_pipeline_cached"] else "")
+    saved = c.get("saved")
+    if t["bf16_seconds"] is None:
+        bf16_t = "<span class='hq-note'>(no float reference)</span>"
+    else:
+        bf16_t = _seconds(t["bf16_seconds"]) + (" <span class='hq-note'>(cached result)</span>"
+                                                if t["bf16_cached"] else "")
+    if saved:
+        qz = "none: loaded as saved in " + _seconds(t["quantize_seconds"])
+    else:
+        qz = _seconds(t["quantize_seconds"]) + (" <span class='hq-note'>(cached pipeline)</span>"
+                                                if t["quantized_pipeline_cached"] else "")
     rows = [
         ("Transformer linears",
          f"<span class='hq-big'>{_fmt_bytes(w['bytes_bf16'])} → {_fmt_bytes(w['bytes_quantized'])}</span> "
@@ -160,6 +174,10 @@ def compression_card(metrics: dict) -> str:
                     f"({e(q['lattice'].upper())} lattice, matmul {e(q['mma'])}); {w['layers_quantized']} layers "
                     f"quantized, {w['layers_kept']} kept in bf16 ({_fmt_bytes(w['bytes_kept'])})"),
         ("Attention K/V", kv_row),
+        *([("Saved directory", f"{e(str(metrics['reference']['quantized_dir']))}: requested "
+                               f"{_fmt(saved['requested_bps'], 'g')} bps, {e(str(saved['storage']))} storage, saved "
+                               f"in {e(str(saved['dtype']))}; the bits/weight above are measured on what it stores")]
+          if saved else []),
         ("Time", f"bf16 {bf16_t} · quantized {_seconds(t['quantized_seconds'])} · quantization {qz}"),
     ]
     body = "".join(f"<tr><td>{k}</td><td>{v}</td></tr>" for k, v in rows)
@@ -182,6 +200,12 @@ def metrics_markdown(metrics: dict) -> str:
     """Mean PSNR / SSIM / LPIPS (or why LPIPS is unavailable) as Markdown."""
     m, lp = metrics["means"], metrics["lpips"]
     psnr = metrics["per_frame"]["psnr"]
+    o = metrics["output"]
+    if metrics.get("no_reference"):
+        why = metrics["reference"]["note"].removeprefix("no float reference: ")
+        return (f"**No float reference: PSNR/SSIM not computed** ({html.escape(why)})  \n"
+                f"<span class='hq-note'>{o['frames']} frame(s) of {o['width']}×{o['height']} px, quantized "
+                f"pipeline only; give --reference KEY|FLOAT_DIR to compare.</span>")
     finite = [p for p in psnr if isinstance(p, (int, float))]
     if metrics.get("psnr_all_frames_identical"):
         psnr_txt = "∞ (the quantized output is identical)"
@@ -196,7 +220,6 @@ def metrics_markdown(metrics: dict) -> str:
         lines.append(f"**LPIPS** unavailable: {_short_paths(lp['reason'])}")
     if metrics.get("audio_snr_db") is not None:
         lines.append(f"**Audio SNR** {_fmt(metrics['audio_snr_db'], '.2f', ' dB')}")
-    o = metrics["output"]
     lines.append(f"<span class='hq-note'>{o['frames']} frame(s) of {o['width']}×{o['height']} px; same prompt "
                  f"and seed for both; error map = |bf16 − quantized| × {metrics['error_map_gain']}.</span>")
     return "  \n".join(lines)
@@ -206,17 +229,42 @@ def psnr_frame(metrics: dict):
     """pandas DataFrame for the per-frame PSNR plot (identical frames, PSNR = ∞, are left out)."""
     import pandas as pd
 
-    rows = [{"frame": i, "PSNR (dB)": float(p)} for i, p in enumerate(metrics["per_frame"]["psnr"])
+    rows = [{"frame": i, "PSNR (dB)": float(p)} for i, p in enumerate(metrics["per_frame"]["psnr"] or [])
             if isinstance(p, (int, float)) and math.isfinite(p)]
     return pd.DataFrame(rows, columns=["frame", "PSNR (dB)"])
 
 
-def _model_choices(settings: AppSettings) -> list[tuple[str, str]]:
+def _model_choices(settings: AppSettings, engine) -> list[tuple[str, str]]:
     out = []
     for m in settings.models:
-        label = TINY_MODELS[m] if is_tiny(m) else f"Local checkpoint: {os.path.basename(os.path.normpath(m))}"
+        name = os.path.basename(os.path.normpath(m))
+        label = (TINY_MODELS[m] if is_tiny(m) else f"Saved quantized: {name}" if engine.saved(m) is not None
+                 else f"Local checkpoint: {name}")
         out.append((label, m))
     return out
+
+
+def reference_label(saved) -> str:
+    """Label of the left video: ``"bf16"``, or for a directory saved quantized its float reference."""
+    if saved is None:
+        return "bf16"
+    if saved.reference is None:
+        return "float reference: none"
+    name = saved.reference if is_tiny(saved.reference) else os.path.basename(os.path.normpath(saved.reference))
+    return f"float reference: {name} ({saved.info.dtype or 'bfloat16'})"
+
+
+def quant_note(saved) -> str:
+    """The note under the quantization controls: empty for a model the app quantizes; for a directory saved
+    quantized (:class:`~hq_diffusion.app.engine.SavedModel`), that it fixes bps and lattice, and the reference."""
+    if saved is None:
+        return ""
+    q = saved.quant
+    ref = (f"Float reference: {html.escape(saved.reference)} ({html.escape(saved.note)})." if saved.reference
+           else f"{html.escape(saved.note[0].upper() + saved.note[1:])}: PSNR/SSIM not computed.")
+    return (f"<span class='hq-note'>This model is a directory saved quantized ({q.lattice.upper()} lattice at "
+            f"{q.bps:g} bps{', K/V ' + format(q.kv_bps, 'g') + ' bits' if q.kv_enabled else ''}): the directory "
+            f"fixes bps and lattice, so the settings above are not used. {ref}</span>")
 
 
 #: The /generate API's arguments, in order.
@@ -299,14 +347,21 @@ def build_app(settings: AppSettings | None = None, engine=None):
     def on_model(model):
         video = engine.kind(model) in VIDEO_KINDS
         if video:
-            return gr.Slider(interactive=True, label="Frames (4k+1)")
-        return gr.Slider(value=1, interactive=False, label="Frames (image model: 1)")
+            fr = gr.Slider(interactive=True, label="Frames (4k+1)")
+        else:
+            fr = gr.Slider(value=1, interactive=False, label="Frames (image model: 1)")
+        sv = engine.saved(model)
+        return (fr, *(gr.update(interactive=sv is None) for _ in range(4)), gr.HTML(quant_note(sv)),
+                gr.Video(label=reference_label(sv)))
 
     def on_kv(enabled):
         return gr.Slider(interactive=bool(enabled)), gr.Dropdown(interactive=bool(enabled))
 
     def limits() -> dict:
-        return {"limits": lim.to_dict(), "models": list(settings.models),
+        # models saved quantized: the quantization their directory fixes, and their float reference
+        saved = {m: {**dataclasses.asdict(sv.quant), "reference": sv.reference, "reference_note": sv.note}
+                 for m in settings.models if (sv := engine.saved(m)) is not None}
+        return {"limits": lim.to_dict(), "models": list(settings.models), "saved_quantized": saved,
                 "lattices": list(LATTICE_CHOICES), "mma": list(MMA_CHOICES),
                 "kv_corrections": list(KV_CORRECTION_CHOICES)}
 
@@ -320,8 +375,9 @@ def build_app(settings: AppSettings | None = None, engine=None):
                 elem_id="hq-header", js_on_load=_SYNC_JS)
         with gr.Row(equal_height=False):
             with gr.Column(scale=3, min_width=360):
-                model = gr.Dropdown(_model_choices(settings), value=settings.default_model, label="Model")
-                start = ui_defaults(settings.default_model)
+                model = gr.Dropdown(_model_choices(settings, engine), value=settings.default_model, label="Model")
+                default_saved = engine.saved(settings.default_model)
+                start = ui_defaults(default_saved.origin or "" if default_saved else settings.default_model)
                 prompt = gr.Textbox(value=start["examples"][0], label="Prompt", lines=2, max_lines=6,
                                     max_length=lim.prompt_max_chars, elem_id="hq-prompt",
                                     placeholder="Describe the video")
@@ -340,21 +396,27 @@ def build_app(settings: AppSettings | None = None, engine=None):
                     width = gr.Slider(lim.size_min, lim.size_max, value=start["width"], step=lim.size_multiple,
                                       label="Width (px)")
                 with gr.Accordion("Quantization", open=True):
+                    free = default_saved is None  # a directory saved quantized fixes the quantization
                     bps = gr.Slider(lim.bps_min, lim.bps_max, value=4.0, step=0.25, label="Weights: bits per weight",
-                                    info="everything stored counted: payload, Rice side information, row scales")
+                                    info="everything stored counted: payload, Rice side information, row scales",
+                                    interactive=free)
                     with gr.Row():
-                        lattice = gr.Radio(list(LATTICE_CHOICES), value="e8", label="Lattice", min_width=200)
-                        mma = gr.Dropdown(list(MMA_CHOICES), value="auto", label="Matmul path", min_width=120)
-                    kv_enabled = gr.Checkbox(value=False, label="Quantize attention K/V", elem_id="hq-kv")
+                        lattice = gr.Radio(list(LATTICE_CHOICES), value="e8", label="Lattice", min_width=200,
+                                           interactive=free)
+                        mma = gr.Dropdown(list(MMA_CHOICES), value="auto", label="Matmul path", min_width=120,
+                                          interactive=free)
+                    kv_enabled = gr.Checkbox(value=False, label="Quantize attention K/V", elem_id="hq-kv",
+                                             interactive=free)
                     with gr.Row():
                         kv_bps = gr.Slider(lim.bps_min, lim.bps_max, value=4.0, step=0.25,
                                            label="K/V bits/scalar", interactive=False)
                         kv_correction = gr.Dropdown(list(KV_CORRECTION_CHOICES), value="haar+dither",
                                                     label="K/V correction", interactive=False)
+                    fixed_note = gr.HTML(quant_note(default_saved), elem_id="hq-quant-note")
                 generate = gr.Button("Generate", variant="primary", elem_id="hq-generate")
             with gr.Column(scale=7):
                 with gr.Row():
-                    v_bf16 = gr.Video(label="bf16", autoplay=True, loop=True, interactive=False, height=330,
+                    v_bf16 = gr.Video(label=reference_label(default_saved), autoplay=True, loop=True, interactive=False, height=330,
                                       elem_id="hq-video-bf16")
                     v_quant = gr.Video(label="HyperQuant (quantized)", autoplay=True, loop=True,
                                        interactive=False, height=330, elem_id="hq-video-quant")
@@ -372,7 +434,8 @@ def build_app(settings: AppSettings | None = None, engine=None):
                 with gr.Accordion("Metrics (JSON, as returned by the /generate API)", open=False):
                     metrics_json = gr.JSON(elem_id="hq-metrics-json")
 
-        model.change(on_model, inputs=model, outputs=frames, api_visibility="private", queue=False)
+        model.change(on_model, inputs=model, outputs=[frames, bps, lattice, mma, kv_enabled, fixed_note, v_bf16],
+                     api_visibility="private", queue=False)
         kv_enabled.change(on_kv, inputs=kv_enabled, outputs=[kv_bps, kv_correction], api_visibility="private",
                           queue=False)
         generate.click(

@@ -19,7 +19,7 @@ from hq_diffusion.integrations import families, genrules
 
 from . import report as R
 from .files import EvalInputError, default_prompts_file, read_prompts, shapes_prompts_file
-from .saved import SavedQuantized, inspect_quantized, is_quantized_dir, resolve_reference
+from .saved import SavedQuantized, choose_reference, inspect_quantized, is_quantized_dir
 
 __all__ = ["EvalConfig", "MODEL_ALIASES", "PIPELINE_CLASSES", "VIDEO_PIPELINES", "DTYPES", "resolve_model",
            "build_config", "fingerprint"]
@@ -240,13 +240,7 @@ def _quantized_model(args: argparse.Namespace) -> tuple[SavedQuantized, str, str
                              else os.path.join(sq.path, "transformer", "config.json"))
     except (HQFormatError, OSError) as e:
         raise EvalInputError(f"--model {args.model}: {e}") from None
-    if args.reference == "none":
-        return sq, digest, None, "no float reference: --reference none"
-    if args.reference is not None:
-        return sq, digest, resolve_reference(args.reference, sq.pipeline_class), "given by --reference"
-    if sq.source is not None:
-        return sq, digest, sq.source, sq.source_note
-    return sq, digest, None, f"no float reference: {sq.source_note} and no --reference was given"
+    return (sq, digest, *choose_reference(sq, args.reference))
 
 
 def build_config(args: argparse.Namespace) -> EvalConfig:

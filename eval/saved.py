@@ -26,7 +26,7 @@ from hq_diffusion.integrations import families, genrules
 
 from .files import EvalInputError
 
-__all__ = ["SavedQuantized", "inspect_quantized", "is_quantized_dir", "resolve_reference"]
+__all__ = ["SavedQuantized", "inspect_quantized", "is_quantized_dir", "resolve_reference", "choose_reference"]
 
 _ST_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
 
@@ -163,3 +163,21 @@ def resolve_reference(reference: str, pipeline_class: str, flag: str = "--refere
         raise EvalInputError(f"{flag} {reference} holds a {index.get('_class_name')!r}; the quantized pipeline is "
                              f"a {pipeline_class}")
     return os.path.abspath(reference)
+
+
+def choose_reference(sq: SavedQuantized, reference: str | None, flag: str = "--reference") -> tuple[str | None, str]:
+    """The float reference of the saved quantized pipeline ``sq`` and how it was chosen: ``reference`` when
+    given (``"none"`` forces none; else checked by :func:`resolve_reference`), else the origin the directory
+    records, else none. Returns ``(reference or None, one-sentence note)``; a note of a run without reference
+    starts with "no float reference".
+
+    Raises:
+        EvalInputError: a given ``reference`` that does not fit (one line naming ``flag``).
+    """
+    if reference == "none":
+        return None, f"no float reference: {flag} none"
+    if reference is not None:
+        return resolve_reference(reference, sq.pipeline_class, flag), f"given by {flag}"
+    if sq.source is not None:
+        return sq.source, sq.source_note
+    return None, f"no float reference: {sq.source_note} and no {flag} was given"
