@@ -72,13 +72,3 @@ def quantized_components(model_dir: str) -> list[str]:
             found.append(name)
     return found
 
-
-def quantized_model_problem(model_dir: str) -> str | None:
-    """Why a ``--model`` directory saved quantized by hq-diffusion cannot be the float reference that the eval
-    and the app compare the quantization with (None for a float pipeline)."""
-    found = quantized_components(model_dir)
-    if not found:
-        return None
-    return (f"{model_dir} holds a pipeline saved quantized by hq-diffusion ({', '.join(found)}): the comparison "
-            f"needs the float pipeline it was made from, so give that directory as --model (load this one with "
-            f"hq_diffusion.load_quantized or diffusers' from_pretrained).")
