@@ -107,3 +107,23 @@ def test_recipe_reproduces_the_first_losses_bit_for_bit():
         torch.set_num_threads(threads)
     assert vae == rec["first_losses"]["vae"][:2]
     assert dit == rec["first_losses"]["dit"][:2]
+
+
+def test_vae_from_reuses_only_the_same_stage1_recipe(tmp_path, capsys):
+    """``train-tiny --vae-from DIR`` skips stage 1 only for an output of the very same stage-1 recipe."""
+    from pathlib import Path
+
+    from hq_diffusion.tiny import train
+
+    asset = Path(str(ASSET))
+    rec = _record()
+    recipe = {k: tuple(v) if isinstance(v, list) else v for k, v in rec["recipe"].items()}
+    assert train.check_stage1(recipe, asset)["recipe"] == rec["recipe"]
+    with pytest.raises(ValueError, match="differs in vae_lr"):
+        train.check_stage1(dict(recipe, vae_lr=recipe["vae_lr"] * 2), asset)
+    with pytest.raises(ValueError, match="not a train-tiny output"):
+        train.check_stage1(recipe, tmp_path)
+    with pytest.raises(SystemExit) as e:  # the CLI refuses it in one line before training anything
+        train.main(["--out", str(tmp_path / "out"), "--vae-from", str(tmp_path)])
+    assert e.value.code == 2 and "not a train-tiny output" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

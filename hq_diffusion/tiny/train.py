@@ -443,7 +443,6 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("vae_steps", "dit_steps", "threads", "dit_layers", "dit_heads"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    torch.set_num_threads(args.threads)
     recipe = dict(RECIPE, seed=args.seed, vae_steps=args.vae_steps, dit_steps=args.dit_steps, vae_lr=args.vae_lr,
                   vae_object_weight=args.vae_object_weight, decoder_steps=args.decoder_steps,
                   layers=args.dit_layers, heads=args.dit_heads, dit_sigma_shift=args.dit_sigma_shift)
@@ -452,6 +451,7 @@ def main(argv: list[str] | None = None) -> int:
             check_stage1(recipe, args.vae_from)
         except ValueError as e:
             p.error(str(e))
+    torch.set_num_threads(args.threads)
     rec = train(args.out, recipe, checkpoint_every=args.checkpoint_every, vae_from=args.vae_from)
     print(f"train-tiny: wrote {args.out} in {rec['wall_s']:.0f} s; final VAE MSE "
           f"{rec['final_losses']['vae_mse']:.4f}, transformer loss {rec['final_losses']['dit']:.4f}")
