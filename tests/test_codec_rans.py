@@ -244,3 +244,29 @@ def test_numpy_decoder_both_prefix_paths_and_tail_corruption(monkeypatch, byteor
         with pytest.raises(HQFormatError):
             rans.decode_stream(rans.RansStream(st.n, st.block, st.prec, st.freqs, st.states, st.offsets, words,
                                                st.escapes), 2)
+
+
+# ---- bounded work space: chunked tables, escapes and state steps give the same bytes -------------------------
+@pytest.mark.parametrize("chunk", [1, 8 * 3 + 5, 8 * 64 * 2, 10**5])
+@pytest.mark.parametrize("n,block,ctx,prec,scale,digest", _PINNED_STREAMS)
+def test_chunked_stream_encode_is_byte_identical(n, block, ctx, prec, scale, digest, chunk, monkeypatch):
+    """Every chunk size of the encoder's passes (one symbol; uneven chunks not aligned to the lanes; whole
+    steps of every block; one chunk) gives the pinned bytes."""
+    monkeypatch.setattr(rans, "CHUNK_SYMBOLS", chunk)
+    z = torch.from_numpy((np.abs(np.random.default_rng(n).standard_normal(n)) * scale).astype(np.int32))
+    assert _stream_digest(rans.encode_stream(z, block, ctx, prec)) == digest
+
+
+@pytest.mark.parametrize("chunk", [1, 13, 10**6])
+def test_chunked_counts_match_whole_counts(chunk, monkeypatch):
+    """Counts gathered chunk by chunk and piece by piece (pieces of a stream at any start position) add up to
+    the whole stream's counts, lane 7's context included."""
+    z = (np.abs(np.random.default_rng(3).standard_normal(5001)) * 90).astype(np.int32)
+    top, whole = rans.count_symbols(z, 2)
+    monkeypatch.setattr(rans, "CHUNK_SYMBOLS", chunk)
+    cuts = [0, 7, 100, 2049, 5001]
+    pieces = [rans.count_symbols(z[a:b], 2, start=a) for a, b in zip(cuts, cuts[1:])]
+    assert max(p[0] for p in pieces) == top == int(z.max())
+    assert np.array_equal(sum(p[1] for p in pieces), whole)
+    assert whole[1].sum() == z[7::8].size and np.array_equal(whole[1], np.bincount(np.minimum(z[7::8], 255),
+                                                                                   minlength=256))
