@@ -353,14 +353,29 @@ def decode_stream(st: RansStream, num_ctx: int = 1) -> torch.Tensor:
     ctx_bits = contexts(num_ctx) * m if num_ctx > 1 else None
     ts = -(-tail // LANES)  # steps of the tail block
     s = steps if nfull else ts
-    slots = np.zeros((nb, s, LANES), np.int64)  # block-major: the symbols' order, no transpose at the end
-    run = lambda x, p, a, b: _decode_steps(x, p, slots[: len(x), a:b], words, fq, dq, ctx_bits, st.prec)  # noqa: E731
+    # table entries (T ≤ 256) as uint8, block-major (the symbols' order, no transpose at the end); the slots
+    # (int64) of at most CHUNK_SYMBOLS symbols at a time: the work space does not grow with the stream
+    sym = np.zeros((nb, s, LANES), np.uint8)
+    lut8 = lut.astype(np.uint8)
+    per = max(1, CHUNK_SYMBOLS // (nb * LANES))
+    buf = np.zeros((nb, min(per, s), LANES), np.int64)
+
+    def run(x, p, a, b):
+        for c0 in range(a, b, per):
+            c1 = min(b, c0 + per)
+            out = buf[: len(x), : c1 - c0]
+            x, p = _decode_steps(x, p, out, words, fq, dq, ctx_bits, st.prec)
+            sym[: len(x), c0:c1] = lut8.take(out)
+        return x, p
+
     x, ptr, ok = states, offsets - 1, True
     if tail:  # every block to the tail's last step, which only the tail's first `last` lanes take
         x, ptr = run(x, ptr, 0, ts - 1)
         last = tail - (ts - 1) * LANES
-        xt, pt = _decode_lanes(x[nfull, :last], int(ptr[nfull]), slots[nfull, ts - 1, :last], words, fq, dq,
+        slots = np.zeros(last, np.int64)
+        xt, pt = _decode_lanes(x[nfull, :last], int(ptr[nfull]), slots, words, fq, dq,
                                None if ctx_bits is None else ctx_bits[:last], st.prec)
+        sym[nfull, ts - 1, :last] = lut8.take(slots)
         ok = bool(np.all(xt == STATE_LOW) and np.all(x[nfull, last:] == STATE_LOW) and pt + 1 == ends[nfull])
         x, ptr = x[:nfull], ptr[:nfull]
     if nfull:
@@ -368,7 +383,6 @@ def decode_stream(st: RansStream, num_ctx: int = 1) -> torch.Tensor:
     if not ok or np.any(x != STATE_LOW) or np.any(ptr + 1 != ends[:nfull]):
         raise HQFormatError("rANS stream is corrupt: a block does not end in its initial state with its words "
                             "used up")
-    sym = lut.astype(np.uint8).take(slots)  # table entries (T ≤ 256): uint8, 1/8 of the bytes to move
     flat = sym[:nfull].reshape(-1)
     if tail:  # the tail block's symbols: its first ts steps
         flat = np.concatenate([flat, sym[nfull, :ts].reshape(-1)[:tail]])
