@@ -311,3 +311,23 @@ def test_chunked_numpy_decode_matches(chunk, monkeypatch):
         with pytest.raises(HQFormatError):
             rans.decode_stream(rans.RansStream(st.n, st.block, st.prec, st.freqs, states, st.offsets, st.words,
                                                st.escapes), 2)
+
+
+def test_rans_decode_work_space_is_bounded(monkeypatch):
+    """The numpy decoder of a 4M-symbol stream allocates at most 10 bytes per symbol (its int32 output, the
+    uint8 table entries, the words as int64, chunk-sized slots); the former decoder held every slot as int64
+    (about 16 bytes per symbol in all)."""
+    import tracemalloc
+
+    n = 1 << 22
+    z = torch.from_numpy((np.abs(np.random.default_rng(9).standard_normal(n)) * 6).astype(np.int32))
+    st = rans.encode_stream(z, 4096, 2)
+    monkeypatch.setattr(rans, "CHUNK_SYMBOLS", 1 << 16)
+    tracemalloc.start()
+    try:
+        out = rans.decode_stream(st, 2)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert torch.equal(out, z)
+    assert peak / n < 10.0, f"{peak / n:.1f} bytes per symbol"
