@@ -21,9 +21,11 @@ one uint32 word offset per block, the escapes. The cost of a stream is computed 
 The CPU implementation is numpy, vectorized across all lanes of all blocks: one step of every lane of every
 block (the tail block included) is one vector operation per arithmetic step, in place, with numpy scalar
 constants (a Python int operand costs about as much as the operation on a few hundred elements). The
-encoder runs its states in float64 with the symbols' f, c and M − f gathered once beforehand; the decoder
+encoder runs its states in float64 with the symbols' f, c and M − f gathered per chunk of steps; the decoder
 runs int64 states, gathers f and slot − cum per step, and counts the words the 8 lanes of a block read
-before each lane with one 64-bit multiply of the lanes' 0/1 bytes. The sequential steps (``block`` per
+before each lane with one 64-bit multiply of the lanes' 0/1 bytes. Both take every block's steps in chunks
+of about :data:`CHUNK_SYMBOLS` symbols (the tables and escapes are counted in such chunks too), so their work
+space is bounded whatever the stream's length, and the bytes do not depend on the chunking. The sequential steps (``block`` per
 stream) are fixed by the format, so the per-step cost bounds the speed of small tensors.
 :func:`decode_stream_torch` is the torch twin (same result on any device), the reference of the Triton
 decoder in ``kernels/rans_decode.py``.
