@@ -13,6 +13,7 @@ CASES = [  # (shape, dtype, lattice, coder, scale dtype): odd widths pad to the 
     ((3, 41, 777), torch.float16, "a2", "rice", "float32"),
     ((100, 520), torch.bfloat16, "z", "rice", "float16"),
     ((65, 2048), torch.float32, "e8", "rans", "float16"),
+    ((33, 1000), torch.float32, "d4", "rans", "bfloat16"),  # two rANS streams, rate model over row blocks
 ]
 
 

@@ -336,20 +336,36 @@ _STATE_INFO_BITS = 7  # payload bits a final lane state carries on average (meas
 _AIM = 0.0004  # the model aims this far below the budget (bits per scalar); the exact loop corrects
 
 
-def _rans_streams(y: torch.Tensor, lattice: str, block: int) -> list:
-    return [rans.encode_stream(z, block, rans_contexts(lattice, i)) for i, z in enumerate(strip(lattice, y))]
+def _rans_streams(u: torch.Tensor, lattice: str, alpha: float, block: int, what: str) -> tuple[list, int]:
+    """rANS streams of the nearest lattice points of ``u · alpha`` (float32 (R, n_pad)) and their largest
+    magnitude: the symbols come from the row-blocked pass of :func:`_symbol_streams` (int32, 4 bytes per
+    coordinate), each stream is freed as soon as it is coded (the coder works in bounded space)."""
+    syms, max_abs = _symbol_streams(u, lattice, alpha, what)
+    streams = []
+    for i in range(len(syms)):
+        z, syms[i] = syms[i], None
+        streams.append(rans.encode_stream(z, block, rans_contexts(lattice, i)))
+        del z
+    return streams, max_abs
 
 
 def _rans_model_bits(u: torch.Tensor, lattice: str, alpha: float, block: int) -> float:
     """Estimated stored bits of the streams of ``u`` (float32 (r, n_pad)) at ``alpha`` beyond the fixed part
     (which holds states, offsets and two table entries per context): the table cost of every symbol plus the
-    other table entries, minus the payload bits each final state carries."""
+    other table entries, minus the payload bits each final state carries. Counted over row blocks (the
+    symbol counts of the blocks' pieces of a stream add up), so the work space stays one block."""
+    lens = stream_lengths(lattice, u.numel())
+    ctx = [rans_contexts(lattice, i) for i in range(len(lens))]
+    tops, counts, pos = [0] * len(lens), [0] * len(lens), [0] * len(lens)
+    for sl in _row_blocks(*u.shape):
+        for i, z in enumerate(strip(lattice, nearest(lattice, u[sl] * alpha))):
+            top, c = rans.count_symbols(z.cpu().numpy(), ctx[i], start=pos[i])
+            tops[i], counts[i], pos[i] = max(tops[i], top), counts[i] + c, pos[i] + z.numel()
     bits = 0.0
-    for i, z in enumerate(strip(lattice, nearest(lattice, u * alpha))):
-        zn, c = z.cpu().numpy(), rans_contexts(lattice, i)
-        t = min(int(zn.max()), rans.MAX_TABLE - 2) + 2
-        bits += rans.table_cost_bits(zn, c) + 8 * 2 * c * (t - 2)  # states, offsets, 2 entries: in `fixed`
-        bits -= _STATE_INFO_BITS * rans.LANES * rans.num_blocks(zn.size, block)
+    for i, sn in enumerate(lens):
+        t, c2 = rans.fold_counts(counts[i], tops[i])
+        bits += rans.counts_cost_bits(c2) + 8 * 2 * ctx[i] * (t - 2)  # states, offsets, 2 entries: in `fixed`
+        bits -= _STATE_INFO_BITS * rans.LANES * rans.num_blocks(sn, block)
     return bits
 
 
@@ -365,10 +381,10 @@ def _encode_rans(u: torch.Tensor, cfg: CodecConfig, head) -> EncodedTensor:
                  + sum(rans.side_bytes(sn, block, rans_contexts(lattice, i), 2) for i, sn in enumerate(lens)))
 
     def build(alpha):
-        y, max_abs = _lattice_point(u, lattice, alpha, what)
+        streams, max_abs = _rans_streams(u, lattice, alpha, block, what)
         meta["max_abs_code"] = max_abs
         return EncodedTensor(shape, dtype, lattice, h, block, cfg.seed, key32, alpha, cfg.scale_dtype, scales,
-                             _rans_streams(y, lattice, block), max_abs <= 127, meta=meta, coder="rans")
+                             streams, max_abs <= 127, meta=meta, coder="rans")
 
     f32 = lambda a: float(torch.tensor(a, dtype=torch.float32))  # noqa: E731 — α is stored as float32
     if cfg.snr_db is not None:

@@ -21,9 +21,11 @@ one uint32 word offset per block, the escapes. The cost of a stream is computed 
 The CPU implementation is numpy, vectorized across all lanes of all blocks: one step of every lane of every
 block (the tail block included) is one vector operation per arithmetic step, in place, with numpy scalar
 constants (a Python int operand costs about as much as the operation on a few hundred elements). The
-encoder runs its states in float64 with the symbols' f, c and M − f gathered once beforehand; the decoder
+encoder runs its states in float64 with the symbols' f, c and M − f gathered per chunk of steps; the decoder
 runs int64 states, gathers f and slot − cum per step, and counts the words the 8 lanes of a block read
-before each lane with one 64-bit multiply of the lanes' 0/1 bytes. The sequential steps (``block`` per
+before each lane with one 64-bit multiply of the lanes' 0/1 bytes. Both take every block's steps in chunks
+of about :data:`CHUNK_SYMBOLS` symbols (the tables and escapes are counted in such chunks too), so their work
+space is bounded whatever the stream's length, and the bytes do not depend on the chunking. The sequential steps (``block`` per
 stream) are fixed by the format, so the per-step cost bounds the speed of small tensors.
 :func:`decode_stream_torch` is the torch twin (same result on any device), the reference of the Triton
 decoder in ``kernels/rans_decode.py``.
@@ -133,33 +135,63 @@ def max_freq(prec: int) -> int:
     return (15 << prec) >> 4
 
 
-def _counts(z: np.ndarray, num_ctx: int, t: int) -> np.ndarray:
-    """Symbol counts int64 (C, T) of the table entries of ``z`` (int32 (n,)); symbol ``i`` is in lane
-    ``i mod LANES`` and so in context ``contexts(num_ctx)[i mod LANES]`` (for two contexts: lane 7 alone)."""
-    sym = np.minimum(z, t - 1)
-    total = np.bincount(sym, minlength=t)
-    if num_ctx == 1:
-        return total[None].astype(np.int64)
+#: Symbols per chunk of the encoder's passes (tables, escapes, the state steps): its work arrays hold about
+#: 40 bytes per symbol of one chunk, so an encode needs O(chunk) work space beyond its input and output.
+CHUNK_SYMBOLS = 1 << 21
+
+
+def _chunks(n: int, size: int):
+    for a in range(0, n, size):
+        yield a, min(n, a + size)
+
+
+def count_symbols(z: np.ndarray, num_ctx: int, start: int = 0) -> tuple[int, np.ndarray]:
+    """Largest symbol and the counts int64 (C, MAX_TABLE) of ``min(z, MAX_TABLE − 1)`` per context, for the
+    symbols ``z`` (int32 (n,)) that sit at positions ``start …`` of their stream (position ``i`` is in lane
+    ``i mod LANES``; for two contexts lane 7 has its own). Chunked: no full-size temporary. Counts of
+    consecutive pieces of a stream add up (:func:`fold_counts` turns them into a table's counts)."""
     contexts(num_ctx)  # validates num_ctx
-    last = np.bincount(sym[LANES - 1:: LANES], minlength=t)
-    return np.stack([total - last, last]).astype(np.int64)
+    total = np.zeros(MAX_TABLE, np.int64)
+    last = np.zeros(MAX_TABLE, np.int64)
+    top = 0
+    for a, b in _chunks(z.size, CHUNK_SYMBOLS):
+        sym = np.minimum(z[a:b], MAX_TABLE - 1)
+        top = max(top, int(z[a:b].max()))
+        total += np.bincount(sym, minlength=MAX_TABLE)
+        if num_ctx == 2:
+            last += np.bincount(sym[(LANES - 1 - start - a) % LANES:: LANES], minlength=MAX_TABLE)
+    return top, (total[None] if num_ctx == 1 else np.stack([total - last, last]))
 
 
-def build_tables(z: np.ndarray, num_ctx: int, prec: int, block: int) -> tuple[np.ndarray, np.ndarray]:
-    """Table size T and frequencies int64 (C, T) for the symbols ``z`` (int32 (n,))."""
-    top = int(z.max()) if z.size else 0
+def fold_counts(counts: np.ndarray, top: int) -> tuple[int, np.ndarray]:
+    """Counts int64 (C, MAX_TABLE) of a stream whose largest symbol is ``top`` → its table size T and the
+    counts int64 (C, T) of its table entries (entry ``T − 1``, the escape, counts every symbol ≥ T − 1)."""
     t = min(top, MAX_TABLE - 2) + 2
-    counts = _counts(z, num_ctx, t)
-    freqs = np.stack([quantize_freqs(c, prec) for c in counts])
-    return t, freqs
+    out = counts[:, :t].copy()
+    out[:, t - 1] = counts[:, t - 1:].sum(1)
+    return t, out
+
+
+def _counts(z: np.ndarray, num_ctx: int) -> tuple[int, np.ndarray]:
+    """Table size T and counts int64 (C, T) of the table entries of ``z`` (int32 (n,))."""
+    top, counts = count_symbols(z, num_ctx)
+    return fold_counts(counts, top if z.size else 0)
+
+
+def build_tables(z: np.ndarray, num_ctx: int, prec: int, block: int) -> tuple[int, np.ndarray]:
+    """Table size T and frequencies int64 (C, T) for the symbols ``z`` (int32 (n,))."""
+    t, counts = _counts(z, num_ctx)
+    return t, np.stack([quantize_freqs(c, prec) for c in counts])
 
 
 def table_cost_bits(z: np.ndarray, num_ctx: int, prec: int = DEFAULT_PREC) -> float:
     """Estimated payload bits of ``z`` (int32 (n,)) under its own quantized tables: Σ log2(M / f) plus
     32 bits per escape. Excludes states, offsets and the tables (see :func:`side_bits`)."""
-    top = int(z.max()) if z.size else 0
-    t = min(top, MAX_TABLE - 2) + 2
-    counts2 = _counts(z, num_ctx, t)
+    return counts_cost_bits(_counts(z, num_ctx)[1], prec)
+
+
+def counts_cost_bits(counts2: np.ndarray, prec: int = DEFAULT_PREC) -> float:
+    """:func:`table_cost_bits` from a stream's table-entry counts int64 (C, T) (see :func:`fold_counts`)."""
     freqs = np.stack([quantize_freqs(c, prec) for c in counts2])
     counts = counts2.reshape(-1)
     f = freqs.reshape(-1).astype(np.float64)
@@ -182,7 +214,10 @@ def _layout(n: int, block: int):
 
 def encode_stream(z: torch.Tensor, block: int, num_ctx: int = 1, prec: int = DEFAULT_PREC) -> RansStream:
     """rANS-encode symbols ``z`` (int32 (n,), non-negative) on the CPU in numpy. ``block``: steps per lane
-    per block (a block codes ``LANES · block`` symbols)."""
+    per block (a block codes ``LANES · block`` symbols).
+
+    Work space: O(:data:`CHUNK_SYMBOLS`) beyond ``z`` and the output (the tables and escapes are gathered
+    chunk by chunk, the states step through :func:`_encode_steps` a few steps of every block at a time)."""
     if z.dtype != torch.int32 or z.dim() != 1:
         raise ValueError(f"expected a 1-D int32 tensor, got {z.dtype} of shape {tuple(z.shape)}")
     if not PREC_RANGE[0] <= prec <= PREC_RANGE[1]:
@@ -192,56 +227,92 @@ def encode_stream(z: torch.Tensor, block: int, num_ctx: int = 1, prec: int = DEF
         raise ValueError("rANS symbols must be non-negative")
     n = zn.size
     t, freqs = build_tables(zn, num_ctx, prec, block)
-    escapes = zn[zn >= t - 1].astype(np.int32)
+    escapes = np.concatenate([zn[i:j][zn[i:j] >= t - 1] for i, j in _chunks(n, CHUNK_SYMBOLS)] or
+                             [np.zeros(0, np.int32)]).astype(np.int32)
     if n == 0:
         return RansStream(0, block, prec, torch.from_numpy(freqs.astype(np.uint16)),
                           torch.zeros(0, LANES, dtype=torch.uint32), torch.zeros(0, dtype=torch.uint32),
                           torch.zeros(0, dtype=torch.uint16), torch.from_numpy(escapes))
-    states, counts, words = _encode_blocks(_block_major(zn, t, num_ctx, block), freqs, prec)
-    offsets = np.zeros(len(counts), np.int64)
-    offsets[1:] = np.cumsum(counts)[:-1]
+    states, offsets, words = _encode_blocks(zn, t, num_ctx, block, freqs, prec)
     return RansStream(n, block, prec, torch.from_numpy(freqs.astype(np.uint16)),
                       torch.from_numpy(states), torch.from_numpy(offsets.astype(np.uint32)),
                       torch.from_numpy(words), torch.from_numpy(escapes))
 
 
-def _block_major(zn: np.ndarray, t: int, num_ctx: int, block: int) -> np.ndarray:
-    """Flat table index of every symbol, in stream order: int64 (NB, S, K). The tail block (if any) is the last
-    block; its absent symbols (after its last one) get the identity entry ``C · T`` (f = M, c = 0), which
-    leaves a state unchanged and never emits a word. S = ``block`` if there is a full block, else the tail's
-    steps."""
+def _block_major(zn: np.ndarray, t: int, num_ctx: int, block: int, s0: int, s1: int) -> np.ndarray:
+    """Flat table index of the symbols of steps ``s0 … s1 − 1`` of every block: intp (NB, s1 − s0, K). The
+    tail block (if any) is the last block; its absent symbols (after its last one) get the identity entry
+    ``C · T`` (f = M, c = 0), which leaves a state unchanged and never emits a word. A block has S = ``block``
+    steps if there is a full block, else the tail's steps (:func:`_steps`)."""
     n = zn.size
     nfull, steps, tail = _layout(n, block)
-    s = steps if nfull else -(-tail // LANES)
     nb = nfull + (1 if tail else 0)
-    g = np.full((nb, s * LANES), num_ctx * t, np.int64)
-    sym = np.minimum(zn, t - 1)
+    g = np.full((nb, s1 - s0, LANES), num_ctx * t, np.intp)
     if nfull:
-        g[:nfull] = sym[: nfull * LANES * steps].reshape(nfull, -1)
+        np.minimum(zn[: nfull * LANES * steps].reshape(nfull, steps, LANES)[:, s0:s1], t - 1, out=g[:nfull],
+                   casting="unsafe")
     if tail:
-        g[nfull, :tail] = sym[nfull * LANES * steps:]
-    g = g.reshape(nb, s, LANES)
+        base = nfull * LANES * steps
+        a, b = base + s0 * LANES, base + min(tail, s1 * LANES)
+        if b > a:
+            np.minimum(zn[a:b], t - 1, out=g[nfull].reshape(-1)[: b - a], casting="unsafe")
     if num_ctx == 2:  # lane 7 reads the second table
         g[:, :, LANES - 1] += np.where(g[:, :, LANES - 1] < num_ctx * t, t, 0)
     return g
 
 
-def _encode_blocks(g: np.ndarray, freqs: np.ndarray, prec: int):
-    """Encode table indices ``g`` (int64 (NB, S, K), see :func:`_block_major`) → final states
-    uint32 (NB, K), word counts int64 (NB,), words uint16 (W,) in decoder order (block, step, lane).
+def _steps(n: int, block: int) -> int:
+    nfull, steps, tail = _layout(n, block)
+    return steps if nfull else -(-tail // LANES)
+
+
+def _encode_blocks(zn: np.ndarray, t: int, num_ctx: int, block: int, freqs: np.ndarray, prec: int):
+    """Encode the symbols ``zn`` (int32 (n,)) with tables ``freqs`` (int64 (C, T)) → final states
+    uint32 (NB, K), block offsets int64 (NB,), words uint16 (W,) in decoder order (block, step, lane).
+
+    The encoder runs the steps backwards; it takes them in chunks of every block's steps ``s0 … s1 − 1``
+    (about :data:`CHUNK_SYMBOLS` symbols a chunk, see :func:`_encode_steps`) carrying the states, and
+    places each chunk's words behind those of the lower steps of the same block once every chunk's word
+    counts are known. The result does not depend on the chunking (blocks and steps are coded the same)."""
+    nfull, _, tail = _layout(zn.size, block)
+    nb, steps = nfull + (1 if tail else 0), _steps(zn.size, block)
+    m = 1 << prec
+    fq = np.append(freqs.reshape(-1), m).astype(np.float64)  # + the identity entry
+    cm = np.append((np.cumsum(freqs, axis=1) - freqs).reshape(-1), 0).astype(np.float64)
+    x = np.full((nb, LANES), float(STATE_LOW))
+    per = max(1, CHUNK_SYMBOLS // (nb * LANES))
+    parts = []  # (words uint16 in (block, step, lane) order, word counts int64 (NB,)), highest steps first
+    for s1 in range(steps, 0, -per):
+        s0 = max(0, s1 - per)
+        parts.append(_encode_steps(x, _block_major(zn, t, num_ctx, block, s0, s1), fq, cm, m, prec))
+    counts = sum(c for _, c in parts)
+    offsets = np.zeros(nb, np.int64)
+    offsets[1:] = np.cumsum(counts)[:-1]
+    words = np.empty(int(counts.sum()), np.uint16)
+    base = offsets.copy()
+    while parts:  # lowest steps first: each chunk's words go after the lower steps' words of their block
+        w, c = parts.pop()
+        start = np.cumsum(c) - c  # each block's first word within the chunk
+        words[np.repeat(base - start, c) + np.arange(w.size)] = w
+        base += c
+    return x.astype(np.uint32), offsets, words
+
+
+def _encode_steps(x: np.ndarray, g: np.ndarray, fq: np.ndarray, cm: np.ndarray, m: int, prec: int):
+    """Run the encoder states ``x`` (float64 (NB, K), updated in place) backwards through the steps of the
+    table indices ``g`` (intp (NB, S, K), see :func:`_block_major`; ``fq``/``cm``: float64 frequency and
+    cumulative frequency per flat index). Returns the words emitted, uint16 in (block, step, lane) order, and
+    their count per block int64 (NB,).
 
     The states run in float64: every value is an integer below 2**33, so products, sums and the
     power-of-two scalings are exact, and ``floor(x / f)`` is exact too (a non-integer quotient of
     x < 2**33 by f ≤ 2**15 is at least 2**-15 from an integer, far above float64's rounding). One step of
     every lane of every block is one vector operation; a word is emitted when ``x ≥ f · 2**(32 − prec)``."""
     nb, steps, k = g.shape
-    m = 1 << prec
-    fq = np.append(freqs.reshape(-1), m).astype(np.float64)  # + the identity entry
-    cm = np.append((np.cumsum(freqs, axis=1) - freqs).reshape(-1), 0).astype(np.float64)
     f_all = fq[g]
     c_all = cm[g]
+    del g
     mf_all = m - f_all
-    x = np.full((nb, k), float(STATE_LOW))
     tmp = np.empty_like(x)
     emit = np.empty((nb, steps, k), bool)
     wx = np.empty((nb, steps, k), np.uint32)
@@ -259,8 +330,7 @@ def _encode_blocks(g: np.ndarray, freqs: np.ndarray, prec: int):
         np.multiply(tmp, mf_all[:, s], out=tmp)
         tmp += c_all[:, s]
         x += tmp
-    words = (wx[emit] & 0xFFFF).astype(np.uint16)
-    return x.astype(np.uint32), emit.sum((1, 2)), words
+    return (wx[emit] & 0xFFFF).astype(np.uint16), emit.sum((1, 2))
 
 
 def decode_stream(st: RansStream, num_ctx: int = 1) -> torch.Tensor:
@@ -285,14 +355,29 @@ def decode_stream(st: RansStream, num_ctx: int = 1) -> torch.Tensor:
     ctx_bits = contexts(num_ctx) * m if num_ctx > 1 else None
     ts = -(-tail // LANES)  # steps of the tail block
     s = steps if nfull else ts
-    slots = np.zeros((nb, s, LANES), np.int64)  # block-major: the symbols' order, no transpose at the end
-    run = lambda x, p, a, b: _decode_steps(x, p, slots[: len(x), a:b], words, fq, dq, ctx_bits, st.prec)  # noqa: E731
+    # table entries (T ≤ 256) as uint8, block-major (the symbols' order, no transpose at the end); the slots
+    # (int64) of at most CHUNK_SYMBOLS symbols at a time: the work space does not grow with the stream
+    sym = np.zeros((nb, s, LANES), np.uint8)
+    lut8 = lut.astype(np.uint8)
+    per = max(1, CHUNK_SYMBOLS // (nb * LANES))
+    buf = np.zeros((nb, min(per, s), LANES), np.int64)
+
+    def run(x, p, a, b):
+        for c0 in range(a, b, per):
+            c1 = min(b, c0 + per)
+            out = buf[: len(x), : c1 - c0]
+            x, p = _decode_steps(x, p, out, words, fq, dq, ctx_bits, st.prec)
+            sym[: len(x), c0:c1] = lut8.take(out)
+        return x, p
+
     x, ptr, ok = states, offsets - 1, True
     if tail:  # every block to the tail's last step, which only the tail's first `last` lanes take
         x, ptr = run(x, ptr, 0, ts - 1)
         last = tail - (ts - 1) * LANES
-        xt, pt = _decode_lanes(x[nfull, :last], int(ptr[nfull]), slots[nfull, ts - 1, :last], words, fq, dq,
+        slots = np.zeros(last, np.int64)
+        xt, pt = _decode_lanes(x[nfull, :last], int(ptr[nfull]), slots, words, fq, dq,
                                None if ctx_bits is None else ctx_bits[:last], st.prec)
+        sym[nfull, ts - 1, :last] = lut8.take(slots)
         ok = bool(np.all(xt == STATE_LOW) and np.all(x[nfull, last:] == STATE_LOW) and pt + 1 == ends[nfull])
         x, ptr = x[:nfull], ptr[:nfull]
     if nfull:
@@ -300,7 +385,6 @@ def decode_stream(st: RansStream, num_ctx: int = 1) -> torch.Tensor:
     if not ok or np.any(x != STATE_LOW) or np.any(ptr + 1 != ends[:nfull]):
         raise HQFormatError("rANS stream is corrupt: a block does not end in its initial state with its words "
                             "used up")
-    sym = lut.astype(np.uint8).take(slots)  # table entries (T ≤ 256): uint8, 1/8 of the bytes to move
     flat = sym[:nfull].reshape(-1)
     if tail:  # the tail block's symbols: its first ts steps
         flat = np.concatenate([flat, sym[nfull, :ts].reshape(-1)[:tail]])
