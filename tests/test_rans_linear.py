@@ -103,9 +103,10 @@ def test_auto_coder_follows_the_measured_crossover():
 
 
 def test_hqconfig_v1_reads_as_rice_and_v2_round_trips():
-    d = HQConfig(bps=3.0).to_dict()
+    assert HQConfig(bps=3.0).to_dict()["_data"]["coder"] == "rice"  # the default
+    d = HQConfig(bps=3.0, coder="auto").to_dict()
     assert d["_version"] == 2 and d["_data"]["coder"] == "auto"
-    assert HQConfig.from_dict(d) == HQConfig(bps=3.0)
+    assert HQConfig.from_dict(d) == HQConfig(bps=3.0, coder="auto")
     v1 = {**d, "_version": 1, "_data": {k: v for k, v in d["_data"].items() if k != "coder"}}
     assert HQConfig.from_dict(v1).coder == "rice"
     with pytest.raises(ValueError, match="version 1"):  # v1 never had a coder field
