@@ -48,11 +48,11 @@ __all__ = ["RECIPE", "build_components", "vae_losses", "transformer_stage_losses
 #: The training recipe (every number the run depends on); recorded in ``training_record.json``.
 RECIPE: dict[str, Any] = dict(
     seed=0, frames=9, size=32, frame_rate=25,
-    latent_channels=16, vae_blocks=(16, 32, 32), vae_steps=250, vae_batch=8, vae_lr=2e-3, vae_kl=1e-4,
+    latent_channels=16, vae_blocks=(16, 32, 32), vae_steps=3000, vae_batch=8, vae_lr=5e-4, vae_kl=1e-4,
     vae_object_weight=4.0,
-    heads=2, head_dim=32, layers=3, text_width=32,
+    heads=4, head_dim=32, layers=4, text_width=32,
     decoder_steps=0,
-    dit_steps=900, dit_lr=1e-3, dit_warmup=100, dit_sigma_shift=1.0, chunk=32, bank_chunks=96, caption_dropout=0.1,
+    dit_steps=2500, dit_lr=1e-3, dit_warmup=100, dit_sigma_shift=1.0, chunk=32, bank_chunks=96, caption_dropout=0.1,
     max_sequence_length=16,
 )
 
