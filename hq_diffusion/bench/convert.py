@@ -2,19 +2,30 @@
 
 Builds the LTX-2 transformer at its released width with ``--blocks N`` of its 48 blocks on disk (random
 trained-like bf16 weights: Gaussian rows with log-normal column scales, written one tensor at a time into
-safetensors shards), then measures in fresh processes (peak RSS from ``getrusage``; for the N-worker
-conversion the peak of the process tree's summed PSS, sampled every 0.2 s, so that the pages forked workers
-share count once; wall time):
+safetensors shards), then measures, each in a fresh process (wall time of the work, imports excluded):
 
-- the imports alone (torch, diffusers, hq_diffusion) — the base of every bound;
 - ``hq-diffusion quantize`` with 1 and ``--workers`` processes (encode MB/s = bf16 bytes of the slice / wall);
 - ``from_pretrained(d, quantization_config=HQConfig(bps))`` (quantize-on-load);
 - ``quantize(from_pretrained(d))`` + ``save_quantized``;
-- ``load_quantized`` of the converted directory;
+- ``load_quantized`` of the converted directory.
 
-and checks the bounds of issue 11: conversion and quantize-on-load ≤ imports + quantized output + 2 × the
-largest float tensor + 0.4 GB; ``load_quantized`` ≤ imports + 1.15 × quantized + 0.3 GB. The table's last
-column scales each figure to the 48 blocks of the full model (per-block part × 48 + the non-block part).
+Memory, and the bounds of issue 11 (:func:`bounds`). Every measured process first imports torch, diffusers and
+hq_diffusion, then reads its own memory (:func:`proc_memory`: RSS, PSS, USS) -- the *base* -- and only then
+works; its peak RSS is ``getrusage``'s high-water mark. Base and peak are read in the same process, so they
+count the same shared-library pages (an imports-only process measured separately does not: the page cache it
+maps is shared with, and evicted by, other jobs, which moved that base from 1.55 to 0.72 GB between two runs).
+One process: peak RSS <= base RSS + quantized output + 2 x the largest float tensor + 0.4 GB (conversion,
+quantize-on-load); ``load_quantized`` <= base RSS + 1.15 x quantized + 0.3 GB; ``quantize()`` of a loaded
+model (the issue: "the loaded model + one layer") is read as base RSS + the bf16 model + 2 x largest + 0.4 GB.
+
+N > 1 workers (forked processes, each encoding one layer at a time): the measure is the peak over time of the
+process tree's summed PSS, sampled every 0.2 s (a page the workers share with the parent counts once in the
+sum, split between them), against the parent's base PSS + quantized output + N x 2 x the largest float tensor
++ 0.4 GB: each worker holds at most one float tensor and that layer's encode work space, which is what the
+2 x largest term budgets for one process; the parent only assembles the pieces the workers wrote to disk. The
+issue's bound has no N: the table also says whether the tree stays within it (1 x 2 x largest). Each worker's
+own base (its RSS, PSS, USS after the pool's initializer, logged by the worker) and its own peak RSS
+(``VmHWM``) are listed.
 """
 from __future__ import annotations
 
