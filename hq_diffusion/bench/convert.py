@@ -345,7 +345,7 @@ def main(argv=None) -> int:
             base = r["base"]["pss" if n > 1 else "rss"]
             ok = "yes" if b["measured"] <= b["bound"] else "**no**"
             if n > 1:
-                ok += "; issue's 1× form: " + ("yes" if b["measured"] <= b["issue"] else "**no**")
+                ok += "; issue's form (no N): " + ("yes" if b["measured"] <= b["issue"] else "**no**")
                 notes.append(f"{name}: each worker's own RSS at its start → its peak: " + ", ".join(
                     f"{w['rss'] / GB:.2f} → {w['hwm'] / GB:.2f} GB" for w in r["workers"])
                     + f" (largest child peak from getrusage {r['child'] / GB:.2f} GB).")
