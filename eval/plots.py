@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import math
+import textwrap
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -146,11 +147,13 @@ def per_prompt_bars(ids: Sequence[str], groups: Sequence[tuple[str, dict]], metr
 
 
 def rate_quality(lines: dict[str, Sequence[tuple[float, dict]]], metrics: Sequence[str],
-                 xlabel: str = "bits per weight (all stored bits / weights)", title: str | None = None):
+                 xlabel: str = "bits per weight (all stored bits / weights)", title: str | None = None,
+                 references: dict[str, float] | None = None):
     """Rate–quality: one panel per metric, one line per ``lines`` entry ``name -> [(bits per weight,
     {metric: value | None}), ...]`` (points sorted by rate; missing values skipped).  The legend (the
     line names) sits above the panels when there is more than one line; ``title`` (e.g. the model) goes below
-    the panels.  Returns the Figure."""
+    the panels.  ``references`` maps a metric to the unquantized reference's value, drawn as a dashed
+    horizontal line in that panel.  Returns the Figure."""
     fig = new_figure(max(6.0, 3.6 * len(metrics)), 3.9)
     axes = fig.subplots(1, len(metrics), squeeze=False)[0]
     markers = "osD^v<>ph*"
@@ -161,6 +164,12 @@ def rate_quality(lines: dict[str, Sequence[tuple[float, dict]]], metrics: Sequen
                         if v.get(metric) is not None and math.isfinite(float(v[metric])) and b is not None)
             shown += [y for _, y in xy]
             ax.plot([b for b, _ in xy], [y for _, y in xy], marker=markers[n % len(markers)], label=name)
+        ref = (references or {}).get(metric)
+        if ref is not None and math.isfinite(ref):
+            ax.axhline(ref, color="0.3", ls="--", lw=1.0)
+            ax.annotate("unquantized reference", (0.02, ref), xycoords=("axes fraction", "data"), fontsize=7,
+                        color="0.3", va="bottom")
+            shown.append(ref)
         ax.set_ylim(*value_range(shown, metric))
         ax.set_xlabel(xlabel, fontsize=8)
         ax.ticklabel_format(axis="y", useOffset=False)
@@ -168,6 +177,6 @@ def rate_quality(lines: dict[str, Sequence[tuple[float, dict]]], metrics: Sequen
         ax.grid(True, alpha=0.3)
     if len(lines) > 1:
         _legend_above(fig, axes)
-    if title:
-        fig.supxlabel(title, fontsize=9)
+    if title:  # wrapped to the figure's width (about 14 characters per inch at this size)
+        fig.supxlabel(textwrap.fill(title, max(40, int(fig.get_figwidth() * 14))), fontsize=9)
     return fig

@@ -162,6 +162,8 @@ def sweep_points(reports: dict[str, dict]) -> list[dict]:
                 row[m] = (suite.get(m) or {}).get("mean")
             row["psnr_min"] = (suite.get("psnr") or {}).get("min")
             row["agreement"] = float(np.mean(agree)) if agree else None
+            ref = ((rep.get("content") or {}).get(k) or {}).get("ref")
+            row["ref_agreement"] = float(ref) if ref is not None else None
             rows.append(row)
     return rows
 
@@ -174,7 +176,10 @@ def rate_quality_figure(rows: list[dict], title: str | None = None):
     for r in rows:
         x = r["bits_per_weight"] if r.get("bits_per_weight") is not None else r["bps"]
         lines.setdefault(r["label"], []).append((x, {m: r.get(m) for m in metrics}))
-    return P.rate_quality(lines, metrics, title=title)
+    refs = [r["ref_agreement"] for r in rows if r.get("ref_agreement") is not None]
+    # every scheme shares the unquantized reference: its agreement is one horizontal line
+    ref_lines = {"agreement": float(np.mean(refs))} if refs and "agreement" in metrics else {}
+    return P.rate_quality(lines, metrics, title=title, references=ref_lines)
 
 
 def write_sweep(out: str, reports: dict[str, dict]) -> dict:
