@@ -164,7 +164,8 @@ def save_full_page(driver, path: str) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m hq_diffusion.app.screenshot", description=__doc__.splitlines()[0])
     p.add_argument("--out", default=os.path.join("assets", "app_screenshot.png"), help="PNG to write")
-    p.add_argument("--prompt", default="a red robot walking in the city at night, cinematic")
+    p.add_argument("--prompt", default="a large yellow circle moving right on a gray background",
+                   help="a held-out caption of the default trained model")
     p.add_argument("--no-kv", action="store_true", help="leave K/V quantization off")
     args = p.parse_args(argv)
     why = missing_requirements()

@@ -67,15 +67,18 @@ EXAMPLES: list[str] = _heldout_captions()
 
 def ui_defaults(model: str) -> dict:
     """The generation fields the UI starts with for ``model``: ``{"steps", "height", "width", "frames",
-    "examples"}``. A trained tiny model uses its family's fast settings with its own ``call_defaults`` on top
-    (``tiny-ltx-trained``: 32x32, 9 frames, 12 steps) and its held-out captions; anything else the previous
-    defaults (64x64, 9 frames for video, 4 steps) and :data:`RANDOM_EXAMPLES`."""
+    "examples", "negative"}``. A trained tiny model uses its family's fast settings with its own
+    ``call_defaults`` on top (``tiny-ltx-trained``: 32x32, 9 frames, 12 steps), its held-out captions and no
+    negative prompt (it was trained with empty captions for guidance; other words would steer it off); anything
+    else the previous defaults (64x64, 9 frames for video, 4 steps), :data:`RANDOM_EXAMPLES` and
+    :data:`DEFAULT_NEGATIVE`."""
     if families.is_trained(model):
         t = families.trained(model)
         kw = {**families.get(t.family).call_defaults, **t.call_defaults}
         return {"steps": int(kw["num_inference_steps"]), "height": int(kw["height"]), "width": int(kw["width"]),
-                "frames": int(kw.get("num_frames", 1)), "examples": EXAMPLES}
-    return {"steps": 4, "height": 64, "width": 64, "frames": 9, "examples": RANDOM_EXAMPLES}
+                "frames": int(kw.get("num_frames", 1)), "examples": EXAMPLES, "negative": ""}
+    return {"steps": 4, "height": 64, "width": 64, "frames": 9, "examples": RANDOM_EXAMPLES,
+            "negative": DEFAULT_NEGATIVE}
 
 
 CSS = """
@@ -369,9 +372,11 @@ def build_app(settings: AppSettings | None = None, engine=None):
                    delete_cache=(1800, 3600)) as demo:
         gr.HTML("<h1>hq-diffusion · HyperQuant vs bf16</h1>"
                 "<p>Same prompt, same seed: the bf16 pipeline and its HyperQuant-quantized copy (RHT + lattice "
-                "+ Rice-coded weights, optional K/V quantization), side by side. The embedded tiny models have "
-                "random weights, so their videos look like noise; start the app with <code>--model "
-                "DIR</code> for a real checkpoint.</p>",
+                "+ Rice-coded weights, optional K/V quantization), side by side. The default model is a tiny LTX "
+                "trained here on coloured shapes moving over plain backgrounds: prompt it like the examples "
+                "(its other words are unknown to it). The other embedded tiny models have random weights, so "
+                "their videos look like noise; start the app with <code>--model DIR</code> for a real "
+                "checkpoint.</p>",
                 elem_id="hq-header", js_on_load=_SYNC_JS)
         with gr.Row(equal_height=False):
             with gr.Column(scale=3, min_width=360):
@@ -381,7 +386,7 @@ def build_app(settings: AppSettings | None = None, engine=None):
                 prompt = gr.Textbox(value=start["examples"][0], label="Prompt", lines=2, max_lines=6,
                                     max_length=lim.prompt_max_chars, elem_id="hq-prompt",
                                     placeholder="Describe the video")
-                negative = gr.Textbox(value=DEFAULT_NEGATIVE, label="Negative prompt", lines=1,
+                negative = gr.Textbox(value=start["negative"], label="Negative prompt", lines=1,
                                       max_length=lim.prompt_max_chars)
                 with gr.Row():
                     # no minimum/maximum: validated with the other fields
