@@ -59,7 +59,7 @@ def model_info(model: Any, config: dict | None = None) -> dict:
     """What made a report: ``{"model", "label", "family", "trained", "weights"}``.
 
     For an embedded tiny model the family registry (:mod:`hq_diffusion.integrations.families`) gives the
-    label and whether its weights are trained (the record's ``trained`` flag; no flag = random weights); a
+    label and whether its weights are trained (:func:`families.is_trained`: shipped trained weights); a
     diffusers directory's weights are whatever it stores (``trained`` None).  ``config["model_seed"]`` names
     the random initialisation."""
     from hq_diffusion.integrations import families
@@ -70,8 +70,7 @@ def model_info(model: Any, config: dict | None = None) -> dict:
     except families.UnknownFamilyError:
         return {"model": model, "label": "diffusers pipeline directory", "family": None, "trained": None,
                 "weights": "loaded from the pipeline directory (as stored there)"}
-    flag = getattr(fam, "trained", False)
-    trained = bool(model in flag) if isinstance(flag, (tuple, list, set, frozenset, dict)) else bool(flag)
+    trained = families.is_trained(model)
     seed = (config or {}).get("model_seed")
     weights = ("trained (shipped with the package)" if trained else
                "random initialisation" + (f" (seed {seed})" if seed is not None else "")

@@ -359,14 +359,12 @@ def test_page_explains_metrics_gain_and_names_the_model(tmp_path, monkeypatch):
     assert "do not start at 0" in explain
     banner = re.search(r"<p class='model' id='model-info'>(.*?)</p>", text).group(1)
     assert "tiny-ltx" in banner and "random weights (not trained)" in banner and "seed 3" in banner
-    # a registry record with trained=True (the trained embedded model) is called trained
-    fam = families.by_alias("tiny-ltx")
-    trained = type("Rec", (), {"label": "Tiny LTX-Video (trained)", "key": fam.key, "trained": True})()
-    monkeypatch.setattr(families, "by_alias", lambda alias: trained)
+    # the real trained embedded model (not a mock of the registry) is called trained, with its own label
+    rep["model"] = "tiny-ltx-trained"
     text = open(R.write_html_report(tmp_path / "b.html", rep), encoding="utf-8").read()
     banner = re.search(r"<p class='model' id='model-info'>(.*?)</p>", text).group(1)
-    assert "trained weights" in banner and "random" not in banner
-    monkeypatch.undo()
+    assert "trained weights" in banner and "random" not in banner and "noise" not in banner
+    assert families.trained("tiny-ltx-trained").label in banner
     rep["model"] = str(tmp_path)  # a diffusers directory
     text = open(R.write_html_report(tmp_path / "c.html", rep), encoding="utf-8").read()
     assert "weights from the directory" in text
