@@ -318,6 +318,10 @@ def _plot(record: dict[str, Any], path: Path) -> None:
             ax.plot(np.arange(len(s)) + (len(v) - len(s)), s, color="C0", lw=1.5, label="moving mean (25)")
             ax.set_yscale("log")
             ax.legend(fontsize=7)
+        else:
+            ax.text(0.5, 0.5, "not run (0 steps)", ha="center", va="center", transform=ax.transAxes, color="0.4")
+            ax.set_xticks([])
+            ax.set_yticks([])
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("step")
     fig.tight_layout()
