@@ -119,7 +119,7 @@ def test_bench_peers_runs_and_reports_every_peer(capsys):
     for r in rows:
         assert r["status"] == "ok" or r["status"].startswith(("not installed", "failed:", "could not run:")), r
         if r["status"] == "ok":
-            assert r["bps"] > 0 and set(r["ours"]) == {"rice", "rans"}
+            assert r["bps"] > 0 and {"rice", "rans"} <= set(r["ours"])
             for bps, snr in r["ours"].values():
                 assert bps <= r["bps"] + 1e-9 and snr > 0
     assert peers.main(["--rows", "8", "--cols", "256", "--weights", "gaussian", "--coders", "rans"]) == 0
