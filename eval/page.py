@@ -75,7 +75,7 @@ def model_info(model: Any, config: dict | None = None) -> dict:
     weights = ("trained (shipped with the package)" if trained else
                "random initialisation" + (f" (seed {seed})" if seed is not None else "")
                + ": its videos look like noise; its numbers show what is measured, not a real model's quality")
-    label = families.trained(model).label if families.is_trained(model) else fam.label
+    label = families.trained(model).label if trained else fam.label
     return {"model": model, "label": label, "family": fam.key, "trained": trained, "weights": weights}
 
 

@@ -233,6 +233,7 @@ def transformer_stage_losses(components: dict[str, Any], recipe: dict[str, Any],
     torch.manual_seed(r["seed"] + 20)
     t_ratio, s_ratio = vae.temporal_compression_ratio, vae.spatial_compression_ratio
     rope = (t_ratio / r["frame_rate"], s_ratio, s_ratio)
+    shift = float(r.get("dit_sigma_shift", 1.0))  # records written before the key existed trained with 1.0
     for step in tqdm(range(steps), desc="transformer", disable=not progress, mininterval=5.0):
         if not order:
             order = list(rng.permutation(n_chunks))
@@ -247,7 +248,6 @@ def transformer_stage_losses(components: dict[str, Any], recipe: dict[str, Any],
         emb, mask = _encode_text(components, texts, r["max_sequence_length"])
         b, _, f, h, w = x0.shape
         sigma = torch.rand(b)
-        shift = float(r.get("dit_sigma_shift", 1.0))
         if shift != 1.0:  # spend more steps at high noise, where layout and motion are decided
             sigma = shift * sigma / (1.0 + (shift - 1.0) * sigma)
         noise = torch.randn_like(x0)
