@@ -146,10 +146,15 @@ def _nearest_rows(x: torch.Tensor, cb: torch.Tensor, chunk: int = 1 << 16) -> to
 
 
 def higgs_like(w: torch.Tensor, bits: int, group: int = 1024, seed: int = 0) -> tuple[torch.Tensor, int]:
-    """w: float (R, C) with C % group == 0 and C a multiple of 256. Returns (float32 (R, C), total bits)."""
+    """w: float (R, C), C even and a whole number of RHT tiles (no padding). Each row is cut in groups of the
+    largest even divisor of C up to ``group`` (1024 for the usual widths), one float16 scale per group.
+    Returns (float32 (R, C), total bits)."""
     r, c = w.shape
     tile, n_pad = plan_tiles(c, 256)
-    assert n_pad == c and c % group == 0
+    if n_pad != c or c % 2:
+        raise ValueError(f"higgs_like: {c} columns need padding to {n_pad} (or are odd); pass a width the RHT "
+                         "tiles exactly")
+    group = max(g for g in range(2, min(group, c) + 1, 2) if c % g == 0)
     u = rht(w.float(), seed, "higgs", tile)
     g = u.reshape(r, c // group, group)
     s = g.square().mean(-1, keepdim=True).sqrt().half().float().clamp_min(1e-8)

