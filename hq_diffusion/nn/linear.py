@@ -65,7 +65,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..codec import EncodedTensor, HQFormatError, decode, encode
-from ..codec.core import to_weight_dtype
+from ..codec.core import code_blocks, to_weight_dtype
 from ..codec.config import SCALE_DTYPES, CodecConfig
 from ..codec.lattice import LATTICES, to_physical
 from ..codec.ops_ref import REFERENCE, OpSet, int8_operand_gain, row_dequant_scale
@@ -373,8 +373,7 @@ class HQLinear(nn.Module):
         w = linear.weight.detach()
         if w.device.type == "meta":
             raise ValueError(f"layer {name!r}: weight is on the meta device; load the weights before quantizing")
-        bad = ~torch.isfinite(w)
-        if bool(bad.any()):
+        if not bool(torch.isfinite(w).all()):
             raise ValueError(f"layer {name!r}: weight has {int(torch.isnan(w).sum())} NaN and "
                              f"{int(torch.isinf(w).sum())} Inf values; refusing to quantize it")
         cfg = codec_cfg or CodecConfig()
@@ -493,24 +492,28 @@ def _snr_db(w: torch.Tensor, m: HQLinear) -> float:
     """SNR in dB of the stored weight of ``m`` against ``w`` (any float dtype, ``numel = N·K``), in the
     original basis, rounded to :data:`SNR_DECIMALS` decimals.
 
-    Row-blocked so that it adds one block's work space to the stored integers: the lattice integers
-    (N, K_pad) are decoded once (int8 when they fit), then each block of rows is made float32
+    Row-blocked so that it adds one block's work space to the decoded symbols (int32, 4 bytes per coordinate;
+    storage ``"int8"`` reads its stored integers): each block of rows is unstripped to its lattice integers,
+    made float32
     ``p(Y) / α · scale`` (the decoder's arithmetic), inverse-rotated and compared with the same rows of ``w``;
     float64 accumulators of the squared error and the squared signal are divided once at the end."""
     n, rows = m.in_features, m.out_features
     ref_rows = w.reshape(-1, n)
-    codes = m.lattice_codes().reshape(rows, m.n_pad)
     scale = row_dequant_scale(m.encoded())
     step = max(1, SNR_BLOCK_ELEMS // m.n_pad)
+    if m.storage == "int8":
+        codes = m.codes.reshape(rows, m.n_pad)
+        blocks = ((slice(s, s + step), codes[s:s + step]) for s in range(0, rows, step))
+    else:  # the streams decoded once, unstripped block by block (no full-size integer tensor)
+        blocks = code_blocks(m.encoded(), SNR_BLOCK_ELEMS)
     sig = err = 0.0
-    for s in range(0, rows, step):
-        sl = slice(s, min(s + step, rows))
-        rot = to_physical(m.lattice, codes[sl]).mul_(scale[sl].unsqueeze(1))
+    for sl, y in blocks:
+        rot = to_physical(m.lattice, y).mul_(scale[sl].unsqueeze(1))
         rec = inverse_rht(rot, m.seed, m.key, m.tile)[:, :n].double()
         ref = ref_rows[sl].to(torch.float32).double()
         sig += float(ref.square().sum())
         err += float(rec.sub_(ref).square_().sum())
-        del rot, rec, ref
+        del rot, rec, ref, y
     if err == 0.0:
         return math.inf
     return round(10.0 * math.log10(sig / err), SNR_DECIMALS) if sig > 0 else -math.inf
