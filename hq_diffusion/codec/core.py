@@ -229,15 +229,18 @@ def _lattice_point(u: torch.Tensor, lattice: str, alpha: float, what: str) -> tu
     return y, max_abs
 
 
-def _symbol_streams(u, lattice: str, alpha: float, what: str) -> tuple[list[torch.Tensor], int]:
+def _symbol_streams(u, lattice: str, alpha: float, what: str, observe=None) -> tuple[list[torch.Tensor], int]:
     """Stripped symbol streams (1-D int32) of the nearest lattice points of ``u · alpha`` (float32
     (R, n_pad) unit rows: a tensor or a :class:`_UnitRows`) and their largest magnitude, computed over row
     blocks (streams are row-major over the vectors, so the blocks' streams are concatenated). Same checks
-    and errors as :func:`_lattice_point`."""
+    and errors as :func:`_lattice_point`. ``observe(alpha, rows, y)``, when given, sees each block's lattice
+    integers (int32 (r, n_pad), rows ``rows``, in row order) before they are stripped (see :func:`encode`)."""
     rows_of = u.rows if isinstance(u, _UnitRows) else u.__getitem__
     blocks = _row_blocks(*u.shape)
     if len(blocks) == 1:
         y, max_abs = _lattice_point(rows_of(slice(None)), lattice, alpha, what)
+        if observe is not None:
+            observe(alpha, slice(0, u.shape[0]), y)
         return strip(lattice, y), max_abs
     dev = u.scales.device if isinstance(u, _UnitRows) else u.device
     out = [torch.empty(sn, dtype=torch.int32, device=dev) for sn in stream_lengths(lattice, math.prod(u.shape))]
@@ -245,6 +248,8 @@ def _symbol_streams(u, lattice: str, alpha: float, what: str) -> tuple[list[torc
     for sl in blocks:
         y, m = _lattice_point(rows_of(sl), lattice, alpha, what)
         max_abs = max(max_abs, m)
+        if observe is not None:
+            observe(alpha, sl, y)
         for i, z in enumerate(strip(lattice, y)):
             out[i][pos[i]:pos[i] + z.numel()] = z
             pos[i] += z.numel()
@@ -252,7 +257,7 @@ def _symbol_streams(u, lattice: str, alpha: float, what: str) -> tuple[list[torc
     return out, max_abs
 
 
-def encode(w: torch.Tensor, cfg: CodecConfig | None = None, key: int | str = 0) -> EncodedTensor:
+def encode(w: torch.Tensor, cfg: CodecConfig | None = None, key: int | str = 0, observe=None) -> EncodedTensor:
     """Encode a float tensor.
 
     Args:
@@ -261,6 +266,10 @@ def encode(w: torch.Tensor, cfg: CodecConfig | None = None, key: int | str = 0) 
         cfg: codec configuration (default ``CodecConfig()``: E8 at 4.0 total bps).
         key: layer key mixed into the RHT signs (an int or a name); activations must be rotated with
             the same ``(seed, key)``.
+        observe: optional ``observe(alpha, rows, y, scales)``, called for every row block of every coding
+            attempt with that attempt's α (float), the block's rows (a slice), its lattice integers (int32
+            (r, n_pad)) and the row scales of the whole tensor ((R,) in the scale dtype), blocks in row order; the result's ``alpha`` names the attempt that was kept. It lets a
+            caller measure the reconstruction while the integers exist, instead of decoding the streams again.
 
     Returns:
         :class:`EncodedTensor` with ``total_bits / numel ≤ cfg.bps`` whenever the tensor is large enough
@@ -278,12 +287,14 @@ def encode(w: torch.Tensor, cfg: CodecConfig | None = None, key: int | str = 0) 
     # makes many passes over them and holds them
     ur = _UnitRows(w, cfg, key, what, hold=rans_coder)
     h, scales = ur.tile, ur.scales
+    if observe is not None:
+        observe = (lambda obs: lambda a, sl, y: obs(a, sl, y, scales))(observe)
     rows, n_pad = ur.shape
     key32 = key_to_u32(key)
     fixed = _fixed_bits(shape, rows, lattice, n_pad, cfg.block, scales.element_size())
     meta = {"tile_used": h}
     if rans_coder:
-        return _encode_rans(ur.u, cfg, (shape, w.dtype, h, key32, scales, numel, what, meta))
+        return _encode_rans(ur.u, cfg, (shape, w.dtype, h, key32, scales, numel, what, meta), observe)
     if cfg.snr_db is not None:
         alpha = float(torch.tensor(alpha_for_snr(lattice, cfg.snr_db), dtype=torch.float32))
         budget = None
@@ -299,7 +310,7 @@ def encode(w: torch.Tensor, cfg: CodecConfig | None = None, key: int | str = 0) 
             budget = None
         alpha = _refine_alpha(ur, lattice, rate, cfg.block)
     for attempt in range(12):
-        syms, max_abs = _symbol_streams(ur, lattice, alpha, what)
+        syms, max_abs = _symbol_streams(ur, lattice, alpha, what, observe)
         streams = []
         while syms:  # each symbol stream is freed as soon as it is coded
             streams.append(encode_stream(syms.pop(0), cfg.block))
@@ -396,11 +407,12 @@ _STATE_INFO_BITS = 7  # payload bits a final lane state carries on average (meas
 _AIM = 0.0004  # the model aims this far below the budget (bits per scalar); the exact loop corrects
 
 
-def _rans_streams(u: torch.Tensor, lattice: str, alpha: float, block: int, what: str) -> tuple[list, int]:
+def _rans_streams(u: torch.Tensor, lattice: str, alpha: float, block: int, what: str,
+                  observe=None) -> tuple[list, int]:
     """rANS streams of the nearest lattice points of ``u · alpha`` (float32 (R, n_pad)) and their largest
     magnitude: the symbols come from the row-blocked pass of :func:`_symbol_streams` (int32, 4 bytes per
     coordinate), each stream is freed as soon as it is coded (the coder works in bounded space)."""
-    syms, max_abs = _symbol_streams(u, lattice, alpha, what)
+    syms, max_abs = _symbol_streams(u, lattice, alpha, what, observe)
     streams = []
     for i in range(len(syms)):
         z, syms[i] = syms[i], None
@@ -429,7 +441,7 @@ def _rans_model_bits(u: torch.Tensor, lattice: str, alpha: float, block: int) ->
     return bits
 
 
-def _encode_rans(u: torch.Tensor, cfg: CodecConfig, head) -> EncodedTensor:
+def _encode_rans(u: torch.Tensor, cfg: CodecConfig, head, observe=None) -> EncodedTensor:
     """rANS encode of unit-RMS rotated rows ``u`` (float32 (R, n_pad)) at exactly ``cfg.bps`` (within
     :data:`_RATE_SLACK` below) or at ``cfg.snr_db``. α: the rate table, a secant on a subsample's model
     cost, a secant on the whole tensor's model cost, then on the exact coded size."""
@@ -441,7 +453,7 @@ def _encode_rans(u: torch.Tensor, cfg: CodecConfig, head) -> EncodedTensor:
                  + sum(rans.side_bytes(sn, block, rans_contexts(lattice, i), 2) for i, sn in enumerate(lens)))
 
     def build(alpha):
-        streams, max_abs = _rans_streams(u, lattice, alpha, block, what)
+        streams, max_abs = _rans_streams(u, lattice, alpha, block, what, observe)
         meta["max_abs_code"] = max_abs
         return EncodedTensor(shape, dtype, lattice, h, block, cfg.seed, key32, alpha, cfg.scale_dtype, scales,
                              streams, max_abs <= 127, meta=meta, coder="rans")
