@@ -8,7 +8,7 @@ grow with the weight. So that they cannot hide a per-coordinate regression, the 
 block sizes (the output does not depend on them: tests/test_codec_blocks.py) and the test allows only a small
 constant for them: peak RSS − RSS before ≤ 2 × the bf16 weight's bytes + the layer's stored bytes + 24 MB.
 Before the row-streamed encoder (a float32 copy of the rotated rows, the int32 symbols, the decoded integers
-for the SNR) this child measured 135 MB against a bound of 78 MB; now about 72 MB.
+for the SNR) this child measured 135 MB against a bound of 78 MB; now about 72 MB."""
 from __future__ import annotations
 
 import json
