@@ -339,13 +339,18 @@ def decode(q: EncodedTensor, out: str = "weight") -> torch.Tensor:
     """
     if out not in ("weight", "codes", "rotated"):
         raise ValueError(f"out must be 'weight', 'codes' or 'rotated', got {out!r}")
+    return decode_symbols(q, _symbols(q), out)
+
+
+def _symbols(q: EncodedTensor) -> list[torch.Tensor]:
+    """The decoded symbol streams of ``q`` (int32 (n_i,) each), HQFormatError on a wrong stream count."""
     if len(q.streams) != NUM_STREAMS.get(q.lattice, -1):
         raise HQFormatError(f"{q.lattice} needs {NUM_STREAMS.get(q.lattice)} streams, found {len(q.streams)}")
     if q.coder == "rans":
         syms = [_rans_decode(s, rans_contexts(q.lattice, i)) for i, s in enumerate(q.streams)]
     else:
         syms = [decode_stream(s) for s in q.streams]
-    return decode_symbols(q, syms, out)
+    return syms
 
 
 def code_blocks(q: EncodedTensor, block_elems: int):
@@ -354,12 +359,7 @@ def code_blocks(q: EncodedTensor, block_elems: int):
     per block. The symbol streams are decoded once (4 bytes per coordinate); each block is unstripped from
     its share of them (the encoder concatenates the row blocks' streams, so the share of ``r`` rows is
     :func:`~.strip.stream_lengths` of ``r · n_pad``), so no full-size int32 tensor of integers is built."""
-    if len(q.streams) != NUM_STREAMS.get(q.lattice, -1):
-        raise HQFormatError(f"{q.lattice} needs {NUM_STREAMS.get(q.lattice)} streams, found {len(q.streams)}")
-    if q.coder == "rans":
-        syms = [_rans_decode(s, rans_contexts(q.lattice, i)) for i, s in enumerate(q.streams)]
-    else:
-        syms = [decode_stream(s) for s in q.streams]
+    syms = _symbols(q)
     rows, n_pad = q.rows, q.n_pad
     step = max(1, block_elems // n_pad)
     pos = [0] * len(syms)
