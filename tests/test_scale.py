@@ -1,7 +1,8 @@
 """Memory bounds of issue 11 on a generated LTX-2-class checkpoint of about 200 MB (slow: fresh processes).
 
 Same measurement as ``hq-diffusion bench convert`` (:func:`hq_diffusion.bench.convert.bounds`): each run's base
-is its own memory right after importing torch, diffusers and hq_diffusion, read inside the measured process, so
+is its own memory right after importing torch, diffusers (with the model class and its quantizer machinery:
+``hq_diffusion.bench.convert.IMPORTS``) and hq_diffusion, read inside the measured process, so
 base and peak count the same shared-library pages. One process (conversion with 1 worker, quantize-on-load):
 peak RSS ≤ base RSS + quantized output + 2 × the largest float tensor + 0.4 GB; ``load_quantized``: peak RSS ≤
 base RSS + 1.15 × the quantized model + 0.3 GB; 2 forked workers: the peak of the process tree's summed PSS ≤

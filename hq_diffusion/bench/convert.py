@@ -10,7 +10,7 @@ safetensors shards), then measures, each in a fresh process (wall time of the wo
 - ``load_quantized`` of the converted directory.
 
 Memory, and the bounds of issue 11 (:func:`bounds`). Every measured process first imports torch, diffusers and
-hq_diffusion, then reads its own memory (:func:`proc_memory`: RSS, PSS, USS) -- the *base* -- and only then
+hq_diffusion (with the model class and diffusers' quantizer machinery, see :data:`IMPORTS`), then reads its own memory (:func:`proc_memory`: RSS, PSS, USS) -- the *base* -- and only then
 works; its peak RSS is ``getrusage``'s high-water mark. Base and peak are read in the same process, so they
 count the same shared-library pages (an imports-only process measured separately does not: the page cache it
 maps is shared with, and evicted by, other jobs, which moved that base from 1.55 to 0.72 GB between two runs).
@@ -47,7 +47,12 @@ from ._common import emit, header, table
 
 GB = 1e9
 # Every measured process runs the same imports first; its base is its own memory right after them.
-IMPORTS = "import torch, diffusers, hq_diffusion; from hq_diffusion.integrations import convert, api"
+# The issue's base is "the process after importing torch, diffusers and hq_diffusion"; importing diffusers
+# includes the model class the user loads (resolving ``diffusers.LTX2VideoTransformer3DModel`` lazily imports
+# accelerate, transformers, bitsandbytes, scipy, ...) and diffusers' quantizer machinery (``diffusers.quantizers
+# .auto``: torchao and the other backends), which ``from_pretrained`` imports anyway: both come before the base.
+IMPORTS = ("import torch, diffusers, hq_diffusion; from hq_diffusion.integrations import convert, api; "
+           "import diffusers.quantizers.auto; diffusers.LTX2VideoTransformer3DModel")
 SNIPPETS = {
     "imports": "pass",
     "convert": "from hq_diffusion.integrations.convert_cli import main; "

@@ -84,32 +84,61 @@ def _row_blocks(rows: int, n_pad: int) -> list[slice]:
     return [slice(s, e) for s, e in zip(starts, starts[1:] + [rows])]
 
 
+class _UnitRows:
+    """Rotated rows of ``w`` divided by their stored scale, float32 (R, n_pad), and the row scales.
+
+    A small tensor (one row block) or ``hold=True`` materializes them once (``self.u``, the only full-size
+    float32 buffer of the encoder). Otherwise nothing full-size is kept: a first pass over the row blocks
+    measures the row RMS, and :meth:`rows` recomputes any block of unit rows from ``w`` when a pass needs it
+    (the rotation is row-local, so a recomputed block equals the same rows of the materialized tensor bit for
+    bit). This keeps the encoder's float work space at one row block instead of 4 bytes per coordinate.
+
+    Attributes: ``shape`` (R, n_pad), ``tile`` (the tile used), ``scales`` (R,) in the scale dtype,
+    ``u`` (the materialized rows or None)."""
+
+    def __init__(self, w: torch.Tensor, cfg: CodecConfig, key: int | str, what: str, hold: bool = False):
+        n = w.shape[-1] if w.dim() else 1
+        h, n_pad = plan_tiles(n, cfg.tile)
+        self._w2, self._seed, self._key, self.tile = w.reshape(-1, n), cfg.seed, key, h
+        rows = self._w2.shape[0]
+        self.shape = (rows, n_pad)
+        blocks = _row_blocks(rows, n_pad)
+        if len(blocks) == 1:  # small tensor: one pass, no extra buffer
+            u = self._rotate(slice(None))
+            self.scales, sf = _row_scales(u, cfg.scale_dtype, what)
+            self.u = u.div_(torch.where(sf > 0, sf, 1.0).to(torch.float32).unsqueeze(1))
+            return
+        u = torch.empty(rows, n_pad, dtype=torch.float32, device=w.device) if hold else None
+        rms = torch.empty(rows, dtype=torch.float64, device=w.device)
+        for sl in blocks:
+            ub = self._rotate(sl)
+            rms[sl] = _row_rms(ub)
+            if u is not None:
+                u[sl] = ub
+            del ub
+        self.scales, sf = _scales_of(rms, cfg.scale_dtype, what)
+        self._div = torch.where(sf > 0, sf, 1.0).to(torch.float32).unsqueeze(1)
+        if u is not None:
+            for sl in blocks:
+                u[sl].div_(self._div[sl])
+        self.u = u
+
+    def _rotate(self, sl) -> torch.Tensor:
+        return rht(pad_last(self._w2[sl].to(torch.float32), self.shape[1]), self._seed, self._key, self.tile)
+
+    def rows(self, sl: slice) -> torch.Tensor:
+        """float32 (r, n_pad): the unit rows ``sl`` (a view of ``u`` when held, else recomputed)."""
+        if self.u is not None:
+            return self.u[sl]
+        return self._rotate(sl).div_(self._div[sl])
+
+
 def _unit_rows(w: torch.Tensor, cfg: CodecConfig, key: int | str, what: str):
-    """Rotated rows of ``w`` divided by their stored scale, built block by block into one float32
-    (R, n_pad) tensor (the only full-size float32 buffer of the encoder; ``w`` is not copied whole).
+    """Rotated rows of ``w`` divided by their stored scale: one float32 (R, n_pad) tensor.
 
     Returns (u, tile, scales (R,) in the scale dtype)."""
-    n = w.shape[-1] if w.dim() else 1
-    h, n_pad = plan_tiles(n, cfg.tile)
-    w2 = w.reshape(-1, n)
-    rows = w2.shape[0]
-    blocks = _row_blocks(rows, n_pad)
-    if len(blocks) == 1:  # small tensor: one pass, no extra buffer
-        u = rht(pad_last(w2.to(torch.float32), n_pad), cfg.seed, key, h)
-        scales, sf = _row_scales(u, cfg.scale_dtype, what)
-        return u.div_(torch.where(sf > 0, sf, 1.0).to(torch.float32).unsqueeze(1)), h, scales
-    u = torch.empty(rows, n_pad, dtype=torch.float32, device=w.device)
-    rms = torch.empty(rows, dtype=torch.float64, device=w.device)
-    for sl in blocks:
-        ub = rht(pad_last(w2[sl].to(torch.float32), n_pad), cfg.seed, key, h)
-        rms[sl] = _row_rms(ub)
-        u[sl] = ub
-        del ub
-    scales, sf = _scales_of(rms, cfg.scale_dtype, what)
-    div = torch.where(sf > 0, sf, 1.0).to(torch.float32).unsqueeze(1)
-    for sl in blocks:
-        u[sl].div_(div[sl])
-    return u, h, scales
+    ur = _UnitRows(w, cfg, key, what, hold=True)
+    return ur.u, ur.tile, ur.scales
 
 
 def _row_rms(u: torch.Tensor) -> torch.Tensor:
@@ -161,13 +190,13 @@ def _payload_bits(u: torch.Tensor, lattice: str, alpha: float, block: int) -> in
     return sum(stream_bits(z, block) for z in strip(lattice, y))
 
 
-def _refine_alpha(u: torch.Tensor, lattice: str, rate: float, block: int) -> float:
-    """α whose payload rate on ``u`` (float32 (r, n_pad), unit-RMS rows) is just under ``rate``.
+def _refine_alpha(u: "_UnitRows", lattice: str, rate: float, block: int) -> float:
+    """α whose payload rate on the unit rows ``u`` (float32 (r, n_pad), unit RMS) is just under ``rate``.
 
     Secant iterations in log α on a subsample of rows (the whole tensor when it is small)."""
     rows, n_pad = u.shape
     stride = max(1, math.ceil(rows * n_pad / _SAMPLE_SYMBOLS))
-    sample = u[::stride]
+    sample = u.rows(slice(None, None, stride))
     sampled = stride > 1
     target = rate - (0.004 if sampled else 0.0)
     lo, hi = math.log2(ALPHA_RANGE[0]), math.log2(ALPHA_RANGE[1])  # an all-zero tensor has no rate to
@@ -200,19 +229,27 @@ def _lattice_point(u: torch.Tensor, lattice: str, alpha: float, what: str) -> tu
     return y, max_abs
 
 
-def _symbol_streams(u: torch.Tensor, lattice: str, alpha: float, what: str) -> tuple[list[torch.Tensor], int]:
+def _symbol_streams(u, lattice: str, alpha: float, what: str, observe=None) -> tuple[list[torch.Tensor], int]:
     """Stripped symbol streams (1-D int32) of the nearest lattice points of ``u · alpha`` (float32
-    (R, n_pad)) and their largest magnitude, computed over row blocks (streams are row-major over the
-    vectors, so the blocks' streams are concatenated). Same checks and errors as :func:`_lattice_point`."""
+    (R, n_pad) unit rows: a tensor or a :class:`_UnitRows`) and their largest magnitude, computed over row
+    blocks (streams are row-major over the vectors, so the blocks' streams are concatenated). Same checks
+    and errors as :func:`_lattice_point`. ``observe(alpha, rows, y)``, when given, sees each block's lattice
+    integers (int32 (r, n_pad), rows ``rows``, in row order) before they are stripped (see :func:`encode`)."""
+    rows_of = u.rows if isinstance(u, _UnitRows) else u.__getitem__
     blocks = _row_blocks(*u.shape)
     if len(blocks) == 1:
-        y, max_abs = _lattice_point(u, lattice, alpha, what)
+        y, max_abs = _lattice_point(rows_of(slice(None)), lattice, alpha, what)
+        if observe is not None:
+            observe(alpha, slice(0, u.shape[0]), y)
         return strip(lattice, y), max_abs
-    out = [torch.empty(sn, dtype=torch.int32, device=u.device) for sn in stream_lengths(lattice, u.numel())]
+    dev = u.scales.device if isinstance(u, _UnitRows) else u.device
+    out = [torch.empty(sn, dtype=torch.int32, device=dev) for sn in stream_lengths(lattice, math.prod(u.shape))]
     pos, max_abs = [0] * len(out), 0
     for sl in blocks:
-        y, m = _lattice_point(u[sl], lattice, alpha, what)
+        y, m = _lattice_point(rows_of(sl), lattice, alpha, what)
         max_abs = max(max_abs, m)
+        if observe is not None:
+            observe(alpha, sl, y)
         for i, z in enumerate(strip(lattice, y)):
             out[i][pos[i]:pos[i] + z.numel()] = z
             pos[i] += z.numel()
@@ -220,7 +257,7 @@ def _symbol_streams(u: torch.Tensor, lattice: str, alpha: float, what: str) -> t
     return out, max_abs
 
 
-def encode(w: torch.Tensor, cfg: CodecConfig | None = None, key: int | str = 0) -> EncodedTensor:
+def encode(w: torch.Tensor, cfg: CodecConfig | None = None, key: int | str = 0, observe=None) -> EncodedTensor:
     """Encode a float tensor.
 
     Args:
@@ -229,6 +266,10 @@ def encode(w: torch.Tensor, cfg: CodecConfig | None = None, key: int | str = 0) 
         cfg: codec configuration (default ``CodecConfig()``: E8 at 4.0 total bps).
         key: layer key mixed into the RHT signs (an int or a name); activations must be rotated with
             the same ``(seed, key)``.
+        observe: optional ``observe(alpha, rows, y, scales)``, called for every row block of every coding
+            attempt with that attempt's α (float), the block's rows (a slice), its lattice integers (int32
+            (r, n_pad)) and the row scales of the whole tensor ((R,) in the scale dtype), blocks in row order; the result's ``alpha`` names the attempt that was kept. It lets a
+            caller measure the reconstruction while the integers exist, instead of decoding the streams again.
 
     Returns:
         :class:`EncodedTensor` with ``total_bits / numel ≤ cfg.bps`` whenever the tensor is large enough
@@ -240,14 +281,20 @@ def encode(w: torch.Tensor, cfg: CodecConfig | None = None, key: int | str = 0) 
     _validate(w, what)
     shape = tuple(w.shape)
     lattice = cfg.lattice
-    u, h, scales = _unit_rows(w, cfg, key, what)
-    rows, n_pad = u.shape
-    key32 = key_to_u32(key)
     numel = math.prod(shape)
+    rans_coder = cfg.resolved_coder(numel) == "rans"
+    # Rice: the unit rows are recomputed per row block (one pass for α's sample, one per attempt); rANS
+    # makes many passes over them and holds them
+    ur = _UnitRows(w, cfg, key, what, hold=rans_coder)
+    h, scales = ur.tile, ur.scales
+    if observe is not None:
+        observe = (lambda obs: lambda a, sl, y: obs(a, sl, y, scales))(observe)
+    rows, n_pad = ur.shape
+    key32 = key_to_u32(key)
     fixed = _fixed_bits(shape, rows, lattice, n_pad, cfg.block, scales.element_size())
     meta = {"tile_used": h}
-    if cfg.resolved_coder(numel) == "rans":
-        return _encode_rans(u, cfg, (shape, w.dtype, h, key32, scales, numel, what, meta))
+    if rans_coder:
+        return _encode_rans(ur.u, cfg, (shape, w.dtype, h, key32, scales, numel, what, meta), observe)
     if cfg.snr_db is not None:
         alpha = float(torch.tensor(alpha_for_snr(lattice, cfg.snr_db), dtype=torch.float32))
         budget = None
@@ -261,9 +308,9 @@ def encode(w: torch.Tensor, cfg: CodecConfig | None = None, key: int | str = 0) 
                 RateBudgetWarning, stacklevel=2)
             rate = cfg.bps
             budget = None
-        alpha = _refine_alpha(u, lattice, rate, cfg.block)
+        alpha = _refine_alpha(ur, lattice, rate, cfg.block)
     for attempt in range(12):
-        syms, max_abs = _symbol_streams(u, lattice, alpha, what)
+        syms, max_abs = _symbol_streams(ur, lattice, alpha, what, observe)
         streams = []
         while syms:  # each symbol stream is freed as soon as it is coded
             streams.append(encode_stream(syms.pop(0), cfg.block))
@@ -292,13 +339,37 @@ def decode(q: EncodedTensor, out: str = "weight") -> torch.Tensor:
     """
     if out not in ("weight", "codes", "rotated"):
         raise ValueError(f"out must be 'weight', 'codes' or 'rotated', got {out!r}")
+    return decode_symbols(q, _symbols(q), out)
+
+
+def _symbols(q: EncodedTensor) -> list[torch.Tensor]:
+    """The decoded symbol streams of ``q`` (int32 (n_i,) each), HQFormatError on a wrong stream count."""
     if len(q.streams) != NUM_STREAMS.get(q.lattice, -1):
         raise HQFormatError(f"{q.lattice} needs {NUM_STREAMS.get(q.lattice)} streams, found {len(q.streams)}")
     if q.coder == "rans":
         syms = [_rans_decode(s, rans_contexts(q.lattice, i)) for i, s in enumerate(q.streams)]
     else:
         syms = [decode_stream(s) for s in q.streams]
-    return decode_symbols(q, syms, out)
+    return syms
+
+
+def code_blocks(q: EncodedTensor, block_elems: int):
+    """The lattice integers of ``q`` by row blocks, for a pass that needs the whole tensor but not at once:
+    yields (row slice, int32 (r, n_pad) lattice integers of those rows), about ``block_elems`` coordinates
+    per block. The symbol streams are decoded once (4 bytes per coordinate); each block is unstripped from
+    its share of them (the encoder concatenates the row blocks' streams, so the share of ``r`` rows is
+    :func:`~.strip.stream_lengths` of ``r · n_pad``), so no full-size int32 tensor of integers is built."""
+    syms = _symbols(q)
+    rows, n_pad = q.rows, q.n_pad
+    step = max(1, block_elems // n_pad)
+    pos = [0] * len(syms)
+    for s in range(0, rows, step):
+        r = min(step, rows - s)
+        parts = []
+        for i, sn in enumerate(stream_lengths(q.lattice, r * n_pad)):
+            parts.append(syms[i][pos[i]:pos[i] + sn])
+            pos[i] += sn
+        yield slice(s, s + r), unstrip(q.lattice, parts, (r, n_pad))
 
 
 def decode_symbols(q: EncodedTensor, syms: list[torch.Tensor], out: str = "weight") -> torch.Tensor:
@@ -336,11 +407,12 @@ _STATE_INFO_BITS = 7  # payload bits a final lane state carries on average (meas
 _AIM = 0.0004  # the model aims this far below the budget (bits per scalar); the exact loop corrects
 
 
-def _rans_streams(u: torch.Tensor, lattice: str, alpha: float, block: int, what: str) -> tuple[list, int]:
+def _rans_streams(u: torch.Tensor, lattice: str, alpha: float, block: int, what: str,
+                  observe=None) -> tuple[list, int]:
     """rANS streams of the nearest lattice points of ``u · alpha`` (float32 (R, n_pad)) and their largest
     magnitude: the symbols come from the row-blocked pass of :func:`_symbol_streams` (int32, 4 bytes per
     coordinate), each stream is freed as soon as it is coded (the coder works in bounded space)."""
-    syms, max_abs = _symbol_streams(u, lattice, alpha, what)
+    syms, max_abs = _symbol_streams(u, lattice, alpha, what, observe)
     streams = []
     for i in range(len(syms)):
         z, syms[i] = syms[i], None
@@ -369,7 +441,7 @@ def _rans_model_bits(u: torch.Tensor, lattice: str, alpha: float, block: int) ->
     return bits
 
 
-def _encode_rans(u: torch.Tensor, cfg: CodecConfig, head) -> EncodedTensor:
+def _encode_rans(u: torch.Tensor, cfg: CodecConfig, head, observe=None) -> EncodedTensor:
     """rANS encode of unit-RMS rotated rows ``u`` (float32 (R, n_pad)) at exactly ``cfg.bps`` (within
     :data:`_RATE_SLACK` below) or at ``cfg.snr_db``. α: the rate table, a secant on a subsample's model
     cost, a secant on the whole tensor's model cost, then on the exact coded size."""
@@ -381,7 +453,7 @@ def _encode_rans(u: torch.Tensor, cfg: CodecConfig, head) -> EncodedTensor:
                  + sum(rans.side_bytes(sn, block, rans_contexts(lattice, i), 2) for i, sn in enumerate(lens)))
 
     def build(alpha):
-        streams, max_abs = _rans_streams(u, lattice, alpha, block, what)
+        streams, max_abs = _rans_streams(u, lattice, alpha, block, what, observe)
         meta["max_abs_code"] = max_abs
         return EncodedTensor(shape, dtype, lattice, h, block, cfg.seed, key32, alpha, cfg.scale_dtype, scales,
                              streams, max_abs <= 127, meta=meta, coder="rans")

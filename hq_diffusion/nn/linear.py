@@ -65,7 +65,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..codec import EncodedTensor, HQFormatError, decode, encode
-from ..codec.core import to_weight_dtype
+from ..codec.core import code_blocks, to_weight_dtype
 from ..codec.config import SCALE_DTYPES, CodecConfig
 from ..codec.lattice import LATTICES, to_physical
 from ..codec.ops_ref import REFERENCE, OpSet, int8_operand_gain, row_dequant_scale
@@ -373,12 +373,12 @@ class HQLinear(nn.Module):
         w = linear.weight.detach()
         if w.device.type == "meta":
             raise ValueError(f"layer {name!r}: weight is on the meta device; load the weights before quantizing")
-        bad = ~torch.isfinite(w)
-        if bool(bad.any()):
+        if not bool(torch.isfinite(w).all()):
             raise ValueError(f"layer {name!r}: weight has {int(torch.isnan(w).sum())} NaN and "
                              f"{int(torch.isinf(w).sum())} Inf values; refusing to quantize it")
         cfg = codec_cfg or CodecConfig()
-        q = encode(w, cfg, key=key)
+        meter = _SnrMeter(w, cfg.lattice, cfg.seed, key, plan_tiles(w.shape[-1], cfg.tile)[0])
+        q = encode(w, cfg, key=key, observe=meter)
         if mma == "int8" and not q.fits_int8:
             warnings.warn(f"layer {name!r}: lattice integers reach {q.meta.get('max_abs_code')} > 127 at "
                           f"{cfg.bps} bps, so the int8 matmul cannot use them; this layer uses mma='bf16'",
@@ -407,7 +407,7 @@ class HQLinear(nn.Module):
             mod.codes.copy_(codes)
         if linear.bias is not None:
             mod.bias.data.copy_(linear.bias.detach())
-        snr = _snr_db(w, mod)  # from the stored weight: storage "int8" decodes the streams only once
+        snr = meter.snr_db(q.alpha)  # measured while the encoder held the kept attempt's integers
         mod.hq_meta["snr_db"] = snr if math.isfinite(snr) else None
         return mod
 
@@ -489,31 +489,76 @@ SNR_BLOCK_ELEMS = 1 << 22  # coordinates per row block of :func:`_snr_db` (16 Mi
 SNR_DECIMALS = 6  # hq_meta["snr_db"] is rounded: the same value for any row blocking or worker split
 
 
+class _SnrMeter:
+    """The SNR of :func:`_snr_db`, measured during the encode from the lattice integers the encoder observes
+    (``encode(..., observe=meter)``), so that the streams are not decoded again: for each coding attempt
+    (keyed by its α) float64 sums of the squared signal and of the squared error of its reconstruction
+    (``p(Y) · scale / α`` in float32 -- the decoder's arithmetic --, inverse-rotated, cropped to K), over
+    sub-blocks of :data:`SNR_BLOCK_ELEMS` coordinates so that the work space stays one sub-block.
+
+    ``w``: the weight being encoded, (N, K) any float dtype; ``lattice``, ``seed``, ``key``, ``tile``: the
+    codec's (``tile`` as used, from :func:`~hq_diffusion.codec.rht.plan_tiles`)."""
+
+    def __init__(self, w: torch.Tensor, lattice: str, seed: int, key, tile: int):
+        self._ref = w.reshape(-1, w.shape[-1])
+        self._lattice, self._seed, self._key, self._tile = lattice, seed, key, tile
+        self._sums: dict[float, list[float]] = {}
+
+    def __call__(self, alpha: float, rows: slice, y: torch.Tensor, scales: torch.Tensor) -> None:
+        acc = self._sums.setdefault(alpha, [0.0, 0.0])
+        if rows.start == 0:  # a new attempt at an α seen before starts over
+            acc[0] = acc[1] = 0.0
+        n, n_pad = self._ref.shape[1], y.shape[1]
+        step = max(1, SNR_BLOCK_ELEMS // n_pad)
+        for s in range(0, y.shape[0], step):
+            r0, r1 = rows.start + s, min(rows.start + s + step, rows.stop)
+            scale = scales[r0:r1].to(torch.float32) / alpha  # row_dequant_scale's arithmetic, these rows
+            rot = to_physical(self._lattice, y[s:s + r1 - r0]).mul_(scale.unsqueeze(1))
+            rec = inverse_rht(rot, self._seed, self._key, self._tile)[:, :n].double()
+            ref = self._ref[r0:r1].to(torch.float32).double()
+            acc[0] += float(ref.square().sum())
+            acc[1] += float(rec.sub_(ref).square_().sum())
+            del rot, rec, ref
+
+    def snr_db(self, alpha: float) -> float:
+        """SNR in dB of the attempt at ``alpha`` (the kept one), rounded to :data:`SNR_DECIMALS` decimals."""
+        sig, err = self._sums[alpha]
+        return _snr_of(sig, err)
+
+
+def _snr_of(sig: float, err: float) -> float:
+    if err == 0.0:
+        return math.inf
+    return round(10.0 * math.log10(sig / err), SNR_DECIMALS) if sig > 0 else -math.inf
+
+
 def _snr_db(w: torch.Tensor, m: HQLinear) -> float:
     """SNR in dB of the stored weight of ``m`` against ``w`` (any float dtype, ``numel = N·K``), in the
     original basis, rounded to :data:`SNR_DECIMALS` decimals.
 
-    Row-blocked so that it adds one block's work space to the stored integers: the lattice integers
-    (N, K_pad) are decoded once (int8 when they fit), then each block of rows is made float32
+    Row-blocked so that it adds one block's work space to the decoded symbols (int32, 4 bytes per coordinate;
+    storage ``"int8"`` reads its stored integers): each block of rows is unstripped to its lattice integers,
+    made float32
     ``p(Y) / α · scale`` (the decoder's arithmetic), inverse-rotated and compared with the same rows of ``w``;
     float64 accumulators of the squared error and the squared signal are divided once at the end."""
     n, rows = m.in_features, m.out_features
     ref_rows = w.reshape(-1, n)
-    codes = m.lattice_codes().reshape(rows, m.n_pad)
     scale = row_dequant_scale(m.encoded())
     step = max(1, SNR_BLOCK_ELEMS // m.n_pad)
+    if m.storage == "int8":
+        codes = m.codes.reshape(rows, m.n_pad)
+        blocks = ((slice(s, s + step), codes[s:s + step]) for s in range(0, rows, step))
+    else:  # the streams decoded once, unstripped block by block (no full-size integer tensor)
+        blocks = code_blocks(m.encoded(), SNR_BLOCK_ELEMS)
     sig = err = 0.0
-    for s in range(0, rows, step):
-        sl = slice(s, min(s + step, rows))
-        rot = to_physical(m.lattice, codes[sl]).mul_(scale[sl].unsqueeze(1))
+    for sl, y in blocks:
+        rot = to_physical(m.lattice, y).mul_(scale[sl].unsqueeze(1))
         rec = inverse_rht(rot, m.seed, m.key, m.tile)[:, :n].double()
         ref = ref_rows[sl].to(torch.float32).double()
         sig += float(ref.square().sum())
         err += float(rec.sub_(ref).square_().sum())
-        del rot, rec, ref
-    if err == 0.0:
-        return math.inf
-    return round(10.0 * math.log10(sig / err), SNR_DECIMALS) if sig > 0 else -math.inf
+        del rot, rec, ref, y
+    return _snr_of(sig, err)
 
 
 def _meta_from_encoded(q: EncodedTensor, *, storage: str, mma: str, bias: torch.Tensor | None,
