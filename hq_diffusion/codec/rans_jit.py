@@ -91,12 +91,16 @@ def _encode_loop(z, t, two_ctx, block, fq, cm, prec, low, states, offsets, words
     return pos
 
 
-def _decode_loop(n, block, states, offsets, ends, words, lut, fq, dq, two_ctx, prec, low, t, escapes, out):
+def _decode_loop(n, block, states, offsets, ends, words, tab, two_ctx, prec, low, t, escapes, out):
     """Decode ``n`` symbols into ``out`` int32 (n,); returns a status (0, or one of the ``ERR_*`` codes).
 
     states: uint32 (NB, 8); offsets, ends: int64 (NB,) word range of each block (validated: 0 = offsets[0],
-    offsets ≤ ends ≤ len(words)); words: uint16 (W,); lut: int64 (C·M,) table entry, fq: int64 (C·M,)
-    frequency, dq: int64 (C·M,) slot − cumulative frequency, per ``slot + context · M``; escapes: int32 (E,)."""
+    offsets ≤ ends ≤ len(words)); words: uint16 (W,); tab: int64 (C·M,) per ``slot + context · M`` the packed
+    ``f << 40 | entry << 16 | (slot − cum)`` (f ≤ 2**15, entry < 256, slot − cum < 2**15); escapes: int32 (E,).
+
+    A block's whole steps run as a fixed loop over its 8 lanes (the state update, the renormalization, the
+    table entry written as is), its last partial step lane by lane; the escape entries of a block are
+    replaced by the escape values in a second pass over the block, only when it has any."""
     per = 8 * block
     nb = (n + per - 1) // per
     m = np.int64(1) << prec
@@ -105,6 +109,7 @@ def _decode_loop(n, block, states, offsets, ends, words, lut, fq, dq, two_ctx, p
     nesc = escapes.shape[0]
     esc = t - 1
     ei = 0
+    c7 = m if two_ctx else np.int64(0)  # table offset of lane 7 (E8's parity coordinate: second context)
     x = np.empty(8, np.int64)
     for b in range(nb):
         base = b * per
@@ -115,35 +120,38 @@ def _decode_loop(n, block, states, offsets, ends, words, lut, fq, dq, two_ctx, p
             return ERR_LAYOUT
         for k in range(8):
             x[k] = np.int64(states[b, k])
-        for i in range(cnt):
-            lane = i & 7
-            xl = x[lane]
-            idx = xl & mask
-            if two_ctx and lane == 7:
-                idx += m
-            xl = fq[idx] * (xl >> prec) + dq[idx]
-            if xl < low:
-                if ptr >= end:
-                    return ERR_WORDS
-                xl = (xl << 16) | np.int64(words[ptr])
-                ptr += 1
-            x[lane] = xl
-            e = lut[idx]
-            if e == esc:
-                if ei >= nesc:
-                    return ERR_ESCAPE_COUNT
-                v = escapes[ei]
-                ei += 1
-                if v < esc:
-                    return ERR_ESCAPE_VALUE
-                out[base + i] = v
-            else:
-                out[base + i] = np.int32(e)
+        full = cnt // 8
+        seen = 0
+        for s in range(full + 1):
+            o = base + 8 * s
+            for lane in range(8 if s < full else cnt - 8 * full):
+                xl = x[lane]
+                p = tab[(xl & mask) + (c7 if lane == 7 else 0)]  # < C·M: slot ≤ mask
+                xl = (p >> 40) * (xl >> prec) + (p & 0xFFFF)
+                if xl < low:
+                    if ptr >= end:
+                        return ERR_WORDS
+                    xl = (xl << 16) | np.int64(words[ptr])
+                    ptr += 1
+                x[lane] = xl
+                e = (p >> 16) & 0xFF
+                out[o + lane] = np.int32(e)
+                seen += e == esc
         if ptr != end:
             return ERR_END
         for k in range(8):
             if x[k] != low:
                 return ERR_END
+        if seen:
+            for i in range(base, base + cnt):
+                if out[i] == esc:
+                    if ei >= nesc:
+                        return ERR_ESCAPE_COUNT
+                    v = escapes[ei]
+                    ei += 1
+                    if v < esc:
+                        return ERR_ESCAPE_VALUE
+                    out[i] = v
     if ei != nesc:
         return ERR_ESCAPE_COUNT
     return OK
@@ -194,10 +202,10 @@ def decode_symbols(n: int, block: int, states: np.ndarray, offsets: np.ndarray, 
     for name, a in (("lut", lut), ("fq", fq), ("dq", dq)):
         if a.shape != (num_ctx * m,):
             raise ValueError(f"rANS decode table {name} has shape {a.shape}, expected ({num_ctx * m},)")
+    tab = (fq.astype(np.int64) << 40) | (lut.astype(np.int64) << 16) | dq.astype(np.int64)
     out = np.empty(n, np.int32)
     status = _kernels()["decode"](n, block, np.ascontiguousarray(states, np.uint32),
                                   np.ascontiguousarray(offsets, np.int64), np.ascontiguousarray(ends, np.int64),
-                                  np.ascontiguousarray(words, np.uint16), np.ascontiguousarray(lut, np.int64),
-                                  np.ascontiguousarray(fq, np.int64), np.ascontiguousarray(dq, np.int64),
-                                  num_ctx == 2, prec, low, t, np.ascontiguousarray(escapes, np.int32), out)
+                                  np.ascontiguousarray(words, np.uint16), tab, num_ctx == 2, prec, low, t,
+                                  np.ascontiguousarray(escapes, np.int32), out)
     return out, int(status)
