@@ -118,6 +118,7 @@ def _decode_loop(n, block, states, offsets, ends, words, tab, two_ctx, prec, low
         end = ends[b]
         if ptr < 0 or end > nwords or end < ptr:
             return ERR_LAYOUT
+        last = max(end - 1, 0)  # words holds at least one entry (the caller pads an empty array)
         for k in range(8):
             x[k] = np.int64(states[b, k])
         full = cnt // 8
@@ -128,15 +129,16 @@ def _decode_loop(n, block, states, offsets, ends, words, tab, two_ctx, prec, low
                 xl = x[lane]
                 p = tab[(xl & mask) + (c7 if lane == 7 else 0)]  # < C·M: slot ≤ mask
                 xl = (p >> 40) * (xl >> prec) + (p & 0xFFFF)
-                if xl < low:
-                    if ptr >= end:
-                        return ERR_WORDS
-                    xl = (xl << 16) | np.int64(words[ptr])
-                    ptr += 1
+                need = xl < low  # renormalize without a branch: always load, select, advance by 0 or 1
+                w = np.int64(words[min(ptr, last)])  # in bounds; a clamped read is caught below
+                xl = ((xl << 16) | w) if need else xl
+                ptr += need
                 x[lane] = xl
                 e = (p >> 16) & 0xFF
                 out[o + lane] = np.int32(e)
                 seen += e == esc
+            if ptr > end:  # a lane wanted a word past the block's words
+                return ERR_WORDS
         if ptr != end:
             return ERR_END
         for k in range(8):
@@ -204,6 +206,10 @@ def decode_symbols(n: int, block: int, states: np.ndarray, offsets: np.ndarray, 
             raise ValueError(f"rANS decode table {name} has shape {a.shape}, expected ({num_ctx * m},)")
     tab = (fq.astype(np.int64) << 40) | (lut.astype(np.int64) << 16) | dq.astype(np.int64)
     out = np.empty(n, np.int32)
+    if not words.size:  # one dummy word: every read is then past the (empty) word ranges and rejected
+        if np.any(ends != 0):
+            return out, ERR_LAYOUT
+        words = np.zeros(1, np.uint16)
     status = _kernels()["decode"](n, block, np.ascontiguousarray(states, np.uint32),
                                   np.ascontiguousarray(offsets, np.int64), np.ascontiguousarray(ends, np.int64),
                                   np.ascontiguousarray(words, np.uint16), tab, num_ctx == 2, prec, low, t,
