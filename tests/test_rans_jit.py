@@ -206,7 +206,10 @@ def test_dispatch_runs_the_compiled_coder(monkeypatch):
 
 def test_missing_numba_is_a_clear_error(monkeypatch):
     """Without numba the compiled coder raises ImportError naming the fix (no silent numpy fallback)."""
-    monkeypatch.setattr(rans_jit, "_COMPILED", {})
+    import hq_diffusion.codec as codec_pkg
+
+    monkeypatch.delitem(sys.modules, "hq_diffusion.codec.rans_jit")  # imported again at the coder's first use
+    monkeypatch.delattr(codec_pkg, "rans_jit")
     monkeypatch.setitem(sys.modules, "numba", None)
     with pytest.raises(ImportError, match="numba"):
         rans.encode_stream(torch.arange(100, dtype=torch.int32), 8, 1)

@@ -38,7 +38,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import rans_jit
 from ._np import cpu_impl
 from .errors import HQFormatError
 
@@ -302,6 +301,8 @@ def _encode_blocks(zn: np.ndarray, t: int, num_ctx: int, block: int, freqs: np.n
 
 def _encode_blocks_compiled(zn: np.ndarray, t: int, num_ctx: int, block: int, freqs: np.ndarray, prec: int):
     """:func:`_encode_blocks` by the compiled loops of :mod:`.rans_jit` (the same bytes)."""
+    from . import rans_jit  # on first use: imports numba
+
     return rans_jit.encode_blocks(zn, t, num_ctx, block, freqs, prec, STATE_LOW)
 
 
@@ -368,6 +369,8 @@ def _checked_layout(st: RansStream, num_ctx: int):
 def decode_stream_compiled(st: RansStream, num_ctx: int = 1) -> torch.Tensor:
     """:func:`decode_stream_numpy` by the compiled loop of :mod:`.rans_jit` (serial, one block after the
     other): int32 (n,) symbols, escapes substituted; HQFormatError on the same inconsistent data."""
+    from . import rans_jit  # on first use: imports numba
+
     freqs, t, m, states, offsets, ends, words = _checked_layout(st, num_ctx)
     if st.n == 0:
         return torch.zeros(0, dtype=torch.int32)

@@ -22,14 +22,22 @@ are bounded by the symbol count, so a corrupt stream can neither hang nor read o
 
 The loops are serial (no ``parallel=True``: ``hq-diffusion quantize --workers`` forks worker processes, and
 a threaded numba runtime does not survive a fork) and release the GIL (``nogil=True``). They are compiled
-on first use and cached on disk (``cache=True``). numba is a dependency of the package; if it cannot be
-imported, using the compiled coder raises :class:`ImportError` naming the fix — there is no silent fallback
-to the numpy coder, which is 10-50x slower (``hq_diffusion.codec._np.CPU_IMPL = "numpy"`` selects it
-explicitly).
+on first use and cached on disk (``cache=True``). :mod:`.rans` imports this module only when the rANS coder
+runs on the CPU, so importing the codec does not import numba. numba is a dependency of the package; if it
+cannot be imported, using the compiled coder raises :class:`ImportError` naming the fix — there is no silent
+fallback to the numpy coder, which is 10-50x slower (``hq_diffusion.codec._np.CPU_IMPL = "numpy"`` selects
+it explicitly).
 """
 from __future__ import annotations
 
 import numpy as np
+
+try:
+    import numba
+except ImportError as e:  # pragma: no cover - numba is a dependency; this module is imported on first use
+    raise ImportError("the compiled rANS coder needs numba>=0.68 (a dependency of hq-diffusion: pip install "
+                      "'numba>=0.68'); to run the much slower numpy reference coder instead, set "
+                      "hq_diffusion.codec._np.CPU_IMPL = 'numpy'") from e
 
 #: Status codes of :func:`decode_symbols` (0 = success).
 OK = 0
@@ -47,6 +55,7 @@ MESSAGES = {
 }
 
 
+@numba.njit(cache=True, nogil=True)
 def _encode_loop(z, t, two_ctx, block, fq, cm, prec, low, states, offsets, words, scratch):
     """Encode int32 symbols ``z`` (n,) block by block.
 
@@ -91,16 +100,33 @@ def _encode_loop(z, t, two_ctx, block, fq, cm, prec, low, states, offsets, words
     return pos
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def _lane_step(x, lane, off, tab, mask, prec, low, words, ptr, last):
+    """One decode step of lane ``lane`` (state ``x[lane]`` updated in place): returns (the new word pointer,
+    the table entry). Renormalizes without a branch: always loads the word at ``min(ptr, last)``, selects,
+    advances the pointer by 0 or 1 (the caller rejects a pointer past its block's words)."""
+    xl = x[lane]
+    p = tab[(xl & mask) + off]  # < C·M: the slot is ≤ mask, off is 0 or M
+    xl = (p >> 40) * (xl >> prec) + (p & 0xFFFF)
+    need = xl < low
+    w = np.int64(words[min(ptr, last)])
+    x[lane] = ((xl << 16) | w) if need else xl
+    return ptr + need, (p >> 16) & 0xFF
+
+
+@numba.njit(cache=True, nogil=True)
 def _decode_loop(n, block, states, offsets, ends, words, tab, two_ctx, prec, low, t, escapes, out):
     """Decode ``n`` symbols into ``out`` int32 (n,); returns a status (0, or one of the ``ERR_*`` codes).
 
     states: uint32 (NB, 8); offsets, ends: int64 (NB,) word range of each block (validated: 0 = offsets[0],
-    offsets ≤ ends ≤ len(words)); words: uint16 (W,); tab: int64 (C·M,) per ``slot + context · M`` the packed
-    ``f << 40 | entry << 16 | (slot − cum)`` (f ≤ 2**15, entry < 256, slot − cum < 2**15); escapes: int32 (E,).
+    offsets ≤ ends ≤ len(words)); words: uint16 (W ≥ 1,); tab: int64 (C·M,) per ``slot + context · M`` the
+    packed ``f << 40 | entry << 16 | (slot − cum)`` (f ≤ 2**15, entry < 256, slot − cum < 2**15); escapes:
+    int32 (E,).
 
-    A block's whole steps run as a fixed loop over its 8 lanes (the state update, the renormalization, the
-    table entry written as is), its last partial step lane by lane; the escape entries of a block are
-    replaced by the escape values in a second pass over the block, only when it has any."""
+    A block's whole steps are a fixed sequence of its 8 lanes (lane 7 reads the second context's table when
+    there are two), its last partial step lane by lane; the table entries are written as they are, and the
+    escape entries of a block are replaced by the escape values in a second pass over the block, only when it
+    has any."""
     per = 8 * block
     nb = (n + per - 1) // per
     m = np.int64(1) << prec
@@ -118,27 +144,27 @@ def _decode_loop(n, block, states, offsets, ends, words, tab, two_ctx, prec, low
         end = ends[b]
         if ptr < 0 or end > nwords or end < ptr:
             return ERR_LAYOUT
-        last = max(end - 1, 0)  # words holds at least one entry (the caller pads an empty array)
+        last = max(end - 1, 0)  # a valid index: words holds at least one entry
         for k in range(8):
             x[k] = np.int64(states[b, k])
         full = cnt // 8
         seen = 0
-        for s in range(full + 1):
+        for s in range(full):
             o = base + 8 * s
-            for lane in range(8 if s < full else cnt - 8 * full):
-                xl = x[lane]
-                p = tab[(xl & mask) + (c7 if lane == 7 else 0)]  # < C·M: slot ≤ mask
-                xl = (p >> 40) * (xl >> prec) + (p & 0xFFFF)
-                need = xl < low  # renormalize without a branch: always load, select, advance by 0 or 1
-                w = np.int64(words[min(ptr, last)])  # in bounds; a clamped read is caught below
-                xl = ((xl << 16) | w) if need else xl
-                ptr += need
-                x[lane] = xl
-                e = (p >> 16) & 0xFF
+            for lane in range(7):
+                ptr, e = _lane_step(x, lane, 0, tab, mask, prec, low, words, ptr, last)
                 out[o + lane] = np.int32(e)
                 seen += e == esc
+            ptr, e = _lane_step(x, 7, c7, tab, mask, prec, low, words, ptr, last)
+            out[o + 7] = np.int32(e)
+            seen += e == esc
             if ptr > end:  # a lane wanted a word past the block's words
                 return ERR_WORDS
+        o = base + 8 * full
+        for lane in range(cnt - 8 * full):  # the tail block's partial last step (lanes 0 … 6)
+            ptr, e = _lane_step(x, lane, 0, tab, mask, prec, low, words, ptr, last)
+            out[o + lane] = np.int32(e)
+            seen += e == esc
         if ptr != end:
             return ERR_END
         for k in range(8):
@@ -159,25 +185,6 @@ def _decode_loop(n, block, states, offsets, ends, words, tab, two_ctx, prec, low
     return OK
 
 
-_COMPILED: dict = {}
-
-
-def _kernels():
-    """The compiled loops (numba, compiled on first use, cached on disk). ImportError without numba."""
-    if not _COMPILED:
-        try:
-            import numba
-        except ImportError as e:  # pragma: no cover - numba is a dependency
-            raise ImportError(
-                "the compiled rANS coder needs numba>=0.68 (a dependency of hq-diffusion: pip install "
-                "'numba>=0.68'); to run the much slower numpy reference coder instead, set "
-                "hq_diffusion.codec._np.CPU_IMPL = 'numpy'") from e
-        jit = numba.njit(cache=True, nogil=True)
-        _COMPILED["encode"] = jit(_encode_loop)
-        _COMPILED["decode"] = jit(_decode_loop)
-    return _COMPILED
-
-
 def encode_blocks(zn: np.ndarray, t: int, num_ctx: int, block: int, freqs: np.ndarray, prec: int, low: int):
     """Compiled twin of ``rans._encode_blocks``: symbols int32 (n,) (n ≥ 1), tables int64 (C, T) →
     (final states uint32 (NB, 8), block offsets int64 (NB,), words uint16 (W,))."""
@@ -189,8 +196,8 @@ def encode_blocks(zn: np.ndarray, t: int, num_ctx: int, block: int, freqs: np.nd
     offsets = np.empty(nb, np.int64)
     words = np.empty(n, np.uint16)  # the bound (one word per symbol); only the pages written are touched
     scratch = np.empty(min(n, 8 * block), np.uint16)
-    nw = _kernels()["encode"](np.ascontiguousarray(zn, np.int32), t, num_ctx == 2, block, fq, cm, prec, low,
-                              states, offsets, words, scratch)
+    nw = _encode_loop(np.ascontiguousarray(zn, np.int32), t, num_ctx == 2, block, fq, cm, prec, low, states,
+                      offsets, words, scratch)
     return states, offsets, words[:nw].copy()
 
 
@@ -210,8 +217,7 @@ def decode_symbols(n: int, block: int, states: np.ndarray, offsets: np.ndarray, 
         if np.any(ends != 0):
             return out, ERR_LAYOUT
         words = np.zeros(1, np.uint16)
-    status = _kernels()["decode"](n, block, np.ascontiguousarray(states, np.uint32),
-                                  np.ascontiguousarray(offsets, np.int64), np.ascontiguousarray(ends, np.int64),
-                                  np.ascontiguousarray(words, np.uint16), tab, num_ctx == 2, prec, low, t,
-                                  np.ascontiguousarray(escapes, np.int32), out)
+    status = _decode_loop(n, block, np.ascontiguousarray(states, np.uint32), np.ascontiguousarray(offsets, np.int64),
+                          np.ascontiguousarray(ends, np.int64), np.ascontiguousarray(words, np.uint16), tab,
+                          num_ctx == 2, prec, low, t, np.ascontiguousarray(escapes, np.int32), out)
     return out, int(status)
