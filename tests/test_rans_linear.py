@@ -97,7 +97,7 @@ def test_auto_coder_follows_the_measured_crossover():
     assert CodecConfig(bps=4.0, coder="auto").resolved_coder(AUTO_RANS_MIN_NUMEL) == "rans"
     assert HQLinear.from_linear(_linear(128, 256), CodecConfig(bps=4.0, coder="auto"), key="a").storage == "rans"
     assert HQLinear.from_linear(_linear(64, 128), CodecConfig(bps=4.0, coder="auto"), key="a").storage == "rice"
-    assert CodecConfig().coder == "auto" and HQConfig().coder == "auto"  # the default since the compiled CPU coder
+    assert CodecConfig().coder == "rice" and HQConfig().coder == "auto"  # model-level default since the compiled coder
     m = HQLinear.from_linear(_linear(256, 256), CodecConfig(bps=8.0, coder="auto"), key="hi")
     assert m.storage == "rice"
 

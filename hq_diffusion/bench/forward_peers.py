@@ -87,7 +87,7 @@ def _hq_layers(lin: nn.Linear, x: torch.Tensor, bps: float, stack: contextlib.Ex
     """HQLinear (Rice storage) three ways — the CPU codes path, the generic bf16 path, and a twin layer inside
     :func:`~hq_diffusion.nn.cpu_forward.cached_codes` (held open by ``stack``) after its first call — and with
     rANS storage through the CPU codes path."""
-    m = HQLinear.from_linear(lin, CodecConfig(bps=bps), key="bench.linear", storage="rice")
+    m = HQLinear.from_linear(lin, CodecConfig(bps=bps, coder="rice"), key="bench.linear", storage="rice")
     bits = 8.0 * m.nbytes / lin.weight.numel() - 16.0 / lin.in_features  # bias (bf16 per row) excluded
     twin = HQLinear(m.hq_meta, name="bench.linear")
     twin.load_state_dict(m.state_dict())
