@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from hq_diffusion.codec import CodecConfig, decode, encode, rans
+from hq_diffusion.codec import CodecConfig, _np, decode, encode, rans
 from hq_diffusion.codec.errors import HQFormatError
 from hq_diffusion.codec.format import EncodedTensor
 
@@ -229,6 +229,7 @@ def test_numpy_decoder_both_prefix_paths_and_tail_corruption(monkeypatch, byteor
     the same symbols; a corrupt state, word or truncated word array of the tail block or of a full block is
     an HQFormatError."""
     monkeypatch.setattr(sys, "byteorder", byteorder)
+    monkeypatch.setattr(_np, "CPU_IMPL", "numpy")  # the numpy reference coder (the compiled one: test_rans_jit.py)
     z = torch.from_numpy((np.abs(np.random.default_rng(4).standard_normal(8 * 32 * 5 + 29)) * 6).astype(np.int32))
     st = rans.encode_stream(z, 32, 2)
     assert torch.equal(rans.decode_stream(st, 2), z)
@@ -253,6 +254,7 @@ def test_chunked_stream_encode_is_byte_identical(n, block, ctx, prec, scale, dig
     """Every chunk size of the encoder's passes (one symbol; uneven chunks not aligned to the lanes; whole
     steps of every block; one chunk) gives the pinned bytes."""
     monkeypatch.setattr(rans, "CHUNK_SYMBOLS", chunk)
+    monkeypatch.setattr(_np, "CPU_IMPL", "numpy")
     z = torch.from_numpy((np.abs(np.random.default_rng(n).standard_normal(n)) * scale).astype(np.int32))
     assert _stream_digest(rans.encode_stream(z, block, ctx, prec)) == digest
 
@@ -304,6 +306,7 @@ def test_chunked_numpy_decode_matches(chunk, monkeypatch):
     z[::101] = 300 + torch.arange(len(z[::101]), dtype=torch.int32)  # escapes
     st = rans.encode_stream(z, 32, 2)
     monkeypatch.setattr(rans, "CHUNK_SYMBOLS", chunk)
+    monkeypatch.setattr(_np, "CPU_IMPL", "numpy")
     assert torch.equal(rans.decode_stream(st, 2), z)
     for blk in (0, st.states.shape[0] - 1):
         states = st.states.clone()
@@ -323,6 +326,7 @@ def test_rans_decode_work_space_is_bounded(monkeypatch):
     z = torch.from_numpy((np.abs(np.random.default_rng(9).standard_normal(n)) * 6).astype(np.int32))
     st = rans.encode_stream(z, 4096, 2)
     monkeypatch.setattr(rans, "CHUNK_SYMBOLS", 1 << 16)
+    monkeypatch.setattr(_np, "CPU_IMPL", "numpy")
     tracemalloc.start()
     try:
         out = rans.decode_stream(st, 2)

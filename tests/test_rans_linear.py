@@ -97,13 +97,13 @@ def test_auto_coder_follows_the_measured_crossover():
     assert CodecConfig(bps=4.0, coder="auto").resolved_coder(AUTO_RANS_MIN_NUMEL) == "rans"
     assert HQLinear.from_linear(_linear(128, 256), CodecConfig(bps=4.0, coder="auto"), key="a").storage == "rans"
     assert HQLinear.from_linear(_linear(64, 128), CodecConfig(bps=4.0, coder="auto"), key="a").storage == "rice"
-    assert CodecConfig().coder == "rice" and HQConfig().coder == "rice"  # opt-in until rANS encodes in bounded memory
+    assert CodecConfig().coder == "rice" and HQConfig().coder == "auto"  # model-level default since the compiled coder
     m = HQLinear.from_linear(_linear(256, 256), CodecConfig(bps=8.0, coder="auto"), key="hi")
     assert m.storage == "rice"
 
 
 def test_hqconfig_v1_reads_as_rice_and_v2_round_trips():
-    assert HQConfig(bps=3.0).to_dict()["_data"]["coder"] == "rice"  # the default
+    assert HQConfig(bps=3.0).to_dict()["_data"]["coder"] == "auto"  # the default, recorded
     d = HQConfig(bps=3.0, coder="auto").to_dict()
     assert d["_version"] == 2 and d["_data"]["coder"] == "auto"
     assert HQConfig.from_dict(d) == HQConfig(bps=3.0, coder="auto")

@@ -84,9 +84,10 @@ def _generic_cpu_path():
 
 
 def _hq_layers(lin: nn.Linear, x: torch.Tensor, bps: float, stack: contextlib.ExitStack) -> list[Layer]:
-    """HQLinear (Rice storage) three ways: the CPU codes path, the generic bf16 path, and a twin layer inside
-    :func:`~hq_diffusion.nn.cpu_forward.cached_codes` (held open by ``stack``) after its first call."""
-    m = HQLinear.from_linear(lin, CodecConfig(bps=bps), key="bench.linear", storage="rice")
+    """HQLinear (Rice storage) three ways — the CPU codes path, the generic bf16 path, and a twin layer inside
+    :func:`~hq_diffusion.nn.cpu_forward.cached_codes` (held open by ``stack``) after its first call — and with
+    rANS storage through the CPU codes path."""
+    m = HQLinear.from_linear(lin, CodecConfig(bps=bps, coder="rice"), key="bench.linear", storage="rice")
     bits = 8.0 * m.nbytes / lin.weight.numel() - 16.0 / lin.in_features  # bias (bf16 per row) excluded
     twin = HQLinear(m.hq_meta, name="bench.linear")
     twin.load_state_dict(m.state_dict())
@@ -98,7 +99,10 @@ def _hq_layers(lin: nn.Linear, x: torch.Tensor, bps: float, stack: contextlib.Ex
         with _generic_cpu_path():
             return m(x)
 
+    r = HQLinear.from_linear(lin, CodecConfig(bps=bps, coder="rans"), key="bench.linear", storage="rice")
+    rbits = 8.0 * r.nbytes / lin.weight.numel() - 16.0 / lin.in_features
     return [("HQLinear rice, CPU codes path", lambda: m(x), bits, "decodes at every call"),
+            ("HQLinear rans, CPU codes path", lambda: r(x), rbits, "decodes at every call (compiled rANS coder)"),
             ("HQLinear rice, generic bf16 path", generic, bits, "decodes at every call; the path before"),
             ("HQLinear rice, codes cached for the step", lambda: twin(x), bits,
              f"later calls of a step; +{held:.1f} bits/weight held during the step")]

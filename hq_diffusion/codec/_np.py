@@ -19,12 +19,30 @@ import torch
 CHUNK = 8192
 
 
-def select(t: torch.Tensor, numpy_impl, torch_impl):
-    """The implementation of a codec step for tensor ``t``: ``numpy_impl`` when ``t`` is on the CPU (numpy
-    is several times faster there), ``torch_impl`` for every other device (a GPU runs the torch code
-    natively; a round trip through host memory would cost more than it saves). Both implementations take
-    the same arguments and return bit-identical results on ``t``'s device."""
-    return numpy_impl if t.device.type == "cpu" else torch_impl
+#: The CPU implementation of the codec steps that have a compiled one (the rANS coder's step loops,
+#: ``codec/rans_jit.py``): ``"compiled"`` (numba, the default) or ``"numpy"`` (the reference twin, 10-50x
+#: slower; for tests and for comparing). Read at every call by :func:`cpu_impl`.
+CPU_IMPL = "compiled"
+
+
+def cpu_impl(numpy_impl, compiled_impl):
+    """The CPU implementation of a codec step that has a compiled twin: ``compiled_impl`` unless
+    :data:`CPU_IMPL` is ``"numpy"``. Both produce bit-identical results; the compiled one raises ImportError
+    when numba is missing (no silent fallback)."""
+    if CPU_IMPL not in ("compiled", "numpy"):
+        raise ValueError(f"hq_diffusion.codec._np.CPU_IMPL must be 'compiled' or 'numpy', got {CPU_IMPL!r}")
+    return compiled_impl if CPU_IMPL == "compiled" else numpy_impl
+
+
+def select(t: torch.Tensor, numpy_impl, torch_impl, compiled_impl=None):
+    """The implementation of a codec step for tensor ``t``: on the CPU ``numpy_impl`` (numpy is several times
+    faster there than torch), or ``compiled_impl`` where the step has one (see :func:`cpu_impl`);
+    ``torch_impl`` for every other device (a GPU runs the torch code natively; a round trip through host
+    memory would cost more than it saves). All implementations take the same arguments and return
+    bit-identical results on ``t``'s device."""
+    if t.device.type != "cpu":
+        return torch_impl
+    return numpy_impl if compiled_impl is None else cpu_impl(numpy_impl, compiled_impl)
 
 
 def to_numpy(t: torch.Tensor) -> np.ndarray:

@@ -48,9 +48,10 @@ class CodecConfig:
             about +0.45 dB at the same total rate — docs/ARCHITECTURE.md) or ``"auto"`` (rANS up to
             :data:`AUTO_RANS_MAX_BPS` total bps or :data:`AUTO_RANS_MAX_SNR_DB` dB for the lattice and from
             :data:`AUTO_RANS_MIN_NUMEL` scalars, where it wins; Rice otherwise;
-            :meth:`resolved_coder`). The codec's own default stays ``"rice"`` so that a bare ``encode`` keeps
-            writing the version-1 blobs of the golden fixtures and of existing readers; the model-level default
-            (``HQConfig.coder``, ``quantize``, the CLI) is ``"auto"``.
+            :meth:`resolved_coder`). The codec's own default stays ``"rice"``, so that a bare ``encode`` keeps
+            writing the version-1 blobs that the golden fixtures, the kernel AOT set and the kernel benches
+            expect; the model-level default (``HQConfig.coder``, ``quantize``, ``hq-diffusion quantize``) is
+            ``"auto"`` since the compiled CPU coder (docs/ARCHITECTURE.md "The rANS coder").
         version: format version this config writes.
     """
 

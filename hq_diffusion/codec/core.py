@@ -14,6 +14,7 @@ import torch
 from .config import SCALE_DTYPES, CodecConfig
 from .errors import HQFormatError, HQRangeError
 from . import rans
+from ._np import select
 from .format import ALPHA_RANGE, EncodedTensor, header_bytes, rans_contexts
 from .hashing import key_to_u32
 from .lattice import alpha_for_snr, nearest, to_physical
@@ -394,10 +395,10 @@ def decode_symbols(q: EncodedTensor, syms: list[torch.Tensor], out: str = "weigh
 
 
 def _rans_decode(st, num_ctx: int) -> torch.Tensor:
-    """Symbols of one rANS stream on the stream's device (numpy on CPU, the torch twin elsewhere)."""
-    if st.words.device.type == "cpu":
-        return rans.decode_stream(st, num_ctx)
-    return rans.decode_stream_torch(st, num_ctx)
+    """Symbols of one rANS stream on the stream's device (the compiled coder on the CPU, the torch twin
+    elsewhere; :func:`~._np.select`)."""
+    return select(st.words, rans.decode_stream_numpy, rans.decode_stream_torch,
+                  rans.decode_stream_compiled)(st, num_ctx)
 
 
 # ---- rANS: exact rate ------------------------------------------------------------------------------------

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ._np import cpu_impl
 from .errors import HQFormatError
 
 LANES = 8  # interleaved rANS coders per block
@@ -233,7 +234,7 @@ def encode_stream(z: torch.Tensor, block: int, num_ctx: int = 1, prec: int = DEF
         return RansStream(0, block, prec, torch.from_numpy(freqs.astype(np.uint16)),
                           torch.zeros(0, LANES, dtype=torch.uint32), torch.zeros(0, dtype=torch.uint32),
                           torch.zeros(0, dtype=torch.uint16), torch.from_numpy(escapes))
-    states, offsets, words = _encode_blocks(zn, t, num_ctx, block, freqs, prec)
+    states, offsets, words = cpu_impl(_encode_blocks, _encode_blocks_compiled)(zn, t, num_ctx, block, freqs, prec)
     return RansStream(n, block, prec, torch.from_numpy(freqs.astype(np.uint16)),
                       torch.from_numpy(states), torch.from_numpy(offsets.astype(np.uint32)),
                       torch.from_numpy(words), torch.from_numpy(escapes))
@@ -298,6 +299,13 @@ def _encode_blocks(zn: np.ndarray, t: int, num_ctx: int, block: int, freqs: np.n
     return x.astype(np.uint32), offsets, words
 
 
+def _encode_blocks_compiled(zn: np.ndarray, t: int, num_ctx: int, block: int, freqs: np.ndarray, prec: int):
+    """:func:`_encode_blocks` by the compiled loops of :mod:`.rans_jit` (the same bytes)."""
+    from . import rans_jit  # on first use: imports numba
+
+    return rans_jit.encode_blocks(zn, t, num_ctx, block, freqs, prec, STATE_LOW)
+
+
 def _encode_steps(x: np.ndarray, g: np.ndarray, fq: np.ndarray, cm: np.ndarray, m: int, prec: int):
     """Run the encoder states ``x`` (float64 (NB, K), updated in place) backwards through the steps of the
     table indices ``g`` (intp (NB, S, K), see :func:`_block_major`; ``fq``/``cm``: float64 frequency and
@@ -334,19 +342,62 @@ def _encode_steps(x: np.ndarray, g: np.ndarray, fq: np.ndarray, cm: np.ndarray, 
 
 
 def decode_stream(st: RansStream, num_ctx: int = 1) -> torch.Tensor:
-    """Decode a :class:`RansStream` to int32 (n,) symbols (numpy, CPU). HQFormatError on inconsistent data
-    (tables that do not sum to M, a block that does not end at ``L`` with its words used up, escapes)."""
+    """Decode a :class:`RansStream` to int32 (n,) symbols on the CPU: the compiled decoder
+    (:func:`decode_stream_compiled`) or, with ``codec._np.CPU_IMPL = "numpy"``, the numpy reference
+    (:func:`decode_stream_numpy`); the same symbols and the same HQFormatError on inconsistent data (tables that
+    do not sum to M, a block that does not end at ``L`` with its words used up, escapes)."""
+    return cpu_impl(decode_stream_numpy, decode_stream_compiled)(st, num_ctx)
+
+
+def _checked_layout(st: RansStream, num_ctx: int):
+    """The validated parts of a stream: (frequencies int64 (C, T), T, M, states (NB, K), offsets int64 (NB,),
+    ends int64 (NB,) (each block's word range is ``offsets[b] … ends[b]``), words (W,) as stored).
+    HQFormatError for malformed tables, state/offset shapes, or offsets that do not increase from 0."""
     freqs, t, m = check_tables(st, num_ctx)
-    states = st.states.cpu().numpy().astype(np.int64)
+    states = st.states.cpu().numpy()
     offsets = st.offsets.cpu().numpy().astype(np.int64)
-    words = st.words.cpu().numpy().astype(np.int64)
-    nfull, steps, tail = _layout(st.n, st.block)
-    nb = nfull + (1 if tail else 0)
+    words = st.words.cpu().numpy()
+    nb = num_blocks(st.n, st.block)
     if states.shape != (nb, LANES) or offsets.shape != (nb,):
         raise HQFormatError(f"rANS stream of {st.n} symbols needs {nb} blocks of states and offsets")
     ends = np.append(offsets[1:], len(words))
     if nb and (offsets[0] != 0 or np.any(ends < offsets)):
         raise HQFormatError("rANS block offsets are not increasing from 0")
+    return freqs, t, m, states, offsets, ends, words
+
+
+def decode_stream_compiled(st: RansStream, num_ctx: int = 1) -> torch.Tensor:
+    """:func:`decode_stream_numpy` by the compiled loop of :mod:`.rans_jit` (serial, one block after the
+    other): int32 (n,) symbols, escapes substituted; HQFormatError on the same inconsistent data."""
+    from . import rans_jit  # on first use: imports numba
+
+    freqs, t, m, states, offsets, ends, words = _checked_layout(st, num_ctx)
+    if st.n == 0:
+        return torch.zeros(0, dtype=torch.int32)
+    lut, fq, dq = _decode_tables(freqs, m)
+    out, status = rans_jit.decode_symbols(st.n, st.block, _unsigned(states, np.uint32), offsets, ends,
+                                          _unsigned(words, np.uint16), lut, fq, dq, num_ctx, st.prec, STATE_LOW, t,
+                                          st.escapes.cpu().numpy().astype(np.int32, copy=False))
+    if status:
+        raise HQFormatError(f"rANS stream is corrupt: {rans_jit.MESSAGES[status]}")
+    return torch.from_numpy(out)
+
+
+def _unsigned(a: np.ndarray, dtype) -> np.ndarray:
+    """``a`` as the unsigned ``dtype``: a view of an integer array of the same width (uint32 bits kept in int32,
+    as ``HQLinear`` stores them), else a cast."""
+    if a.dtype.kind in "iu" and a.dtype.itemsize == np.dtype(dtype).itemsize:
+        return a.view(dtype)
+    return a.astype(dtype)
+
+
+def decode_stream_numpy(st: RansStream, num_ctx: int = 1) -> torch.Tensor:
+    """The numpy reference decoder (vectorized across the lanes of every block, one vector call per step and
+    operation): int32 (n,) symbols. HQFormatError on inconsistent data."""
+    freqs, t, m, states, offsets, ends, words = _checked_layout(st, num_ctx)
+    states, words = states.astype(np.int64), words.astype(np.int64)
+    nfull, steps, tail = _layout(st.n, st.block)
+    nb = nfull + (1 if tail else 0)
     if st.n == 0:
         return torch.zeros(0, dtype=torch.int32)
     lut, fq, dq = _decode_tables(freqs, m)

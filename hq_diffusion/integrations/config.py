@@ -60,10 +60,10 @@ class HQConfig:
         storage: ``"rice"`` (the entropy-coded bitstream of ``coder``, decoded at each forward; the historical
             name) or ``"int8"`` (the lattice integers as an int8 matrix: ≈ 8 bits per weight in memory, no
             entropy decoding).
-        coder: entropy coder of the bitstream: ``"rice"`` (default), ``"auto"`` (rANS where it beats Rice at the same total
+        coder: entropy coder of the bitstream: ``"auto"`` (default: rANS where it beats Rice at the same total
             rate — up to 7.5 bps for E8, for weights of at least 32768 scalars — Rice otherwise; :meth:`~hq_diffusion.codec.CodecConfig.resolved_coder`),
-            or ``"rans"``. Rice stays the default until rANS encodes in bounded memory and decodes fast on
-            the CPU (docs/ARCHITECTURE.md "The rANS coder"). Each layer records the coder it got (``hq_meta["storage"]``).
+            ``"rice"`` or ``"rans"`` (docs/ARCHITECTURE.md "The rANS coder"). Each layer records the coder it got
+            (``hq_meta["storage"]``); a saved config keeps its coder, so checkpoints written before load unchanged.
         seed: seed of the RHT sign hash (the layer name is the per-layer key).
         tile: largest RHT tile, a power of two in 8..2048.
         block: symbols per Rice block, a power of two in 8..2**20.
@@ -84,7 +84,7 @@ class HQConfig:
     tile: int = 256
     block: int = 4096
     scale_dtype: str = "float16"
-    coder: str = "rice"
+    coder: str = "auto"
     version: int = HQCONFIG_VERSION
 
     def __post_init__(self):

@@ -21,9 +21,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--bps", type=float, default=4.0, help="bits per weight, every stored bit counted (4.0)")
     p.add_argument("--lattice", default="e8", help="e8, d4, a2 or z (e8)")
     p.add_argument("--storage", default="rice", help="rice or int8 (rice)")
-    p.add_argument("--coder", default="rice", choices=["auto", "rice", "rans"],
+    p.add_argument("--coder", default="auto", choices=["auto", "rice", "rans"],
                    help="entropy coder of the bitstream: rice, rans, or auto = rans where it beats rice at the "
-                        "rate (rice)")
+                        "rate (auto)")
     p.add_argument("--kv-bps", type=float, default=None, help="quantize attention K/V at this rate (off)")
     p.add_argument("--kv-correction", default=None, help="K/V bias correction (HQConfig default)")
     p.add_argument("--skip", action="append", default=None, help="skip pattern (repeatable; default: preset)")

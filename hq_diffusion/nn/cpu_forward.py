@@ -4,7 +4,7 @@ Legend: M tokens, K = K_pad the padded contraction length, N output features.
 
 The generic ``"bf16"`` path decodes the weight through int32 lattice integers to ``W_rot = p(Y) / α · scale``
 (N, K) float32 and casts it to the activation dtype: five passes over N·K values after the Rice decode.
-On the CPU, where those passes cost more than the matmul, this path decodes an E8 Rice stream straight to
+On the CPU, where those passes cost more than the matmul, this path decodes an E8 Rice or rANS stream straight to
 int8 integers ``Y`` (SWAR unstrip, no int32 array) and keeps them as integers until the matmul:
 
     out = (rht(x) ⊙ g) @ Yᵀ · (scale / α) + bias
@@ -32,6 +32,9 @@ from torch import nn
 from ..codec.errors import HQFormatError
 from ..codec.ops_ref import OpSet, int8_operand_gain, row_dequant_scale
 from ..codec.rht import pad_last
+from ..codec import rans
+from ..codec.format import rans_contexts
+from ..codec.rans import RansStream
 from ..codec.rice import RiceStream, decode_stream
 from ..codec.strip import unstrip_e8_int8
 from ..kernels import dispatch
@@ -58,13 +61,16 @@ def codes_path_applies(m, x: torch.Tensor, ops: OpSet) -> bool:
 def decode_int8(q, ops: OpSet) -> torch.Tensor:
     """int8 (N, K) lattice integers of a CPU tensor ``q`` whose integers fit int8.
 
-    An E8 Rice stream decodes to symbols and goes straight to int8 (:func:`~hq_diffusion.codec.strip.
+    An E8 Rice or rANS stream decodes to symbols (rANS: the compiled coder of ``codec/rans_jit.py``) and goes
+    straight to int8 (:func:`~hq_diffusion.codec.strip.
     unstrip_e8_int8`, a quarter of the memory traffic of the int32 unstrip); any other lattice or coder
     goes through ``ops.decode(q, "codes")``. Both give the same integers; a symbol beyond 127 (a stream
     that contradicts its ``fits_int8`` flag) raises :class:`~hq_diffusion.codec.HQFormatError`."""
-    if q.lattice == "e8" and len(q.streams) == 1 and isinstance(q.streams[0], RiceStream):
+    if q.lattice == "e8" and len(q.streams) == 1 and isinstance(q.streams[0], (RiceStream, RansStream)):
+        st = q.streams[0]  # Rice, or rANS through the compiled coder (E8's two contexts)
+        syms = decode_stream(st) if isinstance(st, RiceStream) else rans.decode_stream(st, rans_contexts("e8", 0))
         try:
-            return unstrip_e8_int8(decode_stream(q.streams[0])).reshape(q.rows, q.n_pad)
+            return unstrip_e8_int8(syms).reshape(q.rows, q.n_pad)
         except ValueError as e:
             raise HQFormatError(f"codes flagged as int8 but out of range: {e}") from None
     return ops.decode(q, "codes").reshape(q.rows, q.n_pad)
