@@ -172,6 +172,11 @@ def test_hqlinear_log8_buffers_forward_and_state_dict(storage, coder):
     assert torch.equal(m2(x), out)
     m.to(torch.bfloat16)  # a dtype cast leaves the stored scale section alone
     assert m.scales.dtype == torch.uint8 and torch.equal(m.scales, q.scales)
+    bad = dict(m.state_dict())
+    bad["scales"] = bad["scales"].clone()
+    bad["scales"][:LOG8_GRID_BYTES] = torch.tensor([0.0, -0.5]).view(torch.uint8)  # negative step
+    with pytest.raises(HQFormatError, match="layer 'copy'.*grid"):
+        HQLinear.from_meta(m.hq_meta, name="copy").load_state_dict(bad, assign=True)
 
 
 @pytest.mark.slow  # ~25 s on 2 CPU cores: builds and quantizes a tiny pipeline

@@ -69,7 +69,7 @@ from ..codec.core import to_weight_dtype
 from ..codec.config import SCALE_DTYPES, CodecConfig
 from ..codec.lattice import LATTICES, to_physical
 from ..codec.ops_ref import REFERENCE, OpSet, int8_operand_gain, row_dequant_scale
-from ..codec.scales import scale_count, scale_values
+from ..codec.scales import LOG8_GRID_BYTES, check_log8_grid, log8_grid, scale_count, scale_values
 from ..codec.rht import ALLOWED_TILES, inverse_rht, legacy_plan_tiles, pad_last, plan_tiles
 from ..codec import rans
 from ..codec.format import _SYMBOLS_PER_WORD, rans_contexts
@@ -460,6 +460,12 @@ class HQLinear(nn.Module):
     def nbytes(self) -> int:
         """Bytes of every tensor this module owns (buffers and bias)."""
         return sum(t.numel() * t.element_size() for t in (*self.buffers(), *self.parameters()))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """``nn.Module`` loading, then a log8 scale grid is checked as a blob's is (HQFormatError naming the layer)."""
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if self.scale_dtype == "log8" and self.scales.device.type != "meta" and self.scales.numel() >= LOG8_GRID_BYTES:
+            check_log8_grid(*log8_grid(self.scales), f"layer {self.name or prefix.rstrip('.')!r}: log8 row scales")
 
     # ---- forward ------------------------------------------------------------------------------------
     def resolved_mma(self, device: torch.device) -> str:
