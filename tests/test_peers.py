@@ -30,8 +30,10 @@ def test_nf4_levels_equal_bitsandbytes_codebook():
 
 
 #: a converged grid: one more Lloyd step on the recipe's quadrature (1024², the builder's default) lowers the MSE
-#: by less than this (relative): the builder's own stopping rule.
-CONVERGED = 1e-5
+#: by less than this (relative). The builder stops when one step gains < 1e-5; Lloyd's gain per step is not
+#: monotone, so the step after it gains up to ~1.1e-5 (asset: 5.3e-6 / 1.1e-5 / 1.1e-5 at 3 / 4 / 5 bits);
+#: 15 iterations from the start gain far more (checked below).
+CONVERGED = 2e-5
 
 
 def _one_step_gain(cb: torch.Tensor) -> float:
