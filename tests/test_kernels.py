@@ -238,6 +238,20 @@ def test_decode(triton_side, lattice, shape, block, tile, bps, noise, group):
     assert torch.equal(rot, rref.to(torch.bfloat16))  # same float32 math, one rounding
 
 
+def test_decode_log8_scales(triton_side):
+    """A log8 scale section (codec/scales.py) reaches the kernels as float32 scale / α: same result as the
+    reference, and the fused decode + GEMM too."""
+    w = torch.randn(19, 160, generator=_gen(7)) * torch.logspace(-2, 1, 19).unsqueeze(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q = encode(w, CodecConfig(bps=4.0, block=128, tile=32, scale_dtype="log8")).to(DEV)
+    rot = kernels.decode(q, "rotated")
+    assert torch.equal(rot, ops_ref.decode_ref(q, "rotated", torch.float32).to(torch.bfloat16))
+    x = torch.randn(3, 160, generator=_gen(8)).to(torch.bfloat16).to(DEV)
+    xq, xs = ops_ref.rht_quant_int8_ref(x, q.seed, q.key, q.tile, q.n_pad)
+    assert torch.equal(kernels.fused_decode_gemm(xq, xs, q, None), ops_ref.fused_decode_gemm_ref(xq, xs, q, None))
+
+
 # ---- fused decode + GEMM ------------------------------------------------------------------------------------
 
 FUSED_CASES = [  # (lattice, shape, block, tile, bps, noise, tokens, bias)

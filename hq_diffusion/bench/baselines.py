@@ -84,23 +84,31 @@ def gaussian_grid_2d(bits_per_dim: int) -> torch.Tensor:
     return torch.tensor(grids[str(bits_per_dim)]["points"], dtype=torch.float32)
 
 
+def quadrature_axis(n: int = 1024, half_width: float = 6.0) -> torch.Tensor:
+    """Midpoints of n equal cells over [-half_width, half_width]: float64 (n,), the axis of
+    :func:`gaussian_quadrature_2d`."""
+    return (torch.arange(n, dtype=torch.float64) + 0.5) * (2 * half_width / n) - half_width
+
+
 def gaussian_quadrature_2d(n: int = 512, half_width: float = 6.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Midpoint quadrature of N(0, I₂) on an n×n grid over [-half_width, half_width]²: points float64
-    (n², 2) and weights float64 (n²,) summing to 1."""
-    h = 2 * half_width / n
-    ax = (torch.arange(n, dtype=torch.float64) + 0.5) * h - half_width
+    (n², 2) (``cartesian_prod(quadrature_axis(n, half_width), …)``) and weights float64 (n²,) summing to 1."""
+    ax = quadrature_axis(n, half_width)
     px = torch.exp(-ax.square() / 2)
     px = px / px.sum()
     pts = torch.cartesian_prod(ax, ax)
     return pts, torch.outer(px, px).reshape(-1)
 
 
-def lloyd_step(cb: torch.Tensor, pts: torch.Tensor, wts: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """One weighted Lloyd iteration. cb float (P, 2), pts float64 (M, 2), wts float64 (M,).
+def lloyd_step(cb: torch.Tensor, pts: torch.Tensor, wts: torch.Tensor,
+               axis: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
+    """One weighted Lloyd iteration. cb float (P, 2), pts float64 (M, 2), wts float64 (M,); ``axis``: float64 (n,)
+    when ``pts`` is the product grid ``cartesian_prod(axis, axis)`` (M = n²), which allows the exact binned
+    nearest search of :func:`_nearest_on_grid` instead of the dense one.
 
     Returns (new codebook float64 (P, 2), MSE per dimension of ``cb`` before the step)."""
     cb = cb.double()
-    idx = _nearest_rows(pts, cb)
+    idx = _nearest_rows(pts, cb) if axis is None else _nearest_on_grid(axis, cb)
     mse = float((wts * (pts - cb[idx]).square().sum(1)).sum()) / 2
     s0 = torch.zeros(cb.shape[0], dtype=torch.float64).index_add_(0, idx, wts)
     s1 = torch.zeros_like(cb).index_add_(0, idx, pts * wts[:, None])
@@ -113,26 +121,68 @@ def grid_mse(cb: torch.Tensor, pts: torch.Tensor, wts: torch.Tensor) -> float:
     return lloyd_step(cb, pts, wts)[1]
 
 
-def train_gaussian_grid_2d(bits_per_dim: int, n: int = 512, half_width: float = 6.0, seed: int = 0,
-                           tol: float = 1e-6, max_iters: int = 400) -> tuple[torch.Tensor, int, float]:
-    """Train the asset's grid: Lloyd on the quadrature of N(0, I₂) (:func:`gaussian_quadrature_2d`), started
-    from the product grid of normal quantiles ``(i + 0.5) / 2**bits`` plus N(0, (0.05·spacing)²) jitter
-    (``numpy.random.default_rng(seed)``, spacing = the two central quantiles' distance), until one iteration
-    changes the MSE by less than ``tol`` (relative).
+def train_gaussian_grid_2d(bits_per_dim: int, n: int = 1024, half_width: float = 6.0, seed: int = 0,
+                           tol: float = 1e-5, max_iters: int = 2000,
+                           progress: bool = False) -> tuple[torch.Tensor, int, float]:
+    """Train the asset's grid: Lloyd on the n×n quadrature of N(0, I₂) (:func:`gaussian_quadrature_2d`, exact
+    nearest codewords by :func:`_nearest_on_grid`), started from ``4**bits`` points drawn from N(0, 2·I₂)
+    (``numpy.random.default_rng(seed)``; the high-resolution optimal point density of a 2-D quantizer is
+    ∝ p^(1/2), i.e. N(0, 2·I₂) for a standard Gaussian), until one iteration lowers the MSE by less than
+    ``tol`` (relative) or after ``max_iters`` iterations.
 
-    Returns (codebook float64 (4**bits, 2), iterations, MSE per dimension). Minutes for 5 bits/dim."""
-    side = 2**bits_per_dim
-    q = torch.distributions.Normal(0.0, 1.0).icdf((torch.arange(side, dtype=torch.float64) + 0.5) / side)
-    jitter = np.random.default_rng(seed).normal(0, 0.05 * float(q[side // 2] - q[side // 2 - 1]), (side * side, 2))
-    cb = torch.cartesian_prod(q, q) + torch.from_numpy(jitter)
+    A product grid of normal quantiles (the first recipe) is a poor start: Lloyd keeps its square cells and
+    stops in a local optimum 0.7 dB worse at 5 bits/dim than this start reaches (BENCHMARKS.md §21).
+
+    Returns (codebook float64 (4**bits, 2), iterations, MSE per dimension on the quadrature). Tens of minutes
+    for 5 bits/dim on a shared 2-core CPU."""
+    from tqdm import tqdm
+
+    cb = torch.from_numpy(np.random.default_rng(seed).normal(0.0, math.sqrt(2.0), (4**bits_per_dim, 2)))
     pts, wts = gaussian_quadrature_2d(n, half_width)
+    axis = quadrature_axis(n, half_width)
     prev = None
-    for it in range(max_iters):
-        cb, mse = lloyd_step(cb, pts, wts)
-        if prev is not None and (prev - mse) / mse < tol:
-            break
+    bar = tqdm(range(max_iters), desc=f"Lloyd {bits_per_dim} bit/dim", disable=not progress, leave=False)
+    for it in bar:
+        cb, mse = lloyd_step(cb, pts, wts, axis)
+        if prev is not None:
+            bar.set_postfix(snr_db=f"{-10 * math.log10(mse):.4f}", rel=f"{(prev - mse) / mse:.1e}")
+            if (prev - mse) / mse < tol:
+                break
         prev = mse
+    bar.close()
     return cb, it + 1, mse
+
+
+GRID_RECIPE = ("Lloyd's algorithm on N(0, I2) by midpoint quadrature: {n}x{n} grid on [-{hw}, {hw}]^2 with "
+               "Gaussian weights, exact nearest codewords; start: 4**bits points drawn from N(0, 2*I2) "
+               "(numpy default_rng seed {seed}); stop when one iteration lowers the MSE by less than {tol:g} "
+               "(relative; at most {max_iters} iterations)")
+
+
+def build_grid_asset(bits: tuple[int, ...] = (3, 4, 5), progress: bool = True, trained: dict | None = None) -> dict:
+    """The content of :data:`GRID_ASSET`: each grid trained by :func:`train_gaussian_grid_2d` with its defaults
+    (``trained``: ``{bits: (codebook, iterations)}`` already trained with them, to skip the training), its
+    iterations, and its MSE per dimension on the training quadrature (of the final points). Points are rounded
+    to 7 decimals (float32)."""
+    import inspect
+
+    d = {k: v.default for k, v in inspect.signature(train_gaussian_grid_2d).parameters.items()
+         if v.default is not inspect.Parameter.empty}
+    pts, wts = gaussian_quadrature_2d(d["n"], d["half_width"])
+    axis = quadrature_axis(d["n"], d["half_width"])
+    grids = {}
+    for b in bits:
+        cb, iters = (trained or {}).get(b) or train_gaussian_grid_2d(b, progress=progress)[:2]
+        cb = torch.tensor([[round(float(v), 7) for v in p] for p in cb.tolist()], dtype=torch.float64)
+        mse = lloyd_step(cb, pts, wts, axis)[1]
+        grids[str(b)] = {"iterations": int(iters), "mse_per_dim": mse, "points": cb.tolist()}
+    return {"about": "Converged-by-criterion 2-D Lloyd grids for N(0, I2), used by hq_diffusion.bench.baselines."
+                     "higgs_like; produced by hq_diffusion.bench.baselines.build_grid_asset() (train_gaussian_grid_2d "
+                     "with its defaults) for bits 3, 4, 5. mse_per_dim is on the training quadrature; "
+                     "-10*log10(mse_per_dim) is the grid's SNR in dB.",
+            "recipe": GRID_RECIPE.format(n=d["n"], hw=d["half_width"], seed=d["seed"], tol=d["tol"],
+                                         max_iters=d["max_iters"]),
+            "grids": grids}
 
 
 def _nearest_rows(x: torch.Tensor, cb: torch.Tensor, chunk: int = 1 << 16) -> torch.Tensor:
@@ -143,6 +193,37 @@ def _nearest_rows(x: torch.Tensor, cb: torch.Tensor, chunk: int = 1 << 16) -> to
         xs = x[s:s + chunk]
         out[s:s + chunk] = (c2 - 2 * xs @ cb.T).argmin(1)
     return out
+
+
+def _nearest_on_grid(axis: torch.Tensor, cb: torch.Tensor, b: int = 8, rows: int = 8) -> torch.Tensor:
+    """Exact nearest codebook row (int64 (n²,), in ``cartesian_prod(axis, axis)`` order) for every point of the
+    product grid of ``axis`` (float64 (n,), increasing, n a multiple of ``b``); cb float64 (P, 2).
+
+    The grid is cut into b×b bins. A codeword whose distance to a bin's rectangle exceeds the smallest
+    farthest-corner distance of any codeword cannot be nearest to any point of the bin, so each bin only
+    compares its points with the remaining candidates (the C closest by rectangle distance, C the largest
+    candidate count of any bin): n²·C distances instead of n²·P."""
+    n = axis.numel()
+    m = n // b
+    ends = axis.reshape(m, b)
+    lo, hi = ends[:, :1], ends[:, -1:]  # (m, 1) each: the bins' extent along one axis
+
+    def near_far(c):  # (m, P) per-axis distances from each bin's interval to the codewords' coordinate c (P,)
+        return (lo - c).clamp_min(0) + (c - hi).clamp_min(0), torch.maximum((c - lo).abs(), (c - hi).abs())
+
+    (nx, fx), (ny, fy) = near_far(cb[:, 0]), near_far(cb[:, 1])
+    out = torch.empty(m, b, m, b, dtype=torch.int64)
+    for i0 in range(0, m, rows):  # rows of bins at a time: bounded work space
+        sl = slice(i0, min(i0 + rows, m))
+        dmin = nx[sl, None, :].square() + ny[None, :, :].square()  # (r, m, P)
+        thr = (fx[sl, None, :].square() + fy[None, :, :].square()).amin(-1, keepdim=True)
+        c = int((dmin <= thr).sum(-1).max())
+        cidx = dmin.topk(c, dim=-1, largest=False).indices  # (r, m, C): every candidate of each bin
+        dx = (ends[sl, None, :, None, None] - cb[:, 0][cidx][:, :, None, None, :]).square()  # (r, m, b, 1, C)
+        dy = (ends[None, :, None, :, None] - cb[:, 1][cidx][:, :, None, None, :]).square()  # (r, m, 1, b, C)
+        local = (dx + dy).argmin(-1)  # (r, m, b, b)
+        out[sl] = cidx.gather(-1, local.reshape(*local.shape[:2], -1)).reshape(local.shape).permute(0, 2, 1, 3)
+    return out.reshape(-1)
 
 
 def higgs_like(w: torch.Tensor, bits: int, group: int = 1024, seed: int = 0) -> tuple[torch.Tensor, int]:

@@ -3,15 +3,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from .configdict import (ConfigFieldError, check_block, check_bps, check_choice, check_seed, config_from_dict,
                          config_to_dict)
 from .lattice import LATTICES
 from .rht import ALLOWED_TILES
+from .scales import SCALE_DTYPES  # noqa: F401 — re-exported: the scale formats and their stored dtypes
 
 FORMAT_VERSION = 1
-SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 CODERS = ("rice", "rans", "auto")
 #: ``coder="auto"`` codes with rANS up to this total rate (bits per scalar, per lattice) and with Rice above it.
 #: rANS's tables hold at most 256 entries, so at high rates more and more symbols are escaped at 32 bits each and
@@ -42,7 +40,8 @@ class CodecConfig:
         block: symbols per Rice block (one k and one offset each), a power of two in 8..2**20; with
             ``coder="rans"`` the steps per lane of a rANS block (a block codes ``8 · block`` symbols).
         seed: seed of the RHT sign hash.
-        scale_dtype: dtype of the per-row scales: ``"float16"``, ``"bfloat16"`` or ``"float32"``.
+        scale_dtype: format of the per-row scales: ``"float16"``, ``"bfloat16"``, ``"float32"`` or ``"log8"``
+            (one uint8 code per row on a per-tensor log2 grid plus 64 bits for the grid; :mod:`.scales`).
         coder: entropy coder: ``"rice"`` (format version 1), ``"rans"`` (interleaved rANS with static
             per-tensor tables, format version 2; about 0.08 bit per scalar less at the same distortion, so
             about +0.45 dB at the same total rate — docs/ARCHITECTURE.md) or ``"auto"`` (rANS up to

@@ -11,7 +11,7 @@ import warnings
 
 import torch
 
-from .config import SCALE_DTYPES, CodecConfig
+from .config import CodecConfig
 from .errors import HQFormatError, HQRangeError
 from . import rans
 from ._np import select
@@ -19,6 +19,7 @@ from .format import ALPHA_RANGE, EncodedTensor, header_bytes, rans_contexts
 from .hashing import key_to_u32
 from .lattice import alpha_for_snr, nearest, to_physical
 from .rate import alpha_for_rate
+from .scales import round_scales, scale_values
 from .rht import inverse_rht, pad_last, plan_tiles, rht
 from .rice import _num_blocks, decode_stream, encode_stream, stream_bits
 from .strip import NUM_STREAMS, stream_lengths, strip, unstrip
@@ -161,27 +162,16 @@ def _row_scales(u: torch.Tensor, scale_dtype: str, what: str) -> tuple[torch.Ten
 
 
 def _scales_of(rms: torch.Tensor, scale_dtype: str, what: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row RMS (float64 (R,)) rounded to ``scale_dtype``: (scales (R,) in the scale dtype, the same as
-    float64). A row of exact zeros gets scale 0 (it decodes to exact zeros); any other row whose RMS the
-    scale dtype rounds to 0 or to Inf raises :class:`HQRangeError` (:mod:`.errors`)."""
-    scales = rms.to(SCALE_DTYPES[scale_dtype])
-    sf = scales.to(torch.float64)
-    bad = ~torch.isfinite(sf) | ((rms > 0) & (sf <= 0))
-    if bool(bad.any()):
-        rows = bad.nonzero().squeeze(1)
-        lo, hi = float(rms[bad].min()), float(rms[bad].max())
-        kind = "too large" if bool(torch.isinf(sf[bad]).any()) else "too small"
-        raise HQRangeError(
-            f"{what}: {rows.numel()} row(s) (first: row {int(rows[0])}) have an RMS of {lo:.3g} to {hi:.3g}, "
-            f"{kind} for {scale_dtype} row scales (a row of exact zeros is fine; a nonzero row must have a "
-            f"representable scale); use scale_dtype='float32' (or 'bfloat16')")
-    return scales, sf
+    """Row RMS (float64 (R,)) rounded to ``scale_dtype``: (stored scale section, the decoded scales as
+    float64 (R,)); :func:`.scales.round_scales` (HQRangeError for a nonzero row the format cannot hold)."""
+    return round_scales(rms, scale_dtype, what)
 
 
 def _fixed_bits(shape, rows: int, lattice: str, n_pad: int, block: int, scale_bytes: int) -> int:
-    """Bits of everything except the payload (unary, remainders, escapes): header, scales, ks, offsets."""
+    """Bits of everything except the payload (unary, remainders, escapes): header, scales (``scale_bytes``
+    in all, a log8 grid included), ks, offsets."""
     lens = stream_lengths(lattice, rows * n_pad)
-    size = header_bytes(len(shape), len(lens)) + rows * scale_bytes
+    size = header_bytes(len(shape), len(lens)) + scale_bytes
     size += sum(_num_blocks(sn, block) * 5 for sn in lens)  # per block: u8 k, i32 offset
     return 8 * size
 
@@ -269,7 +259,7 @@ def encode(w: torch.Tensor, cfg: CodecConfig | None = None, key: int | str = 0, 
             the same ``(seed, key)``.
         observe: optional ``observe(alpha, rows, y, scales)``, called for every row block of every coding
             attempt with that attempt's α (float), the block's rows (a slice), its lattice integers (int32
-            (r, n_pad)) and the row scales of the whole tensor ((R,) in the scale dtype), blocks in row order; the result's ``alpha`` names the attempt that was kept. It lets a
+            (r, n_pad)) and the decoded row scales of the whole tensor (float32 (R,), :func:`.scales.scale_values`), blocks in row order; the result's ``alpha`` names the attempt that was kept. It lets a
             caller measure the reconstruction while the integers exist, instead of decoding the streams again.
 
     Returns:
@@ -289,10 +279,10 @@ def encode(w: torch.Tensor, cfg: CodecConfig | None = None, key: int | str = 0, 
     ur = _UnitRows(w, cfg, key, what, hold=rans_coder)
     h, scales = ur.tile, ur.scales
     if observe is not None:
-        observe = (lambda obs: lambda a, sl, y: obs(a, sl, y, scales))(observe)
+        observe = (lambda obs, sv: lambda a, sl, y: obs(a, sl, y, sv))(observe, scale_values(scales, cfg.scale_dtype))
     rows, n_pad = ur.shape
     key32 = key_to_u32(key)
-    fixed = _fixed_bits(shape, rows, lattice, n_pad, cfg.block, scales.element_size())
+    fixed = _fixed_bits(shape, rows, lattice, n_pad, cfg.block, scales.numel() * scales.element_size())
     meta = {"tile_used": h}
     if rans_coder:
         return _encode_rans(ur.u, cfg, (shape, w.dtype, h, key32, scales, numel, what, meta), observe)
@@ -387,7 +377,7 @@ def decode_symbols(q: EncodedTensor, syms: list[torch.Tensor], out: str = "weigh
                 raise HQFormatError("codes flagged as int8 but out of range")
             return y.to(torch.int8).reshape(q.codes_shape)
         return y.to(torch.int32 if max_abs > 32767 else torch.int16).reshape(q.codes_shape)
-    rot = to_physical(q.lattice, y) * (q.scales.to(torch.float32).unsqueeze(1) / q.alpha)
+    rot = to_physical(q.lattice, y) * (scale_values(q.scales, q.scale_dtype).unsqueeze(1) / q.alpha)
     if out == "rotated":
         return _finite(rot, "rotated weight").reshape(q.codes_shape)
     x = _finite(inverse_rht(rot, q.seed, q.key, q.tile)[:, : q.n], "weight")
@@ -450,7 +440,7 @@ def _encode_rans(u: torch.Tensor, cfg: CodecConfig, head, observe=None) -> Encod
     lattice, block = cfg.lattice, cfg.block
     rows, n_pad = u.shape
     lens = stream_lengths(lattice, rows * n_pad)
-    fixed = 8 * (header_bytes(len(shape), len(lens), "rans") + rows * scales.element_size()
+    fixed = 8 * (header_bytes(len(shape), len(lens), "rans") + scales.numel() * scales.element_size()
                  + sum(rans.side_bytes(sn, block, rans_contexts(lattice, i), 2) for i, sn in enumerate(lens)))
 
     def build(alpha):

@@ -9,6 +9,11 @@ Byte layout (little-endian), version 1::
              unary bytes, remainder bytes, escapes (E × i32)
     crc32    u32 over everything before it
 
+Scale dtype ids: 0 float16, 1 bfloat16, 2 float32 (rows values each), 3 log8 (both versions): the scale section
+is then ``f32 offset, f32 step, rows × u8 code`` (:mod:`.scales`; code 0 is an all-zero row); its grid is
+checked on read (finite, step ≥ 0, every code a normal float32 scale). A build that predates id 3 rejects such a
+blob with "unknown ... scale dtype id"; blobs with ids 0–2 are unchanged, byte for byte.
+
 Version 2 (written for ``coder="rans"``; Rice tensors are still written as version 1, byte for byte as
 before) inserts ``u8 coder`` after the fixed header and describes each stream as ``u32 n, u8 prec,
 u16 T, u32 words, u32 escapes``; its payload per stream is ``freqs (C × T u16), states (NB × 8 u32),
@@ -36,6 +41,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .config import FORMAT_VERSION, SCALE_DTYPES
+from .scales import check_log8_grid, log8_grid, scale_count
 from .errors import HQFormatError
 
 from . import rans
@@ -47,7 +53,7 @@ from .strip import NUM_STREAMS, stream_lengths
 MAGIC = b"HQCT"
 LATTICE_IDS = {"e8": 0, "d4": 1, "a2": 2, "z": 3}
 DTYPE_IDS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
-SCALE_IDS = {"float16": 0, "bfloat16": 1, "float32": 2}
+SCALE_IDS = {"float16": 0, "bfloat16": 1, "float32": 2, "log8": 3}
 FLAG_FITS_INT8 = 1
 _FIXED = struct.Struct("<4sBBBBBBBB")
 _TAIL = struct.Struct("<IIf")
@@ -83,7 +89,9 @@ class EncodedTensor:
     """A tensor encoded by :func:`hq_diffusion.codec.encode`.
 
     Shapes (R = rows = numel / n, n = last dimension of ``shape``, n_pad = ``n`` padded to the tile):
-        scales: (R,) in ``scale_dtype`` — the RMS of each rotated row.
+        scales: the stored scale section (:mod:`.scales`): (R,) in ``scale_dtype`` — the RMS of each rotated row —
+            or for ``scale_dtype="log8"`` uint8 (8 + R,): the grid (float32 offset, step), then one code per row.
+            :func:`~.scales.scale_values` gives the float32 (R,) scales of either.
         streams: coded symbol streams (see :mod:`strip`; :mod:`rice` or :mod:`rans` by ``coder``).
     The lattice integers ``Y`` (R, n_pad) reconstruct the rotated row as ``p(Y) / alpha * scale``.
     """
@@ -237,7 +245,7 @@ class EncodedTensor:
             return cls._rans_from(blob, body, off, (shape, dtype, lattice, tile, block, seed, key, float(alpha),
                                                     scale_dtype, rows, expect_n, flags, version))
         stream_heads = []
-        need = rows * SCALE_DTYPES[scale_dtype].itemsize
+        need = _scale_bytes(scale_dtype, rows)
         for i in range(NUM_STREAMS[lattice]):
             if off + _STREAM.size > len(body):
                 raise HQFormatError("truncated stream header")
@@ -250,9 +258,8 @@ class EncodedTensor:
             need += 5 * _num_blocks(sn, block) + ub + rb + 4 * ne
         if need != len(body) - off:
             raise HQFormatError(f"header declares {need} payload bytes but the blob holds {len(body) - off}")
-        scale_t = SCALE_DTYPES[scale_dtype]
         reader = _Reader(body, off)
-        scales = reader.take(rows, scale_t)
+        scales = _take_scales(reader, scale_dtype, rows)
         streams = []
         for sn, ub, rb, ne in stream_heads:
             nb = _num_blocks(sn, block)
@@ -266,8 +273,6 @@ class EncodedTensor:
             streams.append(RiceStream(sn, block, ks, offs, unary, rem, esc))
         if reader.off != len(body):
             raise HQFormatError(f"{len(body) - reader.off} unexpected trailing bytes")
-        if not torch.isfinite(scales.float()).all() or (scales.float() < 0).any():
-            raise HQFormatError("row scales must be finite and non-negative")
         return cls(tuple(shape), dtype, lattice, tile, block, seed, key, float(alpha), scale_dtype, scales,
                    streams, bool(flags & FLAG_FITS_INT8), version)
 
@@ -275,7 +280,7 @@ class EncodedTensor:
     def _rans_from(cls, blob, body, off: int, head) -> "EncodedTensor":
         """The rANS part of :meth:`from_bytes` (format version 2): stream headers, sizes, tables."""
         shape, dtype, lattice, tile, block, seed, key, alpha, scale_dtype, rows, expect_n, flags, version = head
-        heads, need = [], rows * SCALE_DTYPES[scale_dtype].itemsize
+        heads, need = [], _scale_bytes(scale_dtype, rows)
         for i in range(NUM_STREAMS[lattice]):
             if off + _RANS_STREAM.size > len(body):
                 raise HQFormatError("truncated stream header")
@@ -293,7 +298,7 @@ class EncodedTensor:
         if need != len(body) - off:
             raise HQFormatError(f"header declares {need} payload bytes but the blob holds {len(body) - off}")
         reader = _Reader(body, off)
-        scales = reader.take(rows, SCALE_DTYPES[scale_dtype])
+        scales = _take_scales(reader, scale_dtype, rows)
         streams = []
         for sn, prec, t, nw, ne, nb, nctx in heads:
             freqs = reader.take(nctx * t, torch.uint16).reshape(nctx, t)
@@ -303,10 +308,24 @@ class EncodedTensor:
                             reader.take(ne, torch.int32))
             rans.check_tables(st, nctx)
             streams.append(st)
-        if not torch.isfinite(scales.float()).all() or (scales.float() < 0).any():
-            raise HQFormatError("row scales must be finite and non-negative")
         return cls(tuple(shape), dtype, lattice, tile, block, seed, key, alpha, scale_dtype, scales, streams,
                    bool(flags & FLAG_FITS_INT8), FORMAT_VERSION, coder="rans")
+
+
+def _scale_bytes(scale_dtype: str, rows: int) -> int:
+    """Bytes of the stored scale section of ``rows`` rows (a log8 grid's 8 bytes included)."""
+    return scale_count(scale_dtype, rows) * SCALE_DTYPES[scale_dtype].itemsize
+
+
+def _take_scales(reader: "_Reader", scale_dtype: str, rows: int) -> torch.Tensor:
+    """The scale section of a blob, validated: float scales finite and non-negative, a log8 grid valid
+    (:func:`~.scales.check_log8_grid`); HQFormatError otherwise."""
+    scales = reader.take(scale_count(scale_dtype, rows), SCALE_DTYPES[scale_dtype])
+    if scale_dtype == "log8":
+        check_log8_grid(*log8_grid(scales))
+    elif not torch.isfinite(scales.float()).all() or (scales.float() < 0).any():
+        raise HQFormatError("row scales must be finite and non-negative")
+    return scales
 
 
 def _encoder_tiles(n: int) -> set[int]:

@@ -16,6 +16,7 @@ import torch
 
 from .lattice import axis_gain
 from .rht import pad_last, rht
+from .scales import scale_values
 
 
 def rht_quant_int8_ref(x: torch.Tensor, seed: int, key: int | str, tile: int, n_pad: int,
@@ -85,8 +86,9 @@ def rht_ref(x: torch.Tensor, seed: int, key: int | str, tile: int) -> torch.Tens
 def row_dequant_scale(q) -> torch.Tensor:
     """Per-row factor from lattice integers to the rotated weight: float32 (R,) ``scale / α``.
 
-    Exactly the float32 arithmetic of :func:`hq_diffusion.codec.decode` (``scales.float() / alpha``)."""
-    return q.scales.to(torch.float32) / q.alpha
+    Exactly the float32 arithmetic of :func:`hq_diffusion.codec.decode` (float32 scales / alpha; a log8 scale
+    section is converted by :func:`~hq_diffusion.codec.scales.scale_values`)."""
+    return scale_values(q.scales, q.scale_dtype) / q.alpha
 
 
 def int8_operand_gain(q) -> torch.Tensor | None:

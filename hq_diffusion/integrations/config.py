@@ -67,7 +67,8 @@ class HQConfig:
         seed: seed of the RHT sign hash (the layer name is the per-layer key).
         tile: largest RHT tile, a power of two in 8..2048.
         block: symbols per Rice block, a power of two in 8..2**20.
-        scale_dtype: dtype of the per-row scales: ``"float16"``, ``"bfloat16"`` or ``"float32"``.
+        scale_dtype: format of the per-row scales: ``"float16"``, ``"bfloat16"``, ``"float32"`` or ``"log8"``
+            (8-bit log-domain codes; :mod:`hq_diffusion.codec.scales`).
         version: serialization version of this config.
     """
 

@@ -69,6 +69,7 @@ from ..codec.core import code_blocks, to_weight_dtype
 from ..codec.config import SCALE_DTYPES, CodecConfig
 from ..codec.lattice import LATTICES, to_physical
 from ..codec.ops_ref import REFERENCE, OpSet, int8_operand_gain, row_dequant_scale
+from ..codec.scales import LOG8_GRID_BYTES, check_log8_grid, log8_grid, scale_count, scale_values
 from ..codec.rht import ALLOWED_TILES, inverse_rht, legacy_plan_tiles, pad_last, plan_tiles
 from ..codec import rans
 from ..codec.format import _SYMBOLS_PER_WORD, rans_contexts
@@ -97,7 +98,8 @@ BACKENDS = ("native", "kernel")
 STREAM_PARTS = ("ks", "offsets", "unary", "rem", "escapes")
 _PART_DTYPES = {"ks": torch.uint8, "offsets": torch.int32, "unary": torch.uint8, "rem": torch.uint8,
                 "escapes": torch.int32}
-_RAW_SCALE = {"float16": torch.int16, "bfloat16": torch.int16, "float32": torch.int32}
+#: scale format → the buffer dtype of its stored section (log8: uint8 grid bytes and codes, as stored)
+_RAW_SCALE = {"float16": torch.int16, "bfloat16": torch.int16, "float32": torch.int32, "log8": torch.uint8}
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
            "float64": torch.float64}
 _CODE_DTYPES = {"int8": torch.int8, "int16": torch.int16, "int32": torch.int32}
@@ -169,7 +171,7 @@ def _matmul_dtype(m, q: EncodedTensor, dt: torch.dtype) -> torch.dtype:
         return dt if cached is not None and cached[1] else torch.float32
     ver = (q.scales.data_ptr(), q.scales._version)
     if cached is None or cached[0] != ver:
-        bound = float(q.scales.float().abs().max()) * (math.sqrt(q.n_pad) + 4.0 / q.alpha)
+        bound = float(scale_values(q.scales, q.scale_dtype).abs().max()) * (math.sqrt(q.n_pad) + 4.0 / q.alpha)
         cached = (ver, bound < torch.finfo(torch.float16).max / 2)
         m._hq_fp16_ok = cached
     return dt if cached[1] else torch.float32
@@ -299,7 +301,9 @@ class HQLinear(nn.Module):
         self.weight_dtype = _DTYPES[meta["dtype"]]
         self.backend = backend
         n, kp = self.out_features, self.n_pad
-        self.register_buffer("scales", torch.empty(n, dtype=_RAW_SCALE[self.scale_dtype], device=device))
+        # the stored scale section: (N,) values, or for log8 uint8 (8 + N,) grid and codes (codec.scales)
+        self.register_buffer("scales", torch.empty(scale_count(self.scale_dtype, n), dtype=_RAW_SCALE[self.scale_dtype],
+                                                   device=device))
         if self.storage == "rice":
             for i, st in enumerate(meta["streams"]):
                 for part in STREAM_PARTS:
@@ -413,8 +417,8 @@ class HQLinear(nn.Module):
 
     # ---- views of the stored weight ---------------------------------------------------------------
     def scales_f32(self) -> torch.Tensor:
-        """float32 (N,) row scales."""
-        return self.scales.view(SCALE_DTYPES[self.scale_dtype]).to(torch.float32)
+        """float32 (N,) row scales (converted from the stored section on every call; cheap)."""
+        return scale_values(self.scales.view(SCALE_DTYPES[self.scale_dtype]), self.scale_dtype)
 
     def encoded(self) -> EncodedTensor:
         """The stored weight as an :class:`EncodedTensor` sharing this module's buffers (no copy).
@@ -456,6 +460,12 @@ class HQLinear(nn.Module):
     def nbytes(self) -> int:
         """Bytes of every tensor this module owns (buffers and bias)."""
         return sum(t.numel() * t.element_size() for t in (*self.buffers(), *self.parameters()))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """``nn.Module`` loading, then a log8 scale grid is checked as a blob's is (HQFormatError naming the layer)."""
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if self.scale_dtype == "log8" and self.scales.device.type != "meta" and self.scales.numel() >= LOG8_GRID_BYTES:
+            check_log8_grid(*log8_grid(self.scales), f"layer {self.name or prefix.rstrip('.')!r}: log8 row scales")
 
     # ---- forward ------------------------------------------------------------------------------------
     def resolved_mma(self, device: torch.device) -> str:
