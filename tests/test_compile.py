@@ -56,6 +56,18 @@ def test_whole_transformer_is_one_graph_and_recompiles_once_on_a_new_shape(sana,
                 m.mma = "auto"
 
 
+def test_rans_layers_are_one_graph_too():
+    """Layers that store rANS streams (the default coder, ``auto``, picks rANS for weights of 32768 scalars and
+    more) compile into one graph with the eager backend and match eager."""
+    net = _stack("rans")
+    counter = CompileCounterWithBackend("eager")
+    compiled = torch.compile(net, backend=counter, fullgraph=True)
+    x = torch.randn(3, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), net(x), rtol=1e-5, atol=1e-5)
+    assert counter.frame_count == 1
+
+
 def test_without_the_custom_ops_the_graph_breaks(sana, monkeypatch):
     """The check above can fail: with the host-reading operations traced (the reference op set instead of the
     custom ops), ``fullgraph=True`` refuses the model."""
@@ -70,12 +82,15 @@ def test_without_the_custom_ops_the_graph_breaks(sana, monkeypatch):
 def _stack(storage: str) -> torch.nn.Module:
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(48, 96), torch.nn.GELU(), torch.nn.Linear(96, 40, bias=False))
-    hq_diffusion.quantize(net, bps=4.0, storage=storage, skip=[], progress=False)
-    assert all(isinstance(net[i], HQLinear) for i in (0, 2))
+    if storage == "rans":  # rANS streams in the layer (forced: `auto` keeps Rice below 32768 weights)
+        hq_diffusion.quantize(net, bps=4.0, coder="rans", skip=[], progress=False)
+    else:
+        hq_diffusion.quantize(net, bps=4.0, storage=storage, skip=[], progress=False)
+    assert all(isinstance(net[i], HQLinear) and net[i].storage == storage for i in (0, 2))
     return net
 
 
-@pytest.mark.parametrize("storage", ["rice", "int8"])
+@pytest.mark.parametrize("storage", ["rice", "rans", "int8"])
 def test_inductor_on_cpu_matches_eager(storage):
     net = _stack(storage)
     compiled = torch.compile(net, fullgraph=True)  # inductor

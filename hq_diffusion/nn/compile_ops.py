@@ -15,29 +15,46 @@ import torch
 
 from ..codec.format import EncodedTensor
 from ..codec.ops_ref import REFERENCE, OpSet
+from ..codec.rans import RansStream
 from ..codec.rice import RiceStream
 from ..kernels import DISPATCHED
 
 _SETS = {"torch": REFERENCE, "dispatch": DISPATCHED}
-_PARTS = 5  # ks, offsets, unary, rem, escapes per stream
+_PARTS = 5  # tensors per stream: Rice ks, offsets, unary, rem, escapes; rANS freqs, states, offsets, words, escapes
+_INTS = {"rice": 1, "rans": 3}  # ints per stream: Rice n; rANS n, block, prec
+
+
+def _stream_parts(q: EncodedTensor) -> tuple[list[torch.Tensor], list[int]]:
+    """The tensors and ints that describe ``q``'s streams (see :data:`_PARTS`, :data:`_INTS`)."""
+    if q.coder == "rans":
+        tensors = [t for st in q.streams for t in st.tensors().values()]
+        return tensors, [v for st in q.streams for v in (st.n, st.block, st.prec)]
+    tensors = [t for st in q.streams for t in (st.ks, st.offsets, st.unary, st.rem, st.escapes)]
+    return tensors, [st.n for st in q.streams]
 
 
 def _unpack(scales, tensors, ns, shape, weight_dtype, lattice, tile, block, seed, key, alpha, scale_dtype,
-            fits_int8) -> EncodedTensor:
-    streams = [RiceStream(n, block, *tensors[i * _PARTS:(i + 1) * _PARTS]) for i, n in enumerate(ns)]
+            fits_int8, coder) -> EncodedTensor:
+    k = _INTS[coder]
+    parts = [tensors[i * _PARTS:(i + 1) * _PARTS] for i in range(len(ns) // k)]
+    if coder == "rans":
+        streams = [RansStream(ns[i * k], ns[i * k + 1], ns[i * k + 2], *p) for i, p in enumerate(parts)]
+    else:
+        streams = [RiceStream(n, block, *p) for n, p in zip(ns, parts)]
     return EncodedTensor(tuple(shape), weight_dtype, lattice, tile, block, seed, key, alpha, scale_dtype, scales,
-                         streams, fits_int8)
+                         streams, fits_int8, coder=coder)
 
 
 @torch.library.custom_op("hq_diffusion::compiled_decode", mutates_args=())
 def compiled_decode(scales: torch.Tensor, tensors: list[torch.Tensor], ns: list[int], shape: list[int],
                     weight_dtype: torch.dtype, lattice: str, tile: int, block: int, seed: int, key: int, alpha: float,
-                    scale_dtype: str, fits_int8: bool, out: str, out_dtype: torch.dtype, opset: str) -> torch.Tensor:
-    """``opset.decode`` of the encoded weight given by its parts (``tensors``: ks, offsets, unary, rem, escapes of
-    each stream; ``ns`` the streams' lengths): ``"rotated"`` → (rows, n_pad) ``out_dtype``; ``"codes"`` →
-    (rows, n_pad) int8 when the integers fit int8, else int32."""
+                    scale_dtype: str, fits_int8: bool, out: str, out_dtype: torch.dtype, opset: str,
+                    coder: str = "rice") -> torch.Tensor:
+    """``opset.decode`` of the encoded weight given by its parts (``tensors``: :data:`_PARTS` tensors of each
+    stream; ``ns``: :data:`_INTS` ints of each stream, by ``coder``): ``"rotated"`` → (rows, n_pad)
+    ``out_dtype``; ``"codes"`` → (rows, n_pad) int8 when the integers fit int8, else int32."""
     q = _unpack(scales, tensors, ns, shape, weight_dtype, lattice, tile, block, seed, key, alpha, scale_dtype,
-                fits_int8)
+                fits_int8, coder)
     y = _SETS[opset].decode(q, out, out_dtype).reshape(q.rows, q.n_pad)
     if out == "codes" and y.dtype != torch.int8:
         y = y.to(torch.int32)
@@ -46,7 +63,7 @@ def compiled_decode(scales: torch.Tensor, tensors: list[torch.Tensor], ns: list[
 
 @compiled_decode.register_fake
 def _(scales, tensors, ns, shape, weight_dtype, lattice, tile, block, seed, key, alpha, scale_dtype, fits_int8, out,
-      out_dtype, opset):
+      out_dtype, opset, coder="rice"):
     rows = 1
     for d in shape[:-1]:
         rows *= d
@@ -95,10 +112,10 @@ def compiled_opset(ops: OpSet) -> OpSet:
         return compiled_rht_quant_int8(x, int(seed), int(key), int(tile), int(n_pad), gain, name)
 
     def decode(q, out="codes", out_dtype=torch.bfloat16):
-        tensors = [t for st in q.streams for t in (st.ks, st.offsets, st.unary, st.rem, st.escapes)]
-        return compiled_decode(q.scales, tensors, [st.n for st in q.streams], list(q.shape), q.dtype, q.lattice,
-                               q.tile, q.block, q.seed, q.key, float(q.alpha), q.scale_dtype, bool(q.fits_int8), out,
-                               out_dtype, name)
+        tensors, ints = _stream_parts(q)
+        return compiled_decode(q.scales, tensors, ints, list(q.shape), q.dtype, q.lattice, q.tile, q.block, q.seed,
+                               q.key, float(q.alpha), q.scale_dtype, bool(q.fits_int8), out, out_dtype, name,
+                               q.coder)
 
     def fused_decode_gemm(xq, xs, q, bias=None, out_dtype=torch.bfloat16):
         from ..codec.ops_ref import row_dequant_scale

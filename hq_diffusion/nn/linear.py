@@ -239,10 +239,6 @@ def _apply(module, x: torch.Tensor, mma: str, ops: OpSet) -> torch.Tensor:
     x2 = x.reshape(-1, x.shape[-1])
     ops = REFERENCE if mma in SIMULATED else ops
     if torch.compiler.is_compiling():  # one opaque custom op per host-reading operation: no graph break
-        if q.coder == "rans":
-            raise NotImplementedError(f"{_label(module)}: torch.compile does not yet trace layers that store rANS "
-                                      f"streams (nn/compile_ops.py passes Rice streams); quantize with "
-                                      f"coder='rice' or storage='int8' to compile")
         ops = compiled_opset(ops)
     out = MMA_PATHS[mma](module, x2, ops)
     return out.reshape(*x.shape[:-1], q.shape[0])
