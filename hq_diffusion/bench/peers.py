@@ -320,7 +320,8 @@ def main(argv=None) -> int:
     for c in coders:
         if c not in CODERS:
             p.error(f"--coders: unknown coder {c!r} (choose from {', '.join(CODERS)})")
-    text = [header(f"Real peer libraries, {a.rows}×{a.cols}",
+    synthetic = [k for k in a.weights.split(",") if not is_real(k)]
+    text = [header("Real peer libraries" + (f", {a.rows}×{a.cols}" if synthetic else ""),
                    f"hq-diffusion bench peers --rows {a.rows} --cols {a.cols} --weights {a.weights} "
                    f"--coders {a.coders}" + (f" --layers {a.layers}" if a.layers else ""))]
     cols = ["library", "format", "status", "its total bps", "its SNR dB"]
