@@ -288,6 +288,7 @@ def test_rans_encode_work_space_is_bounded(monkeypatch):
     cfg = CodecConfig(bps=4.0, coder="rans")
     monkeypatch.setattr(core, "_BLOCK_ELEMS", 1 << 19)
     monkeypatch.setattr(rans, "CHUNK_SYMBOLS", 1 << 16)
+    encode(torch.randn(64, 1024), cfg)  # loads the compiled coder first: numba's one-time loading is not work space
     tracemalloc.start()
     try:
         blob = encode(w, cfg, key="mem").to_bytes()
@@ -295,7 +296,7 @@ def test_rans_encode_work_space_is_bounded(monkeypatch):
     finally:
         tracemalloc.stop()
     assert peak / w.numel() < 6.0, f"{peak / w.numel():.1f} bytes per parameter"
-    assert hashlib.sha256(blob).hexdigest()[:16] == "b836eb68321f9c70"
+    assert hashlib.sha256(blob).hexdigest()[:16] == "1e62095de3795a3a"
 
 
 @pytest.mark.parametrize("chunk", [1, 8 * 3 + 5, 8 * 64 * 2])
