@@ -376,3 +376,15 @@ def test_snr_db_is_row_blocked_and_independent_of_the_blocking(monkeypatch):
         seen.add(L._snr_db(lin.weight.detach(), m))
     assert len(seen) == 1 and m.hq_meta["snr_db"] in seen
     assert abs(m.hq_meta["snr_db"] - ref) < 2e-3  # dequantize() rounds to bf16; the SNR uses float32
+
+
+def test_cli_scale_dtype_log8(src, tmp_path):
+    """`hq-diffusion quantize --scale-dtype log8` reaches every layer (uint8 scale sections) and loads."""
+    from hq_diffusion.nn.linear import HQLinear
+
+    out = tmp_path / "log8"
+    assert cli_main([str(src / "transformer"), "--out", str(out), "--workers", "1", "--no-progress",
+                     "--scale-dtype", "log8"]) == 0
+    model = hq.load_quantized(out)
+    layers = [m for m in model.modules() if isinstance(m, HQLinear)]
+    assert layers and all(m.scale_dtype == "log8" and m.scales.dtype == torch.uint8 for m in layers)

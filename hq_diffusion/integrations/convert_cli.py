@@ -24,6 +24,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--coder", default="auto", choices=["auto", "rice", "rans"],
                    help="entropy coder of the bitstream: rice, rans, or auto = rans where it beats rice at the "
                         "rate (auto)")
+    p.add_argument("--scale-dtype", default="float16", choices=["float16", "bfloat16", "float32", "log8"],
+                   help="row-scale format (float16; log8: an 8-bit log2 code per row on a per-tensor grid)")
     p.add_argument("--kv-bps", type=float, default=None, help="quantize attention K/V at this rate (off)")
     p.add_argument("--kv-correction", default=None, help="K/V bias correction (HQConfig default)")
     p.add_argument("--skip", action="append", default=None, help="skip pattern (repeatable; default: preset)")
@@ -52,7 +54,7 @@ def main(argv=None) -> int:
     from .convert import DTYPES, convert
 
     overrides = {"bps": args.bps, "lattice": args.lattice, "storage": args.storage, "kv_bps": args.kv_bps,
-                 "coder": args.coder}
+                 "coder": args.coder, "scale_dtype": args.scale_dtype}
     if args.kv_correction is not None:
         overrides["kv_correction"] = args.kv_correction
     if args.skip is not None:
