@@ -18,9 +18,16 @@ the model:
 Why :class:`LazyShard`: diffusers reads a shard with ``safetensors.torch.load_file``, whose tensors are views
 of ONE private memory map of the whole file. A non-quantized parameter copied into the model keeps that map
 alive, so every page the encoder read (every quantized weight) stays resident to the end: the whole shard.
-Read one by one with plain file reads, a quantized weight's float tensor lives only while it is encoded. The
-peak is then the imports + the model being built (non-quantized part + quantized layers) + one layer's
-encoding work.
+Read one by one with plain file reads, a quantized weight's float tensor lives only while it is encoded.
+
+Two more things keep the peak at the imports + the finished model, or the largest layer's encoding if more
+(BENCHMARKS.md §20b: 2.85 → 1.81 GB on the real-width LTX-2 slice):
+
+- the :class:`LazyShard` yields the shard's planned weights first, largest first (:func:`encode_order`), so
+  that the big encode work spaces come while the model holds only the layers encoded so far, not yet the
+  shard's float tensors (diffusers' ``load_model_dict_into_meta`` loads in the state dict's iteration order);
+- after each layer, :func:`release_freed_memory` gives the encoder's freed work space back to the system
+  (glibc otherwise keeps it mapped in the heaps of torch's threads: +0.35 GB left over on that slice).
 """
 from __future__ import annotations
 
