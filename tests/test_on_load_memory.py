@@ -1,6 +1,6 @@
-"""Quantize-on-load holds about one layer's float weights at a time (fast, Linux: one fresh process).
+"""Quantize-on-load holds about one layer's float weights at a time (slow: about 45 s; Linux: one fresh process).
 
-A small LTX-Video transformer whose blocks are most of its weights (4 blocks, 1024 wide, 0.13 GB bf16) is loaded
+A small LTX-Video transformer whose blocks are most of its weights (4 blocks, 1024 wide, 0.15 GB bf16) is loaded
 with ``from_pretrained(d, quantization_config=HQConfig(bps=4.0))`` in a fresh interpreter. The process first
 imports everything and encodes one layer of the largest planned layer's shape alone (its peak: one layer's
 encode work space; lazily created thread pools and kernels are then in the base), reads its RSS (the base), resets its high-water mark (``/proc/self/clear_refs``) and loads. The peak
@@ -87,6 +87,7 @@ def model_dir(tmp_path_factory):
     return d, total, (big.out_features, big.in_features)
 
 
+@pytest.mark.slow  # about 45 s on a shared 2-core CPU, mostly the fresh interpreter's imports
 @pytest.mark.skipif(not _writable_clear_refs(), reason="needs Linux /proc/self/clear_refs")
 def test_on_load_holds_about_one_layer_of_float_weights(model_dir):
     d, total, (out_f, in_f) = model_dir
