@@ -101,3 +101,28 @@ def test_on_load_holds_about_one_layer_of_float_weights(model_dir):
     print(f"on-load: float {total / MB:.0f} MB, largest {largest / MB:.0f} MB, one layer's encode {r['one'] / MB:.0f} "
           f"MB, model held {r['held'] / MB:.0f} MB, peak growth {r['growth'] / MB:.0f} MB, bound {bound / MB:.0f} MB")
     assert r["growth"] <= bound, (r["growth"] / MB, bound / MB)
+
+
+def test_lazy_shard_yields_planned_weights_largest_first(tmp_path):
+    """Fast: diffusers loads a shard in its iteration order; the LazyShard puts the planned layers' weights
+    first, largest first, then the rest in the shard's order, and still serves every tensor from the file."""
+    from safetensors.torch import save_file
+
+    from hq_diffusion.integrations.config import HQConfig
+    from hq_diffusion.integrations.load_quantize import OnLoad, encode_order, lazy_shard, release_freed_memory
+    from hq_diffusion.integrations.shards import read_header
+
+    tensors = {"a.norm.weight": torch.ones(4), "b.weight": torch.randn(2, 4), "b.bias": torch.randn(2),
+               "c.weight": torch.randn(8, 4), "d.weight": torch.randn(16, 4), "e.weight": torch.randn(3, 3)}
+    f = tmp_path / "m.safetensors"
+    save_file(tensors, str(f))
+    plan = OnLoad(HQConfig(bps=4.0), {"b": True, "c": False, "d": False}, {}, files=[str(f)])
+    assert encode_order(plan, read_header(f)[0]) == ["d.weight", "c.weight", "b.weight"]
+
+    class Quantizer:
+        _hq_on_load = plan
+
+    shard = lazy_shard(Quantizer(), dict(tensors))
+    assert list(shard) == ["d.weight", "c.weight", "b.weight", "a.norm.weight", "b.bias", "e.weight"]
+    assert all(torch.equal(v, tensors[k]) for k, v in shard.items())
+    assert isinstance(release_freed_memory(), bool)
