@@ -1,4 +1,5 @@
-"""Quantize-on-load holds about one layer's float weights at a time (slow: about 45 s; Linux: one fresh process).
+"""Quantize-on-load holds about one layer's float weights at a time (the memory test: slow, about 45 s, Linux,
+one fresh process; the load-order test: fast).
 
 A small LTX-Video transformer whose blocks are most of its weights (4 blocks, 1024 wide, 0.15 GB bf16) is loaded
 with ``from_pretrained(d, quantization_config=HQConfig(bps=4.0))`` in a fresh interpreter. The process first

@@ -150,7 +150,7 @@ def _libc_malloc_trim():
 
     try:
         return getattr(ctypes.CDLL(None), "malloc_trim", None)
-    except OSError:
+    except (OSError, TypeError):  # no C library to open by None (Windows)
         return None
 
 
