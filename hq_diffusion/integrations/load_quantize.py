@@ -18,9 +18,16 @@ the model:
 Why :class:`LazyShard`: diffusers reads a shard with ``safetensors.torch.load_file``, whose tensors are views
 of ONE private memory map of the whole file. A non-quantized parameter copied into the model keeps that map
 alive, so every page the encoder read (every quantized weight) stays resident to the end: the whole shard.
-Read one by one with plain file reads, a quantized weight's float tensor lives only while it is encoded. The
-peak is then the imports + the model being built (non-quantized part + quantized layers) + one layer's
-encoding work.
+Read one by one with plain file reads, a quantized weight's float tensor lives only while it is encoded.
+
+Two more things keep the peak at the imports + the finished model, or the largest layer's encoding if more
+(BENCHMARKS.md §20b: 2.85 → 1.81 GB on the real-width LTX-2 slice):
+
+- the :class:`LazyShard` yields the shard's planned weights first, largest first (:func:`encode_order`), so
+  that the big encode work spaces come while the model holds only the layers encoded so far, not yet the
+  shard's float tensors (diffusers' ``load_model_dict_into_meta`` loads in the state dict's iteration order);
+- after each layer, :func:`release_freed_memory` gives the encoder's freed work space back to the system
+  (glibc otherwise keeps it mapped in the heaps of torch's threads: +0.35 GB left over on that slice).
 """
 from __future__ import annotations
 
@@ -63,11 +70,15 @@ def prepare(quantizer, model, config: HQConfig) -> None:
 class LazyShard(MutableMapping):
     """name → tensor of one safetensors ``file``, read (:func:`~.shards.read_tensor`, no memory map) each time
     it is looked up; the keys are those of the state dict it replaces (``eager``: that dict, whose tensors are
-    never touched; a key the file lacks — renamed by the model's key fixes — is served from it)."""
+    never touched; a key the file lacks — renamed by the model's key fixes — is served from it). Iteration
+    (the order diffusers loads in) yields the keys of ``first`` that the dict has, in that order, then the rest
+    in the dict's order."""
 
-    def __init__(self, file: str, table: dict, data_start: int, eager: dict):
+    def __init__(self, file: str, table: dict, data_start: int, eager: dict, first: list[str] | None = None):
         self.file, self._table, self._start, self._eager = file, table, data_start, eager
-        self._keys = list(eager)
+        lead = [k for k in first or [] if k in eager]
+        chosen = set(lead)
+        self._keys = lead + [k for k in eager if k not in chosen]
 
     def __getitem__(self, key):
         if key not in self._eager:
@@ -120,8 +131,44 @@ def lazy_shard(quantizer, state_dict):
         table, start = plan.headers[f]
         if keys & set(table):
             mine = {k: v for k, v in table.items() if k in keys}
-            return LazyShard(f, mine, start, state_dict)
+            return LazyShard(f, mine, start, state_dict, first=encode_order(plan, mine))
     return state_dict
+
+
+def encode_order(plan: OnLoad, table: dict) -> list[str]:
+    """The weights of ``plan``'s layers that ``table`` (a :func:`~.shards.read_header` table) holds, largest
+    first: diffusers loads them before the shard's other tensors, so that each layer is encoded while the
+    model holds only the layers encoded before it, not yet the shard's float tensors (the largest encode work
+    space meets the smallest model)."""
+    names = [f"{layer}.weight" for layer in plan.layers if f"{layer}.weight" in table]
+    return sorted(names, key=lambda k: (-(table[k][3] - table[k][2]), k))
+
+
+def _libc_malloc_trim():
+    """glibc's ``malloc_trim`` (None where the C library has none: musl, macOS, Windows)."""
+    import ctypes
+
+    try:
+        return getattr(ctypes.CDLL(None), "malloc_trim", None)
+    except (OSError, TypeError):  # no C library to open by None (Windows)
+        return None
+
+
+_MALLOC_TRIM = _libc_malloc_trim()
+
+
+def release_freed_memory() -> bool:
+    """Give the C heap's free pages back to the system (glibc ``malloc_trim(0)``, all arenas); True if it ran.
+
+    The encoder of one layer allocates and frees several times the layer's float bytes, partly in the arenas of
+    torch's worker threads; glibc keeps such freed memory mapped (only the top of each heap is trimmed
+    automatically), so without this the process's RSS keeps every layer's left-over work space — measured on
+    the LTX-2 slice (BENCHMARKS.md §20b): +0.35 GB over the finished model. Where the C library has no
+    ``malloc_trim`` this does nothing and returns False (the encoding itself is unaffected)."""
+    if _MALLOC_TRIM is None:
+        return False
+    _MALLOC_TRIM(0)
+    return True
 
 
 def _split(name: str) -> tuple[str, str]:
@@ -177,6 +224,8 @@ def create(quantizer, model, param: torch.Tensor, param_name: str, device, state
                                   cfg.codec_config(), key=layer, mma=cfg.mma, storage=cfg.storage, name=layer)
     set_module(model, layer, hq)
     plan.done.add(layer)
+    del w, bias, hq
+    release_freed_memory()
 
 
 def finish(quantizer, model) -> bool:
@@ -196,4 +245,5 @@ def finish(quantizer, model) -> bool:
     return True
 
 
-__all__ = ["prepare", "is_target", "create", "finish", "OnLoad", "LazyShard", "lazy_shard", "note_files"]
+__all__ = ["prepare", "is_target", "create", "finish", "OnLoad", "LazyShard", "lazy_shard", "note_files",
+           "encode_order", "release_freed_memory"]
