@@ -176,7 +176,29 @@ def _fixed_bits(shape, rows: int, lattice: str, n_pad: int, block: int, scale_by
     return 8 * size
 
 
+def _compiled_pass(t: torch.Tensor):
+    """The compiled lattice pass (:mod:`.lattice_jit`, imported on first use) when ``t`` is on the CPU and the
+    codec's CPU implementation is the compiled one (:func:`~._np.select`), else None (the torch/numpy path of
+    ``nearest`` + ``strip``, the reference: the same integers and symbols bit for bit)."""
+    if not select(t, False, False, True):
+        return None
+    from . import lattice_jit
+    return lattice_jit
+
+
+def _jit_symbols(jit, u: torch.Tensor, lattice: str, alpha: float, outs=None):
+    """Symbol streams of ``u`` (float32 (r, n_pad) on the CPU) at ``alpha`` by the compiled pass, into ``outs``
+    (int32 numpy arrays, ``stream_lengths`` of ``u``; new ones when None). Returns (outs, largest |y|)."""
+    if outs is None:
+        outs = [torch.empty(sn, dtype=torch.int32).numpy() for sn in stream_lengths(lattice, u.numel())]
+    lo, hi = jit.symbols_into(u.detach().numpy(), lattice, alpha, outs)
+    return outs, max(-lo, hi)
+
+
 def _payload_bits(u: torch.Tensor, lattice: str, alpha: float, block: int) -> int:
+    jit = _compiled_pass(u)
+    if jit is not None:
+        return sum(stream_bits(torch.from_numpy(z), block) for z in _jit_symbols(jit, u, lattice, alpha)[0])
     y = nearest(lattice, u * alpha)
     return sum(stream_bits(z, block) for z in strip(lattice, y))
 
@@ -209,15 +231,23 @@ def _refine_alpha(u: "_UnitRows", lattice: str, rate: float, block: int) -> floa
 def _lattice_point(u: torch.Tensor, lattice: str, alpha: float, what: str) -> tuple[torch.Tensor, int]:
     """Nearest lattice integers of ``u · alpha`` (int32, u's shape) and their largest magnitude;
     HQRangeError when α is outside the format's range or the integers exceed :data:`_MAX_ABS_CODE`."""
+    _check_alpha(alpha, what)
+    y = nearest(lattice, u * alpha)
+    lo, hi = torch.aminmax(y)  # as Python ints: |−2**31| stays 2**31 (int32 abs() would wrap it)
+    return y, _checked_max_abs(max(-int(lo), int(hi)), what)
+
+
+def _check_alpha(alpha: float, what: str) -> None:
     if not ALPHA_RANGE[0] <= alpha <= ALPHA_RANGE[1]:
         raise HQRangeError(f"{what}: operating point alpha={alpha:.4g} outside the format's range "
                            f"[{ALPHA_RANGE[0]:.3g}, {ALPHA_RANGE[1]:.3g}]")
-    y = nearest(lattice, u * alpha)
-    max_abs = int(y.abs().max())
+
+
+def _checked_max_abs(max_abs: int, what: str) -> int:
     if max_abs > _MAX_ABS_CODE:
         raise HQRangeError(f"{what}: lattice integers reach {max_abs} > {_MAX_ABS_CODE}: the requested "
                            f"rate or SNR is too high")
-    return y, max_abs
+    return max_abs
 
 
 def _symbol_streams(u, lattice: str, alpha: float, what: str, observe=None) -> tuple[list[torch.Tensor], int]:
@@ -228,6 +258,17 @@ def _symbol_streams(u, lattice: str, alpha: float, what: str, observe=None) -> t
     integers (int32 (r, n_pad), rows ``rows``, in row order) before they are stripped (see :func:`encode`)."""
     rows_of = u.rows if isinstance(u, _UnitRows) else u.__getitem__
     blocks = _row_blocks(*u.shape)
+    jit = None if observe is not None else _compiled_pass(u.scales if isinstance(u, _UnitRows) else u)
+    if jit is not None:  # one compiled pass per block, straight into the streams; observe needs the y
+        _check_alpha(alpha, what)
+        out = [torch.empty(sn, dtype=torch.int32) for sn in stream_lengths(lattice, math.prod(u.shape))]
+        pos, max_abs = [0] * len(out), 0
+        for sl in blocks:
+            ub = rows_of(sl)
+            parts = [o.numpy()[p:p + sn] for o, p, sn in zip(out, pos, stream_lengths(lattice, ub.numel()))]
+            max_abs = max(max_abs, _checked_max_abs(_jit_symbols(jit, ub, lattice, alpha, parts)[1], what))
+            pos = [p + z.size for p, z in zip(pos, parts)]
+        return out, max_abs
     if len(blocks) == 1:
         y, max_abs = _lattice_point(rows_of(slice(None)), lattice, alpha, what)
         if observe is not None:
@@ -420,7 +461,10 @@ def _rans_model_bits(u: torch.Tensor, lattice: str, alpha: float, block: int) ->
     lens = stream_lengths(lattice, u.numel())
     ctx = [rans_contexts(lattice, i) for i in range(len(lens))]
     tops, counts, pos = [0] * len(lens), [0] * len(lens), [0] * len(lens)
-    for sl in _row_blocks(*u.shape):
+    jit = _compiled_pass(u)
+    if jit is not None:  # one compiled pass over the whole tensor, no temporaries: the same counts
+        tops, counts = jit.symbol_counts(u.detach().numpy(), lattice, alpha)
+    for sl in _row_blocks(*u.shape) if jit is None else ():
         for i, z in enumerate(strip(lattice, nearest(lattice, u[sl] * alpha))):
             top, c = rans.count_symbols(z.cpu().numpy(), ctx[i], start=pos[i])
             tops[i], counts[i], pos[i] = max(tops[i], top), counts[i] + c, pos[i] + z.numel()
