@@ -20,7 +20,7 @@ CHUNK = 8192
 
 
 #: The CPU implementation of the codec steps that have a compiled one (the rANS coder's step loops,
-#: ``codec/rans_jit.py``): ``"compiled"`` (numba, the default) or ``"numpy"`` (the reference twin, 10-50x
+#: ``codec/rans_jit.py``; the encoder's lattice pass, ``codec/lattice_jit.py``): ``"compiled"`` (numba, the default) or ``"numpy"`` (the reference twin, 10-50x
 #: slower; for tests and for comparing). Read at every call by :func:`cpu_impl`.
 CPU_IMPL = "compiled"
 
