@@ -30,12 +30,12 @@ from __future__ import annotations
 
 import numpy as np
 
+_NO_NUMBA = ("the compiled lattice pass needs numba>=0.68 (a dependency of hq-diffusion: pip install 'numba>=0.68'); "
+             "to run the numpy/torch path instead, set hq_diffusion.codec._np.CPU_IMPL = 'numpy'")
 try:
     import numba
 except ImportError as e:  # pragma: no cover - numba is a dependency; this module is imported on first use
-    raise ImportError("the compiled lattice pass needs numba>=0.68 (a dependency of hq-diffusion: pip install "
-                      "'numba>=0.68'); to run the numpy/torch path instead, set "
-                      "hq_diffusion.codec._np.CPU_IMPL = 'numpy'") from e
+    raise ImportError(_NO_NUMBA) from e
 
 from .lattice import SQRT3, lattice_info
 from .strip import stream_lengths
