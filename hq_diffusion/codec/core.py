@@ -206,6 +206,97 @@ def _refine_alpha(u: "_UnitRows", lattice: str, rate: float, block: int) -> floa
     return float(torch.tensor(2.0**la, dtype=torch.float32))
 
 
+def _f32(a: float) -> float:
+    """``a`` rounded to float32, as α is stored."""
+    return float(torch.tensor(a, dtype=torch.float32))
+
+
+def _secant(cost, goal: float, la: float, tol: float, iters: int, coords: int, slope: float = 1.0):
+    """Secant iterations in ``la = log2 α`` until ``cost(la)`` (bits) lies in ``[goal − tol·coords, goal]``.
+
+    ``slope``: the starting d(cost / coords)/d la (bits per coordinate per doubling of α). Returns
+    (la, the last slope, cost(la)); la stays in :data:`ALPHA_RANGE` (an all-zero tensor has no rate to follow:
+    α stops at the range's end)."""
+    lo, hi = math.log2(ALPHA_RANGE[0]), math.log2(ALPHA_RANGE[1])
+    r = cost(la)
+    for _ in range(iters):
+        err = (r - goal) / coords
+        if -tol <= err <= 0.0:
+            break
+        la_new = min(max(la - err / max(slope, 0.05), lo), hi)
+        if la_new == la:
+            break
+        r_new = cost(la_new)
+        slope = max((r_new - r) / coords / (la_new - la), 0.05)
+        la, r = la_new, r_new
+    return la, slope, r
+
+
+_MAX_BUILDS = 12  # coding attempts (whole-tensor encodes) of the exact loop
+
+
+def _encode_rice_at_rate(ur: "_UnitRows", lattice: str, cfg: CodecConfig, budget: float, fixed: int, build,
+                         what: str, observe=None) -> EncodedTensor:
+    """Rice encode of the unit rows ``ur`` whose total lands in ``(budget − slack, budget]`` bits
+    (``slack = _RATE_SLACK · numel``) whenever the coded size can land there; else the largest encode under
+    ``budget`` found within :data:`_MAX_BUILDS` attempts (over budget only when none was; the caller warns).
+
+    α: a secant on a row subsample's payload (:func:`_payload_bits`; the whole tensor when it has at most
+    :data:`_SAMPLE_SYMBOLS` coordinates), aiming :data:`_AIM` below the budget. For a sampled tensor, one pass
+    over the whole tensor at the sample's α gives its exact payload (:func:`~.rice.stream_bits` of the real
+    symbol streams): when that already lands in the window its streams are coded as they are; otherwise the
+    sample, shifted by the measured bias, stands in for the tensor in a second secant. Then a loop on the
+    coded size itself (``build(alpha[, syms, max_abs])`` → EncodedTensor): steps in log α, bisection-like
+    interpolation once an encode under and one over the budget bracket the target. The Rice size is not
+    monotone in α by tiny steps, so the best encode under budget is kept throughout."""
+    block = cfg.block
+    rows, n_pad = ur.shape
+    coords, numel = rows * n_pad, budget / cfg.bps
+    slack = _RATE_SLACK * numel
+    stride = max(1, math.ceil(coords / _SAMPLE_SYMBOLS))
+    sample = ur.rows(slice(None, None, stride))
+    scale_s = coords / sample.numel()
+    aim, tol = budget - _AIM * numel, 0.5 * slack / coords
+
+    def sample_cost(la):
+        return fixed + scale_s * _payload_bits(sample, lattice, 2.0**la, block)
+
+    la = math.log2(alpha_for_rate(lattice, max((budget - fixed) / coords, 0.05)))
+    la, slope, model = _secant(sample_cost, aim, la, 0.003 if stride > 1 else tol, 8, coords)
+    alpha = _f32(2.0**la)
+    syms, max_abs = _symbol_streams(ur, lattice, alpha, what, observe)
+    if stride > 1:  # the one extra whole-tensor pass: its streams are kept when they already fit the window
+        bias = fixed + sum(stream_bits(z, block) for z in syms) - model
+        if not -slack < model + bias - budget <= 0.0:
+            la, _, _ = _secant(lambda a: sample_cost(a) + bias, aim, la, tol, 8, coords, slope)
+            syms = None if _f32(2.0**la) != alpha else syms
+    et = build(alpha, syms, max_abs) if syms is not None else build(_f32(2.0**la))
+    del syms
+    under = over = None  # (log2 α, total bits, encode): the largest under budget, the smallest over it
+    tried = set()
+    for attempt in range(_MAX_BUILDS):
+        tried.add(et.alpha)
+        la, bits = math.log2(et.alpha), et.total_bits
+        if bits <= budget and (under is None or bits > under[1]):
+            under = (la, bits, et)
+        elif bits > budget and (over is None or bits < over[1]):
+            over = (la, bits)  # only its α and size are needed: the encode itself is dropped
+        if -slack < bits - budget <= 0.0 or attempt == _MAX_BUILDS - 1:
+            break
+        goal = budget - (0.5 if bits <= budget else 0.7) * slack
+        if under is not None and over is not None and under[0] < over[0]:
+            # bracketed: interpolate between the two, strictly inside the bracket
+            t = (goal - under[1]) / (over[1] - under[1])
+            la_new = under[0] + min(max(t, 0.1), 0.9) * (over[0] - under[0])
+        else:
+            la_new = la - (bits - goal) / coords / max(slope, 0.05)
+        alpha = _f32(min(max(2.0**la_new, ALPHA_RANGE[0]), ALPHA_RANGE[1]))
+        if alpha in tried:  # the end of α's range, or float32 steps exhausted: nothing left to refine
+            break
+        et = build(alpha)
+    return under[2] if under is not None else et
+
+
 def _lattice_point(u: torch.Tensor, lattice: str, alpha: float, what: str) -> tuple[torch.Tensor, int]:
     """Nearest lattice integers of ``u · alpha`` (int32, u's shape) and their largest magnitude;
     HQRangeError when α is outside the format's range or the integers exceed :data:`_MAX_ABS_CODE`."""
@@ -286,36 +377,28 @@ def encode(w: torch.Tensor, cfg: CodecConfig | None = None, key: int | str = 0, 
     meta = {"tile_used": h}
     if rans_coder:
         return _encode_rans(ur.u, cfg, (shape, w.dtype, h, key32, scales, numel, what, meta), observe)
-    if cfg.snr_db is not None:
-        alpha = float(torch.tensor(alpha_for_snr(lattice, cfg.snr_db), dtype=torch.float32))
-        budget = None
-    else:
-        budget = cfg.bps * numel
-        rate = (budget - fixed) / (rows * n_pad)
-        if rate < _MIN_PAYLOAD_RATE:
-            warnings.warn(
-                f"{what} is too small for {cfg.bps} bps: its fixed overhead alone is "
-                f"{fixed / numel:.2f} bits per scalar; spending {cfg.bps} bits per scalar on the payload",
-                RateBudgetWarning, stacklevel=2)
-            rate = cfg.bps
-            budget = None
-        alpha = _refine_alpha(ur, lattice, rate, cfg.block)
-    for attempt in range(12):
-        syms, max_abs = _symbol_streams(ur, lattice, alpha, what, observe)
+    def build(alpha, syms=None, max_abs=0):  # one coding attempt; `syms` when a pass already made them
+        if syms is None:
+            syms, max_abs = _symbol_streams(ur, lattice, alpha, what, observe)
         streams = []
         while syms:  # each symbol stream is freed as soon as it is coded
             streams.append(encode_stream(syms.pop(0), cfg.block))
-        et = EncodedTensor(shape, w.dtype, lattice, h, cfg.block, cfg.seed, key32, alpha, cfg.scale_dtype,
-                           scales, streams, max_abs <= 127, meta=meta)
-        if budget is None or et.total_bits <= budget:
-            break
-        if attempt == 11:
-            warnings.warn(f"{what}: could not meet {cfg.bps} bps, got {et.bps:.3f}",
-                          RateBudgetWarning, stacklevel=2)
-            break
-        excess = (et.total_bits - budget) / (rows * n_pad)
-        alpha = float(torch.tensor(alpha * 2.0 ** -(excess + 0.002), dtype=torch.float32))
-    meta["max_abs_code"] = max_abs
+        return EncodedTensor(shape, w.dtype, lattice, h, cfg.block, cfg.seed, key32, alpha, cfg.scale_dtype,
+                             scales, streams, max_abs <= 127, meta={**meta, "max_abs_code": max_abs})
+
+    if cfg.snr_db is not None:
+        return build(_f32(alpha_for_snr(lattice, cfg.snr_db)))
+    budget = cfg.bps * numel
+    rate = (budget - fixed) / (rows * n_pad)
+    if rate < _MIN_PAYLOAD_RATE:
+        warnings.warn(
+            f"{what} is too small for {cfg.bps} bps: its fixed overhead alone is "
+            f"{fixed / numel:.2f} bits per scalar; spending {cfg.bps} bits per scalar on the payload",
+            RateBudgetWarning, stacklevel=2)
+        return build(_refine_alpha(ur, lattice, cfg.bps, cfg.block))
+    et = _encode_rice_at_rate(ur, lattice, cfg, budget, fixed, build, what, observe)
+    if et.total_bits > budget:
+        warnings.warn(f"{what}: could not meet {cfg.bps} bps, got {et.bps:.4f}", RateBudgetWarning, stacklevel=2)
     return et
 
 
@@ -460,24 +543,12 @@ def _encode_rans(u: torch.Tensor, cfg: CodecConfig, head, observe=None) -> Encod
                       f"bits per scalar; spending {cfg.bps} bits per scalar on the payload",
                       RateBudgetWarning, stacklevel=3)
         return build(f32(alpha_for_rate(lattice, cfg.bps)))
-    lo, hi = math.log2(ALPHA_RANGE[0]), math.log2(ALPHA_RANGE[1])
     stride = max(1, math.ceil(coords / _SAMPLE_SYMBOLS))
     sample = u[::stride]
     aim = budget - _AIM * numel
 
     def secant(cost, goal, la, tol, iters, slope=1.0):
-        r = cost(la)
-        for _ in range(iters):
-            err = (r - goal) / coords
-            if -tol <= err <= 0.0:
-                break
-            la_new = min(max(la - err / max(slope, 0.05), lo), hi)
-            if la_new == la:
-                break
-            r_new = cost(la_new)
-            slope = max((r_new - r) / coords / (la_new - la), 0.05)
-            la, r = la_new, r_new
-        return la, slope
+        return _secant(cost, goal, la, tol, iters, coords, slope)[:2]
 
     scale_s = coords / sample.numel()
     la = math.log2(alpha_for_rate(lattice, max(rate, 0.05)))
