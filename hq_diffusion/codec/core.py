@@ -233,46 +233,66 @@ def _secant(cost, goal: float, la: float, tol: float, iters: int, coords: int, s
 
 
 _MAX_BUILDS = 12  # coding attempts (whole-tensor encodes) of the exact loop
+_BYTE = 8  # the coded size moves in whole bytes: a window narrower than this may hold no size at all
 
 
 def _encode_rice_at_rate(ur: "_UnitRows", lattice: str, cfg: CodecConfig, budget: float, fixed: int, build,
                          what: str, observe=None) -> EncodedTensor:
-    """Rice encode of the unit rows ``ur`` whose total lands in ``(budget − slack, budget]`` bits
-    (``slack = _RATE_SLACK · numel``) whenever the coded size can land there; else the largest encode under
-    ``budget`` found within :data:`_MAX_BUILDS` attempts (over budget only when none was; the caller warns).
+    """Rice encode of the unit rows ``ur`` (R, n_pad) at ``budget`` total bits (``cfg.bps · numel``).
 
-    α: a secant on a row subsample's payload (:func:`_payload_bits`; the whole tensor when it has at most
-    :data:`_SAMPLE_SYMBOLS` coordinates), aiming :data:`_AIM` below the budget. For a sampled tensor, one pass
-    over the whole tensor at the sample's α gives its exact payload (:func:`~.rice.stream_bits` of the real
-    symbol streams): when that already lands in the window its streams are coded as they are; otherwise the
-    sample, shifted by the measured bias, stands in for the tensor in a second secant. Then a loop on the
-    coded size itself (``build(alpha[, syms, max_abs])`` → EncodedTensor): steps in log α, bisection-like
-    interpolation once an encode under and one over the budget bracket the target. The Rice size is not
-    monotone in α by tiny steps, so the best encode under budget is kept throughout."""
+    The total lands in ``(budget − slack, budget]`` (``slack = _RATE_SLACK · numel`` bits) whenever the coded
+    size can land there; otherwise the largest encode under ``budget`` found within :data:`_MAX_BUILDS`
+    attempts is returned (one over budget only when no attempt was under it: the caller warns).
+    ``build(alpha[, syms, max_abs])`` makes one EncodedTensor (from a pass's symbol streams when given).
+
+    First α, two cases (both counted against :data:`_MAX_BUILDS`):
+
+    - at most :data:`_SAMPLE_SYMBOLS` coordinates: the former search (:func:`_refine_alpha` on the whole
+      tensor), so that an encode which already landed in the window keeps its bytes. When the window is
+      narrower than one byte (``numel < 8 / _RATE_SLACK``) the former loop finishes the encode
+      (:func:`_encode_rice_byte_window`): there the window can hold no coded size at all.
+    - larger: a secant on a row subsample's payload (:func:`_payload_bits`), aiming :data:`_AIM` below the
+      budget; then ONE pass over the whole tensor at that α gives its exact payload (``stream_bits`` of the
+      real symbol streams). When that already lands in the window its streams are coded as they are;
+      otherwise the sample, shifted by the measured bias, stands in for the tensor in a second secant.
+
+    Then the exact loop on the coded size: steps in log α, interpolation once an encode under and one over
+    the budget bracket the target. The Rice size is not monotone in α by tiny steps, so the best encode
+    under budget is kept throughout."""
     block = cfg.block
     rows, n_pad = ur.shape
     coords, numel = rows * n_pad, budget / cfg.bps
     slack = _RATE_SLACK * numel
     stride = max(1, math.ceil(coords / _SAMPLE_SYMBOLS))
-    sample = ur.rows(slice(None, None, stride))
-    scale_s = coords / sample.numel()
-    aim, tol = budget - _AIM * numel, 0.5 * slack / coords
+    if stride == 1:
+        alpha, slope = _refine_alpha(ur, lattice, (budget - fixed) / coords, block), 1.0
+        if slack < _BYTE:
+            return _encode_rice_byte_window(alpha, budget, coords, build)
+        et = build(alpha)
+    else:
+        # the sample: every stride-th row among the nonzero ones (a zero row codes to nothing, and a strided
+        # sample of all rows could alias with zero rows: w[::3] = 0 sampled with stride 3 is all zero)
+        live = torch.nonzero(scale_values(ur.scales, cfg.scale_dtype) != 0).flatten()
+        if live.numel() == 0:  # an all-zero tensor has no rate to follow: α at the range's end
+            return build(_f32(ALPHA_RANGE[1]))
+        sample = ur.rows(live[::max(1, math.ceil(live.numel() * n_pad / _SAMPLE_SYMBOLS))])
+        scale_s = live.numel() * n_pad / sample.numel()  # what zero rows cost, the bias pass measures
+        aim, tol = budget - _AIM * numel, 0.5 * slack / coords
 
-    def sample_cost(la):
-        return fixed + scale_s * _payload_bits(sample, lattice, 2.0**la, block)
+        def sample_cost(la):
+            return fixed + scale_s * _payload_bits(sample, lattice, 2.0**la, block)
 
-    la = math.log2(alpha_for_rate(lattice, max((budget - fixed) / coords, 0.05)))
-    la, slope, model = _secant(sample_cost, aim, la, 0.003 if stride > 1 else tol, 8, coords)
-    alpha = _f32(2.0**la)
-    syms, max_abs = _symbol_streams(ur, lattice, alpha, what, observe)
-    if stride > 1:  # the one extra whole-tensor pass: its streams are kept when they already fit the window
-        bias = fixed + sum(stream_bits(z, block) for z in syms) - model
+        la = math.log2(alpha_for_rate(lattice, max((budget - fixed) / coords, 0.05)))
+        la, slope, model = _secant(sample_cost, aim, la, 0.003, 8, coords)
+        alpha = _f32(2.0**la)
+        syms, max_abs = _symbol_streams(ur, lattice, alpha, what, observe)
+        bias = fixed + sum(stream_bits(z, block) for z in syms) - model  # the one extra whole-tensor pass
         if not -slack < model + bias - budget <= 0.0:
             la, _, _ = _secant(lambda a: sample_cost(a) + bias, aim, la, tol, 8, coords, slope)
             syms = None if _f32(2.0**la) != alpha else syms
-    et = build(alpha, syms, max_abs) if syms is not None else build(_f32(2.0**la))
-    del syms
-    under = over = None  # (log2 α, total bits, encode): the largest under budget, the smallest over it
+        et = build(alpha, syms, max_abs) if syms is not None else build(_f32(2.0**la))
+        del syms, sample
+    under = over = None  # (log2 α, total bits[, encode]): the largest size under budget, the smallest over
     tried = set()
     for attempt in range(_MAX_BUILDS):
         tried.add(et.alpha)
@@ -285,8 +305,7 @@ def _encode_rice_at_rate(ur: "_UnitRows", lattice: str, cfg: CodecConfig, budget
             break
         goal = budget - (0.5 if bits <= budget else 0.7) * slack
         if under is not None and over is not None and under[0] < over[0]:
-            # bracketed: interpolate between the two, strictly inside the bracket
-            t = (goal - under[1]) / (over[1] - under[1])
+            t = (goal - under[1]) / (over[1] - under[1])  # bracketed: interpolate, strictly inside
             la_new = under[0] + min(max(t, 0.1), 0.9) * (over[0] - under[0])
         else:
             la_new = la - (bits - goal) / coords / max(slope, 0.05)
@@ -295,6 +314,17 @@ def _encode_rice_at_rate(ur: "_UnitRows", lattice: str, cfg: CodecConfig, budget
             break
         et = build(alpha)
     return under[2] if under is not None else et
+
+
+def _encode_rice_byte_window(alpha: float, budget: float, coords: int, build) -> EncodedTensor:
+    """The former loop, for a tensor whose rate window is narrower than one byte: the first encode at or
+    under ``budget`` bits from ``alpha`` down (at most :data:`_MAX_BUILDS`; the last one when none is)."""
+    for attempt in range(_MAX_BUILDS):
+        et = build(alpha)
+        if et.total_bits <= budget or attempt == _MAX_BUILDS - 1:
+            return et
+        excess = (et.total_bits - budget) / coords
+        alpha = _f32(alpha * 2.0 ** -(excess + 0.002))
 
 
 def _lattice_point(u: torch.Tensor, lattice: str, alpha: float, what: str) -> tuple[torch.Tensor, int]:
