@@ -94,7 +94,9 @@ def test_all_zero_tensor_keeps_alpha_at_the_range_end():
     from hq_diffusion.codec.format import ALPHA_RANGE
 
     for shape in (SMALL, SAMPLED):
-        q = encode(torch.zeros(shape), CodecConfig(bps=4.0, coder="rice"), key="z")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RateBudgetWarning)  # as before: no warning, nothing to spend
+            q = encode(torch.zeros(shape), CodecConfig(bps=4.0, coder="rice"), key="z")
         assert q.alpha == pytest.approx(ALPHA_RANGE[1], rel=1e-6)
         assert q.bps <= 4.0 and torch.count_nonzero(decode(q)) == 0
 
@@ -120,3 +122,14 @@ def test_unmet_budget_warns(monkeypatch, weights):
     monkeypatch.setattr(core.EncodedTensor, "total_bits", property(lambda s: orig.fget(s) + 10**9))
     with pytest.warns(RateBudgetWarning, match="could not meet"):
         encode(weights[SMALL], CodecConfig(bps=4.0, coder="rice"), key="layer")
+
+
+def test_a_miss_below_the_window_warns(monkeypatch, weights):
+    """A result more than 0.001 under the target is not silent: here the search gets one attempt from an α
+    a tenth too low."""
+    orig = core._refine_alpha
+    monkeypatch.setattr(core, "_refine_alpha", lambda *a: 0.9 * orig(*a))
+    monkeypatch.setattr(core, "_MAX_BUILDS", 1)
+    with pytest.warns(RateBudgetWarning, match="under the requested 4.0 bps"):
+        q = encode(weights[SMALL], CodecConfig(bps=4.0, coder="rice"), key="layer")
+    assert q.bps <= 4.0 - 0.001

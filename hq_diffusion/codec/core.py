@@ -429,6 +429,10 @@ def encode(w: torch.Tensor, cfg: CodecConfig | None = None, key: int | str = 0, 
     et = _encode_rice_at_rate(ur, lattice, cfg, budget, fixed, build, what, observe)
     if et.total_bits > budget:
         warnings.warn(f"{what}: could not meet {cfg.bps} bps, got {et.bps:.4f}", RateBudgetWarning, stacklevel=2)
+    elif (et.total_bits <= budget - _RATE_SLACK * numel and _RATE_SLACK * numel >= _BYTE
+          and et.alpha < ALPHA_RANGE[1]):  # at the range's end there is no more rate to spend (zeros)
+        warnings.warn(f"{what}: {et.bps:.4f} bps is more than {_RATE_SLACK} under the requested {cfg.bps} bps "
+                      f"(no Rice encode within {_MAX_BUILDS} attempts landed closer)", RateBudgetWarning, stacklevel=2)
     return et
 
 
