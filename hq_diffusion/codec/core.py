@@ -232,8 +232,16 @@ def _secant(cost, goal: float, la: float, tol: float, iters: int, coords: int, s
     return la, slope, r
 
 
-_MAX_BUILDS = 12  # coding attempts (whole-tensor encodes) of the exact loop
+_MAX_SIZES = 12  # sizes measured by the search for the rate window (:func:`_window_search`)
 _BYTE = 8  # the coded size moves in whole bytes: a window narrower than this may hold no size at all
+
+
+def _stored_bits(syms: list[torch.Tensor], block: int, fixed: int) -> int:
+    """The exact ``total_bits`` of a Rice encode of the symbol streams ``syms`` (int32 (n_i,) each), without
+    coding them: ``fixed`` (:func:`_fixed_bits`) plus each stream's unary, remainder and escape bits
+    (:func:`~.rice.stream_bits`), the unary stream rounded up to a whole byte (remainders and escapes are
+    whole bytes already)."""
+    return fixed + sum(8 * -(-stream_bits(z, block) // 8) for z in syms)
 
 
 def _encode_rice_at_rate(ur: "_UnitRows", lattice: str, cfg: CodecConfig, budget: float, fixed: int, build,
@@ -241,87 +249,110 @@ def _encode_rice_at_rate(ur: "_UnitRows", lattice: str, cfg: CodecConfig, budget
     """Rice encode of the unit rows ``ur`` (R, n_pad) at ``budget`` total bits (``cfg.bps · numel``).
 
     The total lands in ``(budget − slack, budget]`` (``slack = _RATE_SLACK · numel`` bits) whenever the coded
-    size can land there; otherwise the largest encode under ``budget`` found within :data:`_MAX_BUILDS`
-    attempts is returned (one over budget only when no attempt was under it: the caller warns).
-    ``build(alpha[, syms, max_abs])`` makes one EncodedTensor (from a pass's symbol streams when given).
+    size can land there; otherwise the largest size under ``budget`` found within :data:`_MAX_SIZES`
+    sizes is coded (one over budget only when none was under it: the caller warns). ``build(alpha[, syms,
+    max_abs])`` codes one EncodedTensor (from a pass's symbol streams when given). Sizes are exact
+    (:func:`_stored_bits`), so a tensor is coded once unless the search ends away from its last pass.
 
-    First α, two cases (both counted against :data:`_MAX_BUILDS`):
+    - At most :data:`_SAMPLE_SYMBOLS` coordinates: the search starts from the former α
+      (:func:`_refine_alpha`), so that an encode which already landed keeps its bytes, and measures sizes on
+      the whole (materialized) tensor. When the window is narrower than one byte (``numel < 8 /
+      _RATE_SLACK``) the former loop codes it (:func:`_encode_rice_byte_window`): no size may fit there.
+    - Larger: a secant on a row subsample's payload (:func:`_payload_bits`; nonzero rows), aiming
+      :data:`_AIM` below the budget; then ONE pass over the whole tensor at that α gives its exact size.
+      When it lands, its streams are coded as they are; otherwise the sample, shifted by the measured bias,
+      stands in for the tensor in a second secant, and the search goes on from there on whole passes.
 
-    - at most :data:`_SAMPLE_SYMBOLS` coordinates: the former search (:func:`_refine_alpha` on the whole
-      tensor), so that an encode which already landed in the window keeps its bytes. When the window is
-      narrower than one byte (``numel < 8 / _RATE_SLACK``) the former loop finishes the encode
-      (:func:`_encode_rice_byte_window`): there the window can hold no coded size at all.
-    - larger: a secant on a row subsample's payload (:func:`_payload_bits`), aiming :data:`_AIM` below the
-      budget; then ONE pass over the whole tensor at that α gives its exact payload (``stream_bits`` of the
-      real symbol streams). When that already lands in the window its streams are coded as they are;
-      otherwise the sample, shifted by the measured bias, stands in for the tensor in a second secant.
-
-    Then the exact loop on the coded size: steps in log α, interpolation once an encode under and one over
-    the budget bracket the target. The Rice size is not monotone in α by tiny steps, so the best encode
-    under budget is kept throughout."""
+    The search (:func:`_window_search`) steps in log α, interpolating once a size under and one over the
+    budget bracket the target; the Rice size is not monotone in α by tiny steps, so the largest size under
+    budget is kept throughout."""
     block = cfg.block
     rows, n_pad = ur.shape
     coords, numel = rows * n_pad, budget / cfg.bps
     slack = _RATE_SLACK * numel
     stride = max(1, math.ceil(coords / _SAMPLE_SYMBOLS))
     if stride == 1:
-        alpha, slope = _refine_alpha(ur, lattice, (budget - fixed) / coords, block), 1.0
+        alpha = _refine_alpha(ur, lattice, (budget - fixed) / coords, block)
         if slack < _BYTE:
             return _encode_rice_byte_window(alpha, budget, coords, build)
-        et = build(alpha)
-    else:
-        # the sample: every stride-th row among the nonzero ones (a zero row codes to nothing, and a strided
-        # sample of all rows could alias with zero rows: w[::3] = 0 sampled with stride 3 is all zero)
-        live = torch.nonzero(scale_values(ur.scales, cfg.scale_dtype) != 0).flatten()
-        if live.numel() == 0:  # an all-zero tensor has no rate to follow: α at the range's end
-            return build(_f32(ALPHA_RANGE[1]))
-        sample = ur.rows(live[::max(1, math.ceil(live.numel() * n_pad / _SAMPLE_SYMBOLS))])
-        scale_s = live.numel() * n_pad / sample.numel()  # what zero rows cost, the bias pass measures
-        aim, tol = budget - _AIM * numel, 0.5 * slack / coords
+        u = ur.rows(slice(None))
+        alpha = _window_search(lambda a: _stored_bits(strip(lattice, nearest(lattice, u * a)), block, fixed),
+                               alpha, budget, slack, coords, 1.0)
+        del u
+        return build(alpha)
+    # the sample: every stride-th row among the nonzero ones (a zero row codes to next to nothing, and a
+    # strided sample of all rows could alias with zero rows: w[::3] = 0 sampled with stride 3 is all zero)
+    live = torch.nonzero(scale_values(ur.scales, cfg.scale_dtype) != 0).flatten()
+    if live.numel() == 0:  # an all-zero tensor has no rate to follow: α at the range's end
+        return build(_f32(ALPHA_RANGE[1]))
+    sample = ur.rows(live[::max(1, math.ceil(live.numel() * n_pad / _SAMPLE_SYMBOLS))])
+    scale_s = live.numel() * n_pad / sample.numel()  # what zero rows cost, the bias pass measures
+    aim, tol = budget - _AIM * numel, 0.5 * slack / coords
 
-        def sample_cost(la):
-            return fixed + scale_s * _payload_bits(sample, lattice, 2.0**la, block)
+    def sample_cost(la):
+        return fixed + scale_s * _payload_bits(sample, lattice, 2.0**la, block)
 
-        la = math.log2(alpha_for_rate(lattice, max((budget - fixed) / coords, 0.05)))
-        la, slope, model = _secant(sample_cost, aim, la, 0.003, 8, coords)
-        alpha = _f32(2.0**la)
+    last = {}  # the symbol streams of the latest whole pass: coded as they are when the search ends there
+
+    def size(alpha):
+        last.clear()
         syms, max_abs = _symbol_streams(ur, lattice, alpha, what, observe)
-        bias = fixed + sum(stream_bits(z, block) for z in syms) - model  # the one extra whole-tensor pass
-        if not -slack < model + bias - budget <= 0.0:
-            la, _, _ = _secant(lambda a: sample_cost(a) + bias, aim, la, tol, 8, coords, slope)
-            syms = None if _f32(2.0**la) != alpha else syms
-        et = build(alpha, syms, max_abs) if syms is not None else build(_f32(2.0**la))
-        del syms, sample
-    under = over = None  # (log2 α, total bits[, encode]): the largest size under budget, the smallest over
-    tried = set()
-    for attempt in range(_MAX_BUILDS):
-        tried.add(et.alpha)
-        la, bits = math.log2(et.alpha), et.total_bits
+        last.update(alpha=alpha, syms=syms, max_abs=max_abs)
+        return _stored_bits(syms, block, fixed)
+
+    la = math.log2(alpha_for_rate(lattice, max((budget - fixed) / coords, 0.05)))
+    la, slope, model = _secant(sample_cost, aim, la, 0.003, 8, coords)
+    alpha = _f32(2.0**la)
+    bits = size(alpha)  # the one extra whole-tensor pass
+    if not -slack < bits - budget <= 0.0:
+        bias = bits - model
+        la, _, _ = _secant(lambda a: sample_cost(a) + bias, aim, la, tol, 8, coords, slope)
+    alpha = _window_search(size, _f32(2.0**la), budget, slack, coords, slope, {alpha: bits})
+    if last.get("alpha") == alpha:
+        return build(alpha, last.pop("syms"), last["max_abs"])
+    last.clear()
+    return build(alpha)
+
+
+def _window_search(size, alpha: float, budget: float, slack: float, coords: int, slope: float,
+                   known: dict | None = None) -> float:
+    """α (float32) whose ``size(α)`` (exact total bits) lands in ``(budget − slack, budget]``, searched from
+    ``alpha`` with at most :data:`_MAX_SIZES` new sizes (``known``: sizes already measured, by α); else the
+    α of the largest size under budget, else of the smallest over it. ``slope``: d size/coords per doubling
+    of α, for the steps before a bracket exists."""
+    sizes = dict(known or {})
+    under = over = None  # (log2 α, size, α): the largest size under budget, the smallest over it
+    for attempt in range(_MAX_SIZES + 1):
+        if alpha not in sizes:
+            if attempt == _MAX_SIZES:
+                break
+            sizes[alpha] = size(alpha)
+        la, bits = math.log2(alpha), sizes[alpha]
         if bits <= budget and (under is None or bits > under[1]):
-            under = (la, bits, et)
+            under = (la, bits, alpha)
         elif bits > budget and (over is None or bits < over[1]):
-            over = (la, bits)  # only its α and size are needed: the encode itself is dropped
-        if -slack < bits - budget <= 0.0 or attempt == _MAX_BUILDS - 1:
-            break
+            over = (la, bits, alpha)
+        if -slack < bits - budget <= 0.0:
+            return alpha
         goal = budget - (0.5 if bits <= budget else 0.7) * slack
         if under is not None and over is not None and under[0] < over[0]:
             t = (goal - under[1]) / (over[1] - under[1])  # bracketed: interpolate, strictly inside
             la_new = under[0] + min(max(t, 0.1), 0.9) * (over[0] - under[0])
         else:
             la_new = la - (bits - goal) / coords / max(slope, 0.05)
-        alpha = _f32(min(max(2.0**la_new, ALPHA_RANGE[0]), ALPHA_RANGE[1]))
-        if alpha in tried:  # the end of α's range, or float32 steps exhausted: nothing left to refine
+        new = _f32(min(max(2.0**la_new, ALPHA_RANGE[0]), ALPHA_RANGE[1]))
+        if new in sizes:  # the end of α's range, or float32 steps exhausted: nothing left to refine
             break
-        et = build(alpha)
-    return under[2] if under is not None else et
+        alpha = new
+    return (under if under is not None else over)[2]
 
 
 def _encode_rice_byte_window(alpha: float, budget: float, coords: int, build) -> EncodedTensor:
     """The former loop, for a tensor whose rate window is narrower than one byte: the first encode at or
-    under ``budget`` bits from ``alpha`` down (at most :data:`_MAX_BUILDS`; the last one when none is)."""
-    for attempt in range(_MAX_BUILDS):
+    under ``budget`` bits from ``alpha`` down (at most 12; the last one when none is)."""
+    for attempt in range(12):
         et = build(alpha)
-        if et.total_bits <= budget or attempt == _MAX_BUILDS - 1:
+        if et.total_bits <= budget or attempt == 11:
             return et
         excess = (et.total_bits - budget) / coords
         alpha = _f32(alpha * 2.0 ** -(excess + 0.002))
@@ -432,7 +463,7 @@ def encode(w: torch.Tensor, cfg: CodecConfig | None = None, key: int | str = 0, 
     elif (et.total_bits <= budget - _RATE_SLACK * numel and _RATE_SLACK * numel >= _BYTE
           and et.alpha < ALPHA_RANGE[1]):  # at the range's end there is no more rate to spend (zeros)
         warnings.warn(f"{what}: {et.bps:.4f} bps is more than {_RATE_SLACK} under the requested {cfg.bps} bps "
-                      f"(no Rice encode within {_MAX_BUILDS} attempts landed closer)", RateBudgetWarning, stacklevel=2)
+                      f"(none of {_MAX_SIZES} Rice sizes tried landed closer)", RateBudgetWarning, stacklevel=2)
     return et
 
 
