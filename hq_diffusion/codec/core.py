@@ -320,18 +320,25 @@ def _window_search(size, alpha: float, budget: float, slack: float, coords: int,
     ``alpha`` with at most :data:`_MAX_SIZES` new sizes (``known``: sizes already measured, by α); else the
     α of the largest size under budget, else of the smallest over it. ``slope``: d size/coords per doubling
     of α, for the steps before a bracket exists."""
-    sizes = dict(known or {})
+    sizes = {}
     under = over = None  # (log2 α, size, α): the largest size under budget, the smallest over it
+
+    def note(a, bits):
+        nonlocal under, over
+        sizes[a] = bits
+        if bits <= budget and (under is None or bits > under[1]):
+            under = (math.log2(a), bits, a)
+        elif bits > budget and (over is None or bits < over[1]):
+            over = (math.log2(a), bits, a)
+
+    for a, bits in (known or {}).items():
+        note(a, bits)
     for attempt in range(_MAX_SIZES + 1):
         if alpha not in sizes:
             if attempt == _MAX_SIZES:
                 break
-            sizes[alpha] = size(alpha)
+            note(alpha, size(alpha))
         la, bits = math.log2(alpha), sizes[alpha]
-        if bits <= budget and (under is None or bits > under[1]):
-            under = (la, bits, alpha)
-        elif bits > budget and (over is None or bits < over[1]):
-            over = (la, bits, alpha)
         if -slack < bits - budget <= 0.0:
             return alpha
         goal = budget - (0.5 if bits <= budget else 0.7) * slack
