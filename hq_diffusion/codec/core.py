@@ -228,6 +228,165 @@ def _refine_alpha(u: "_UnitRows", lattice: str, rate: float, block: int) -> floa
     return float(torch.tensor(2.0**la, dtype=torch.float32))
 
 
+def _f32(a: float) -> float:
+    """``a`` rounded to float32, as α is stored."""
+    return float(torch.tensor(a, dtype=torch.float32))
+
+
+def _secant(cost, goal: float, la: float, tol: float, iters: int, coords: int, slope: float = 1.0):
+    """Secant iterations in ``la = log2 α`` until ``cost(la)`` (bits) lies in ``[goal − tol·coords, goal]``.
+
+    ``slope``: the starting d(cost / coords)/d la (bits per coordinate per doubling of α). Returns
+    (la, the last slope, cost(la)); la stays in :data:`ALPHA_RANGE` (an all-zero tensor has no rate to follow:
+    α stops at the range's end)."""
+    lo, hi = math.log2(ALPHA_RANGE[0]), math.log2(ALPHA_RANGE[1])
+    r = cost(la)
+    for _ in range(iters):
+        err = (r - goal) / coords
+        if -tol <= err <= 0.0:
+            break
+        la_new = min(max(la - err / max(slope, 0.05), lo), hi)
+        if la_new == la:
+            break
+        r_new = cost(la_new)
+        slope = max((r_new - r) / coords / (la_new - la), 0.05)
+        la, r = la_new, r_new
+    return la, slope, r
+
+
+_MAX_SIZES = 12  # sizes measured by the search for the rate window (:func:`_window_search`)
+_BYTE = 8  # the coded size moves in whole bytes: a window narrower than this may hold no size at all
+
+
+def _stored_bits(syms: list[torch.Tensor], block: int, fixed: int) -> int:
+    """The exact ``total_bits`` of a Rice encode of the symbol streams ``syms`` (int32 (n_i,) each), without
+    coding them: ``fixed`` (:func:`_fixed_bits`) plus each stream's unary, remainder and escape bits
+    (:func:`~.rice.stream_bits`), the unary stream rounded up to a whole byte (remainders and escapes are
+    whole bytes already)."""
+    return fixed + sum(8 * -(-stream_bits(z, block) // 8) for z in syms)
+
+
+def _encode_rice_at_rate(ur: "_UnitRows", lattice: str, cfg: CodecConfig, budget: float, fixed: int, build,
+                         what: str, observe=None) -> EncodedTensor:
+    """Rice encode of the unit rows ``ur`` (R, n_pad) at ``budget`` total bits (``cfg.bps · numel``).
+
+    The total lands in ``(budget − slack, budget]`` (``slack = _RATE_SLACK · numel`` bits) whenever the coded
+    size can land there; otherwise the largest size under ``budget`` found within :data:`_MAX_SIZES`
+    sizes is coded (one over budget only when none was under it: the caller warns). ``build(alpha[, syms,
+    max_abs])`` codes one EncodedTensor (from a pass's symbol streams when given). Sizes are exact
+    (:func:`_stored_bits`), so a tensor is coded once unless the search ends away from its last pass.
+
+    - At most :data:`_SAMPLE_SYMBOLS` coordinates: the search starts from the former α
+      (:func:`_refine_alpha`), so that an encode which already landed keeps its bytes, and measures sizes on
+      the whole (materialized) tensor. When the window is narrower than one byte (``numel < 8 /
+      _RATE_SLACK``) the former loop codes it (:func:`_encode_rice_byte_window`): no size may fit there.
+    - Larger: a secant on a row subsample's payload (:func:`_payload_bits`; nonzero rows), aiming
+      :data:`_AIM` below the budget; then ONE pass over the whole tensor at that α gives its exact size.
+      When it lands, its streams are coded as they are; otherwise the sample, shifted by the measured bias,
+      stands in for the tensor in a second secant, and the search goes on from there on whole passes.
+
+    The search (:func:`_window_search`) steps in log α, interpolating once a size under and one over the
+    budget bracket the target; the Rice size is not monotone in α by tiny steps, so the largest size under
+    budget is kept throughout."""
+    block = cfg.block
+    rows, n_pad = ur.shape
+    coords, numel = rows * n_pad, budget / cfg.bps
+    slack = _RATE_SLACK * numel
+    stride = max(1, math.ceil(coords / _SAMPLE_SYMBOLS))
+    if stride == 1:
+        alpha = _refine_alpha(ur, lattice, (budget - fixed) / coords, block)
+        if slack < _BYTE:
+            return _encode_rice_byte_window(alpha, budget, coords, build)
+        u = ur.rows(slice(None))
+        alpha = _window_search(lambda a: _stored_bits(strip(lattice, nearest(lattice, u * a)), block, fixed),
+                               alpha, budget, slack, coords, 1.0)
+        del u
+        return build(alpha)
+    # the sample: every stride-th row among the nonzero ones (a zero row codes to next to nothing, and a
+    # strided sample of all rows could alias with zero rows: w[::3] = 0 sampled with stride 3 is all zero)
+    live = torch.nonzero(scale_values(ur.scales, cfg.scale_dtype) != 0).flatten()
+    if live.numel() == 0:  # an all-zero tensor has no rate to follow: α at the range's end
+        return build(_f32(ALPHA_RANGE[1]))
+    sample = ur.rows(live[::max(1, math.ceil(live.numel() * n_pad / _SAMPLE_SYMBOLS))])
+    scale_s = live.numel() * n_pad / sample.numel()  # what zero rows cost, the bias pass measures
+    aim, tol = budget - _AIM * numel, 0.5 * slack / coords
+
+    def sample_cost(la):
+        return fixed + scale_s * _payload_bits(sample, lattice, 2.0**la, block)
+
+    last = {}  # the symbol streams of the latest whole pass: coded as they are when the search ends there
+
+    def size(alpha):
+        last.clear()
+        syms, max_abs = _symbol_streams(ur, lattice, alpha, what, observe)
+        last.update(alpha=alpha, syms=syms, max_abs=max_abs)
+        return _stored_bits(syms, block, fixed)
+
+    la = math.log2(alpha_for_rate(lattice, max((budget - fixed) / coords, 0.05)))
+    la, slope, model = _secant(sample_cost, aim, la, 0.003, 8, coords)
+    alpha = _f32(2.0**la)
+    bits = size(alpha)  # the one extra whole-tensor pass
+    if not -slack < bits - budget <= 0.0:
+        bias = bits - model
+        la, _, _ = _secant(lambda a: sample_cost(a) + bias, aim, la, tol, 8, coords, slope)
+    alpha = _window_search(size, _f32(2.0**la), budget, slack, coords, slope, {alpha: bits})
+    if last.get("alpha") == alpha:
+        return build(alpha, last.pop("syms"), last["max_abs"])
+    last.clear()
+    return build(alpha)
+
+
+def _window_search(size, alpha: float, budget: float, slack: float, coords: int, slope: float,
+                   known: dict | None = None) -> float:
+    """α (float32) whose ``size(α)`` (exact total bits) lands in ``(budget − slack, budget]``, searched from
+    ``alpha`` with at most :data:`_MAX_SIZES` new sizes (``known``: sizes already measured, by α); else the
+    α of the largest size under budget, else of the smallest over it. ``slope``: d size/coords per doubling
+    of α, for the steps before a bracket exists."""
+    sizes = {}
+    under = over = None  # (log2 α, size, α): the largest size under budget, the smallest over it
+
+    def note(a, bits):
+        nonlocal under, over
+        sizes[a] = bits
+        if bits <= budget and (under is None or bits > under[1]):
+            under = (math.log2(a), bits, a)
+        elif bits > budget and (over is None or bits < over[1]):
+            over = (math.log2(a), bits, a)
+
+    for a, bits in (known or {}).items():
+        note(a, bits)
+    for attempt in range(_MAX_SIZES + 1):
+        if alpha not in sizes:
+            if attempt == _MAX_SIZES:
+                break
+            note(alpha, size(alpha))
+        la, bits = math.log2(alpha), sizes[alpha]
+        if -slack < bits - budget <= 0.0:
+            return alpha
+        goal = budget - (0.5 if bits <= budget else 0.7) * slack
+        if under is not None and over is not None and under[0] < over[0]:
+            t = (goal - under[1]) / (over[1] - under[1])  # bracketed: interpolate, strictly inside
+            la_new = under[0] + min(max(t, 0.1), 0.9) * (over[0] - under[0])
+        else:
+            la_new = la - (bits - goal) / coords / max(slope, 0.05)
+        new = _f32(min(max(2.0**la_new, ALPHA_RANGE[0]), ALPHA_RANGE[1]))
+        if new in sizes:  # the end of α's range, or float32 steps exhausted: nothing left to refine
+            break
+        alpha = new
+    return (under if under is not None else over)[2]
+
+
+def _encode_rice_byte_window(alpha: float, budget: float, coords: int, build) -> EncodedTensor:
+    """The former loop, for a tensor whose rate window is narrower than one byte: the first encode at or
+    under ``budget`` bits from ``alpha`` down (at most 12; the last one when none is)."""
+    for attempt in range(12):
+        et = build(alpha)
+        if et.total_bits <= budget or attempt == 11:
+            return et
+        excess = (et.total_bits - budget) / coords
+        alpha = _f32(alpha * 2.0 ** -(excess + 0.002))
+
+
 def _lattice_point(u: torch.Tensor, lattice: str, alpha: float, what: str) -> tuple[torch.Tensor, int]:
     """Nearest lattice integers of ``u · alpha`` (int32, u's shape) and their largest magnitude;
     HQRangeError when α is outside the format's range or the integers exceed :data:`_MAX_ABS_CODE`."""
@@ -327,36 +486,32 @@ def encode(w: torch.Tensor, cfg: CodecConfig | None = None, key: int | str = 0, 
     meta = {"tile_used": h}
     if rans_coder:
         return _encode_rans(ur.u, cfg, (shape, w.dtype, h, key32, scales, numel, what, meta), observe)
-    if cfg.snr_db is not None:
-        alpha = float(torch.tensor(alpha_for_snr(lattice, cfg.snr_db), dtype=torch.float32))
-        budget = None
-    else:
-        budget = cfg.bps * numel
-        rate = (budget - fixed) / (rows * n_pad)
-        if rate < _MIN_PAYLOAD_RATE:
-            warnings.warn(
-                f"{what} is too small for {cfg.bps} bps: its fixed overhead alone is "
-                f"{fixed / numel:.2f} bits per scalar; spending {cfg.bps} bits per scalar on the payload",
-                RateBudgetWarning, stacklevel=2)
-            rate = cfg.bps
-            budget = None
-        alpha = _refine_alpha(ur, lattice, rate, cfg.block)
-    for attempt in range(12):
-        syms, max_abs = _symbol_streams(ur, lattice, alpha, what, observe)
+    def build(alpha, syms=None, max_abs=0):  # one coding attempt; `syms` when a pass already made them
+        if syms is None:
+            syms, max_abs = _symbol_streams(ur, lattice, alpha, what, observe)
         streams = []
         while syms:  # each symbol stream is freed as soon as it is coded
             streams.append(encode_stream(syms.pop(0), cfg.block))
-        et = EncodedTensor(shape, w.dtype, lattice, h, cfg.block, cfg.seed, key32, alpha, cfg.scale_dtype,
-                           scales, streams, max_abs <= 127, meta=meta)
-        if budget is None or et.total_bits <= budget:
-            break
-        if attempt == 11:
-            warnings.warn(f"{what}: could not meet {cfg.bps} bps, got {et.bps:.3f}",
-                          RateBudgetWarning, stacklevel=2)
-            break
-        excess = (et.total_bits - budget) / (rows * n_pad)
-        alpha = float(torch.tensor(alpha * 2.0 ** -(excess + 0.002), dtype=torch.float32))
-    meta["max_abs_code"] = max_abs
+        return EncodedTensor(shape, w.dtype, lattice, h, cfg.block, cfg.seed, key32, alpha, cfg.scale_dtype,
+                             scales, streams, max_abs <= 127, meta={**meta, "max_abs_code": max_abs})
+
+    if cfg.snr_db is not None:
+        return build(_f32(alpha_for_snr(lattice, cfg.snr_db)))
+    budget = cfg.bps * numel
+    rate = (budget - fixed) / (rows * n_pad)
+    if rate < _MIN_PAYLOAD_RATE:
+        warnings.warn(
+            f"{what} is too small for {cfg.bps} bps: its fixed overhead alone is "
+            f"{fixed / numel:.2f} bits per scalar; spending {cfg.bps} bits per scalar on the payload",
+            RateBudgetWarning, stacklevel=2)
+        return build(_refine_alpha(ur, lattice, cfg.bps, cfg.block))
+    et = _encode_rice_at_rate(ur, lattice, cfg, budget, fixed, build, what, observe)
+    if et.total_bits > budget:
+        warnings.warn(f"{what}: could not meet {cfg.bps} bps, got {et.bps:.4f}", RateBudgetWarning, stacklevel=2)
+    elif (et.total_bits <= budget - _RATE_SLACK * numel and _RATE_SLACK * numel >= _BYTE
+          and et.alpha < ALPHA_RANGE[1]):  # at the range's end there is no more rate to spend (zeros)
+        warnings.warn(f"{what}: {et.bps:.4f} bps is more than {_RATE_SLACK} under the requested {cfg.bps} bps "
+                      f"(none of {_MAX_SIZES} Rice sizes tried landed closer)", RateBudgetWarning, stacklevel=2)
     return et
 
 
@@ -504,24 +659,12 @@ def _encode_rans(u: torch.Tensor, cfg: CodecConfig, head, observe=None) -> Encod
                       f"bits per scalar; spending {cfg.bps} bits per scalar on the payload",
                       RateBudgetWarning, stacklevel=3)
         return build(f32(alpha_for_rate(lattice, cfg.bps)))
-    lo, hi = math.log2(ALPHA_RANGE[0]), math.log2(ALPHA_RANGE[1])
     stride = max(1, math.ceil(coords / _SAMPLE_SYMBOLS))
     sample = u[::stride]
     aim = budget - _AIM * numel
 
     def secant(cost, goal, la, tol, iters, slope=1.0):
-        r = cost(la)
-        for _ in range(iters):
-            err = (r - goal) / coords
-            if -tol <= err <= 0.0:
-                break
-            la_new = min(max(la - err / max(slope, 0.05), lo), hi)
-            if la_new == la:
-                break
-            r_new = cost(la_new)
-            slope = max((r_new - r) / coords / (la_new - la), 0.05)
-            la, r = la_new, r_new
-        return la, slope
+        return _secant(cost, goal, la, tol, iters, coords, slope)[:2]
 
     scale_s = coords / sample.numel()
     la = math.log2(alpha_for_rate(lattice, max(rate, 0.05)))
