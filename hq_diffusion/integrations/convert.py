@@ -263,6 +263,17 @@ def _worker_init():
     torch.set_num_threads(1)
 
 
+def _warm_compiled(cfg: HQConfig) -> None:
+    """Load the codec's compiled loops (numba: the lattice pass, the rANS coder) in this process before it
+    forks its workers, so that they share those code pages instead of each loading its own copy."""
+    import warnings
+
+    from ..codec import encode
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        encode(torch.linspace(-1.0, 1.0, 64 * 1024).reshape(64, 1024), cfg.codec_config())
+
+
 def _worker_run(args):
     job, cfg_dict, dtype_name, device, on_invalid = args
     try:
@@ -339,12 +350,19 @@ def _encode_all(jobs, cfg, dtype, device, on_invalid, workers, bar) -> None:
 
     dname = next((k for k, v in DTYPES.items() if v == dtype), None)
     args = [(job, cfg.to_dict(), dname, device, on_invalid) for job in todo]
-    with mp.get_context("fork").Pool(workers, initializer=_worker_init) as pool:
-        for _, read, err in pool.imap_unordered(_worker_run, args):
-            if err is not None:
-                pool.terminate()
-                raise ConvertError(err)
-            bar.update(read)
+    _warm_compiled(cfg)
+    import gc
+
+    gc.freeze()  # the parent's collections would otherwise touch (and so copy) the pages its workers share
+    try:
+        with mp.get_context("fork").Pool(workers, initializer=_worker_init) as pool:
+            for _, read, err in pool.imap_unordered(_worker_run, args):
+                if err is not None:
+                    pool.terminate()
+                    raise ConvertError(err)
+                bar.update(read)
+    finally:
+        gc.unfreeze()
 
 
 def _wait_for(jobs, work: Path, timeout: float) -> None:
