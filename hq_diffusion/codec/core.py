@@ -225,7 +225,7 @@ def _refine_alpha(u: "_UnitRows", lattice: str, rate: float, block: int) -> floa
         if la_new != la:
             slope = max((r_new - r) / (la_new - la), 0.05)
         la, r = la_new, r_new
-    return float(torch.tensor(2.0**la, dtype=torch.float32))
+    return _f32(2.0**la)
 
 
 def _f32(a: float) -> float:
@@ -648,9 +648,8 @@ def _encode_rans(u: torch.Tensor, cfg: CodecConfig, head, observe=None) -> Encod
         return EncodedTensor(shape, dtype, lattice, h, block, cfg.seed, key32, alpha, cfg.scale_dtype, scales,
                              streams, max_abs <= 127, meta=meta, coder="rans")
 
-    f32 = lambda a: float(torch.tensor(a, dtype=torch.float32))  # noqa: E731 — α is stored as float32
     if cfg.snr_db is not None:
-        return build(f32(alpha_for_snr(lattice, cfg.snr_db)))
+        return build(_f32(alpha_for_snr(lattice, cfg.snr_db)))
     budget = cfg.bps * numel
     coords = rows * n_pad
     rate = (budget - fixed) / coords
@@ -658,7 +657,7 @@ def _encode_rans(u: torch.Tensor, cfg: CodecConfig, head, observe=None) -> Encod
         warnings.warn(f"{what} is too small for {cfg.bps} bps: its fixed overhead alone is {fixed / numel:.2f} "
                       f"bits per scalar; spending {cfg.bps} bits per scalar on the payload",
                       RateBudgetWarning, stacklevel=3)
-        return build(f32(alpha_for_rate(lattice, cfg.bps)))
+        return build(_f32(alpha_for_rate(lattice, cfg.bps)))
     stride = max(1, math.ceil(coords / _SAMPLE_SYMBOLS))
     sample = u[::stride]
     aim = budget - _AIM * numel
@@ -679,14 +678,14 @@ def _encode_rans(u: torch.Tensor, cfg: CodecConfig, head, observe=None) -> Encod
         # instead of a secant over whole passes (BENCHMARKS.md §19); the exact loop below checks the result
         bias = fixed + _rans_model_bits(u, lattice, 2.0**la, block) - sample_cost(la)
         la, _ = secant(lambda a: sample_cost(a) + bias, aim, la, tol, 8, slope)
-    alpha = f32(2.0**la)
+    alpha = _f32(2.0**la)
     et = build(alpha)
     for attempt in range(12):  # exact: the coded size itself
         err = (et.total_bits - budget) / numel
         if -_RATE_SLACK < err <= 0.0:
             return et
         step = 2.0 ** (-(err + (0.3 * _RATE_SLACK if err > 0 else 0.5 * _RATE_SLACK)) * numel / coords)
-        alpha = f32(min(max(alpha * step, ALPHA_RANGE[0]), ALPHA_RANGE[1]))
+        alpha = _f32(min(max(alpha * step, ALPHA_RANGE[0]), ALPHA_RANGE[1]))
         if alpha == et.alpha:  # at the end of α's range: nothing left to refine
             break
         prev, et = et, build(alpha)
