@@ -37,7 +37,7 @@ from types import SimpleNamespace
 
 import torch
 
-from ..codec import HQFormatError
+from ..codec import HQFormatError, encode
 from ..nn.linear import HQLinear
 from .config import HQConfig, QuantMethod, resolve_config
 from .quantize import NONFINITE, ON_INVALID, _plan, check_finite
@@ -266,9 +266,6 @@ def _worker_init():
 def _warm_compiled(cfg: HQConfig) -> None:
     """Load the codec's compiled loops (numba: the lattice pass, the rANS coder) in this process before it
     forks its workers, so that they share those code pages instead of each loading its own copy."""
-    import warnings
-
-    from ..codec import encode
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         encode(torch.linspace(-1.0, 1.0, 64 * 1024).reshape(64, 1024), cfg.codec_config())
