@@ -86,24 +86,40 @@ def generic_cpu_path(monkeypatch):
     monkeypatch.setattr(cpu_forward, "ENABLED", False)
 
 
-def test_golden_checkpoint_forward_is_bit_exact(generic_cpu_path):
+# The recorded output came from one CPU; torch's float kernels pick their summation order by the CPU's vector
+# width (AVX2 and AVX-512 differ by up to one bf16 ulp on a few % of the outputs, measured 2026-11-29). So the
+# forward is compared within two bf16 ulps of the output's scale, and what must be bit-exact on every machine
+# is checked exactly: the checkpoint's stored tensors against a fresh quantization, and the forwards of the
+# two on the same machine.
+FORWARD_TOL = {"rtol": 2.0 ** -7, "atol": 2.0 ** -6}
+
+
+def test_golden_checkpoint_forward_matches_the_recording(generic_cpu_path):
     import hq_diffusion as H
 
     io = torch.load(DATA / "golden_ltx_io.pt", weights_only=True)
     model = H.load_quantized(DATA / "golden_ltx")
     y = make_golden.run_forward(model, io["inputs"])
     assert y.dtype == io["output"].dtype and y.shape == io["output"].shape
-    assert torch.equal(y, io["output"])
+    torch.testing.assert_close(y.float(), io["output"].float(), **FORWARD_TOL)
 
 
 def test_golden_checkpoint_matches_a_fresh_quantization(generic_cpu_path):
-    """Quantizing the same seeded model today gives the same forward as the committed checkpoint."""
+    """Quantizing the same seeded model today stores the same tensors, bit for bit, as the committed
+    checkpoint, and runs the same forward."""
     import hq_diffusion as H
 
     io = torch.load(DATA / "golden_ltx_io.pt", weights_only=True)
     model = make_golden.tiny_transformer()
     H.quantize(model, bps=4.0, progress=False)
-    assert torch.equal(make_golden.run_forward(model, io["inputs"]), io["output"])
+    stored = H.load_quantized(DATA / "golden_ltx")
+    fresh, committed = model.state_dict(), stored.state_dict()
+    assert fresh.keys() == committed.keys()
+    for k, t in committed.items():
+        assert t.dtype == fresh[k].dtype and torch.equal(t, fresh[k]), k
+    y = make_golden.run_forward(model, io["inputs"])
+    assert torch.equal(y, make_golden.run_forward(stored, io["inputs"]))
+    torch.testing.assert_close(y.float(), io["output"].float(), **FORWARD_TOL)
 
 
 def test_golden_v1_checkpoint_reads_as_rice():

@@ -129,11 +129,12 @@ def test_peer_bits_match_real_storage(name):
 
 
 def test_bench_peers_runs_and_reports_every_peer(capsys):
-    w = peers.weights("trained-like", 16, 256)
+    w = peers.weights("trained-like", 64, 256)  # torchao NF4 needs a multiple of 256 blocks of 64
     rows = peers.run_peers(w, ours=True)
     assert [r["format"] for r in rows] == [p[2] for p in peers.PEERS]
     for r in rows:
-        assert r["status"] == "ok" or r["status"].startswith(("not installed", "failed:", "could not run:")), r
+        # an installed peer either runs or says why it cannot (no encoder, unbuilt extension): never "failed"
+        assert r["status"] == "ok" or r["status"].startswith(("not installed", "could not run:")), r
         if r["status"] == "ok":
             assert r["bps"] > 0 and {"rice", "rans"} <= set(r["ours"])
             for bps, snr in r["ours"].values():

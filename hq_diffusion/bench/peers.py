@@ -257,6 +257,11 @@ def run_peers(w: torch.Tensor, ours: bool = True, progress: bool = False, coders
             row["status"] = f"could not run: {e}"
             out.append(row)
             continue
+        except NotImplementedError as e:  # the library has no encoder for this format (gguf-py: Q4_K)
+            why = str(e).strip().splitlines()[0][:120] if str(e).strip() else "no encoder for this format"
+            row["status"] = f"could not run: {lib} does not implement it ({why})"
+            out.append(row)
+            continue
         except Exception as e:  # reported in the table, never hidden
             row["status"] = f"failed: {type(e).__name__}: {str(e).strip().splitlines()[0][:120] if str(e).strip() else ''}"
             out.append(row)

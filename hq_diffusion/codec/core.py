@@ -32,7 +32,6 @@ _MIN_PAYLOAD_RATE = 1.1  # a Rice code spends at least one bit per symbol
 #: Largest ``|w|`` the codec encodes: the float32 rotation of a tile of up to 2048 values stays finite below
 #: it (an unnormalized Hadamard sum grows by at most the tile size). Larger magnitudes raise HQRangeError.
 MAX_ABS_VALUE = 2.0**116
-_RMS_SAFE_FLOAT32 = 1e-18  # below it, float32 squares of the row lose precision: recomputed in float64
 
 
 class RateBudgetWarning(UserWarning):
@@ -144,14 +143,13 @@ def _unit_rows(w: torch.Tensor, cfg: CodecConfig, key: int | str, what: str):
 
 
 def _row_rms(u: torch.Tensor) -> torch.Tensor:
-    """RMS of each row of ``u`` (float32 (r, n_pad)) as float64 (r,): float32 sums, recomputed in float64
-    for rows whose float32 RMS is tiny, zero or not finite (so a row of 1e-30 is measured as 1e-30)."""
-    rms = u.square().mean(1).sqrt()
-    redo = ~(rms >= _RMS_SAFE_FLOAT32) | torch.isinf(rms)
-    rms = rms.double()
-    if bool(redo.any()):
-        rms[redo] = u[redo].double().square().mean(1).sqrt()
-    return rms
+    """RMS of each row of ``u`` (float32 (r, n_pad)) as float64 (r,), summed in float64.
+
+    A float32 sum depends on the order of its additions, which torch picks by the CPU's vector width (AVX2
+    and AVX-512 give results an ulp apart), and a float32 row scale would store that ulp: summed in float64
+    the RMS is exact to ~1e-13 before it is rounded to the scale dtype, so the stored scales (and so the
+    stream) are the same on every CPU. A row of 1e-30 is measured as 1e-30."""
+    return u.double().square_().mean(1).sqrt_()
 
 
 def _row_scales(u: torch.Tensor, scale_dtype: str, what: str) -> tuple[torch.Tensor, torch.Tensor]:
