@@ -488,7 +488,9 @@ class HQLinear(nn.Module):
         empty ``streams`` list (``decode`` of it raises :class:`HQFormatError`); the integers are ``self.codes``.
         The shape is (N, ``cols_main``): for a split layer the main part only (:meth:`tail_encoded`).
         """
-        return _encoded_from(self, self.hq_meta, "", self.cols_main)
+        own = {"lattice": self.lattice, "tile": self.tile, "block": self.block, "seed": self.seed, "key": self.key,
+               "alpha": self.alpha, "scale_dtype": self.scale_dtype, "fits_int8": self.fits_int8}
+        return _encoded_from(self, {**self.hq_meta, **own}, "", self.cols_main)  # the attributes as they are now
 
     def tail_encoded(self) -> EncodedTensor | None:
         """The transposed tail of a split layer as an :class:`EncodedTensor` (r, N) over the ``tail_*`` buffers
@@ -621,9 +623,10 @@ def _snr_db(w: torch.Tensor, m: HQLinear) -> float:
     storage ``"int8"`` reads its stored integers): each block of rows is unstripped to its lattice integers,
     made float32
     ``p(Y) / α · scale`` (the decoder's arithmetic), inverse-rotated and compared with the same rows of ``w``;
-    float64 accumulators of the squared error and the squared signal are divided once at the end."""
-    n, rows = m.in_features, m.out_features
-    ref_rows = w.reshape(-1, n)
+    float64 accumulators of the squared error and the squared signal are divided once at the end. A split
+    layer adds its tail's (decoded whole: r · N coordinates) to the same sums."""
+    n, rows = m.cols_main, m.out_features
+    ref_rows = w.reshape(-1, m.in_features)[:, :n]
     scale = row_dequant_scale(m.encoded())
     step = max(1, SNR_BLOCK_ELEMS // m.n_pad)
     if m.storage == "int8":
@@ -639,6 +642,12 @@ def _snr_db(w: torch.Tensor, m: HQLinear) -> float:
         sig += float(ref.square().sum())
         err += float(rec.sub_(ref).square_().sum())
         del rot, rec, ref, y
+    tq = m.tail_encoded()
+    if tq is not None:
+        ref = w.reshape(-1, m.in_features)[:, n:].T.to(torch.float32).double()
+        rec = weight_of(tq, getattr(m, "tail_codes", None)).double()
+        sig += float(ref.square().sum())
+        err += float(rec.sub_(ref).square_().sum())
     return _snr_of(sig, err)
 
 
