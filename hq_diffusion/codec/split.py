@@ -4,7 +4,7 @@ A weight ``W`` (N, K) whose row length ``K`` the tile plan (:func:`~.rht.plan_ti
 — is coded as two tensors instead:
 
 - the **main** part ``W[:, :K_main]`` (N, K_main), ``K_main`` a multiple of 8 that the plan codes without
-  padding (776 for 777), coded as any weight;
+  padding and with a tile no smaller than the padded plan's (768, tile 256, for 777), coded as any weight;
 - the **tail** ``W[:, K_main:]ᵀ`` (r, N), ``r = K − K_main`` columns coded as ``r`` rows of ``N`` coordinates
   (with its own key, :func:`tail_key`), so the r leftover columns cost ``r · N`` coordinates instead of the
   ``N · (K_pad − K_main)`` a padded row pays.
@@ -16,7 +16,7 @@ search (a tail too small for its own share, e.g. one row of 400 with rANS tables
 :class:`~.core.RateBudgetWarning`: the main part absorbs the difference). With an SNR target (``snr_db=``) both parts are coded at that target (the same α).
 
 When to split (:func:`split_columns`): only when the plan pads, the remainder is at most
-:data:`MAX_TAIL_COLUMNS` and at most ``K / 8``, and the padding the split saves (``N · (K_pad − K)``
+:data:`MAX_TAIL_COLUMNS`, and the padding the split saves (``N · (K_pad − K)``
 coordinates) pays for the tail's own fixed cost (its header and ``r`` row scales, :data:`TAIL_FIXED_BITS`
 per tail plus ``r · 16``) at least twice over at 1 bit per coordinate. Widths the plan does not pad (multiples
 of 8 that fill their tiles: 64, 784, 1000, 4096, ...) are never split and code exactly as before.
@@ -36,6 +36,8 @@ from .rht import plan_tiles
 
 #: Most columns a tail may hold (a tail of r columns has r rows: each row adds a scale and its coded length).
 MAX_TAIL_COLUMNS = 64
+#: The main part's RHT tile is at least the padded plan's, up to this (a longer search would leave a long tail).
+MIN_MAIN_TILE = 32
 #: Stored bits a tail adds besides its payload and its r row scales (header, stream headers, block headers,
 #: checksum, rounded up over both coders), for the rule of :func:`split_columns`.
 TAIL_FIXED_BITS = 8 * 96
@@ -44,25 +46,37 @@ TAIL_FIXED_BITS = 8 * 96
 def split_columns(k: int, n: int, tile: int) -> tuple[int, int]:
     """``(K_main, r)`` for a weight of ``n`` rows of ``k`` columns at maximum tile ``tile``; ``r = 0``: no split.
 
-    ``K_main`` is the largest multiple of 8 below ``k`` whose plan pads nothing (``plan_tiles(K_main, tile)[1]
-    == K_main``), ``r = k − K_main``. No split when the plan of ``k`` pads nothing, when ``r`` exceeds
-    :data:`MAX_TAIL_COLUMNS` or ``k / 8``, or when the saved padding ``n · (K_pad − k)`` is below twice the tail's
-    fixed cost (:data:`TAIL_FIXED_BITS` + 16 bits per tail row).
+    ``K_main`` is the largest multiple of 8 below ``k`` that the plan codes without padding
+    (``plan_tiles(K_main, tile)[1] == K_main``) with an RHT tile at least ``min(H, 32)``, ``H`` the tile of the
+    padded plan of ``k`` (so the split never rotates with a smaller tile than padding would: 777 → 768 with tile
+    256, not 776 with tile 8) — or, when no such width lies within :data:`MAX_TAIL_COLUMNS` of ``k``, with any
+    tile (9 → 8); ``r = k − K_main``. No split when the plan of ``k`` pads nothing, when ``r``
+    exceeds :data:`MAX_TAIL_COLUMNS`, or when the saved padding ``n · (K_pad − k)`` coordinates is below twice
+    the tail's fixed cost in bits (:data:`TAIL_FIXED_BITS` + 16 per tail row).
     """
     if k <= 0 or n <= 0:
         raise ValueError(f"cannot split a weight of shape ({n}, {k})")
-    _, k_pad = plan_tiles(k, tile)
+    h, k_pad = plan_tiles(k, tile)
     if k_pad == k:
         return k, 0
-    k_main = (k // 8) * 8
-    while k_main > 0 and plan_tiles(k_main, tile)[1] != k_main:
-        k_main -= 8
+    k_main = _unpadded_below(k, tile, min(h, MIN_MAIN_TILE))
+    if k_main <= 0 or k - k_main > MAX_TAIL_COLUMNS:  # no such width near k (e.g. 9 → 16 at tile 16): any unpadded one
+        k_main = _unpadded_below(k, tile, 8)
     r = k - k_main
-    if k_main <= 0 or r > MAX_TAIL_COLUMNS or 8 * r > k:
-        return k, 0
-    if n * (k_pad - k) < 2 * (TAIL_FIXED_BITS + 16 * r):
+    if k_main <= 0 or r > MAX_TAIL_COLUMNS or n * (k_pad - k) < 2 * (TAIL_FIXED_BITS + 16 * r):
         return k, 0
     return k_main, r
+
+
+def _unpadded_below(k: int, tile: int, min_tile: int) -> int:
+    """The largest multiple of 8 below ``k`` whose plan pads nothing with a tile ≥ ``min_tile`` (0 if none)."""
+    k_main = (k - 1) // 8 * 8
+    while k_main > 0:
+        h, k_pad = plan_tiles(k_main, tile)
+        if k_pad == k_main and h >= min_tile:
+            break
+        k_main -= 8
+    return k_main
 
 
 def tail_key(key: int | str) -> str:
