@@ -291,3 +291,32 @@ def test_streaming_convert_piece_carries_the_tail(tmp_path, storage):
     back.load_state_dict(tensors, assign=True)
     x = torch.randn(2, 777)
     assert torch.equal(back(x), ref(x))
+
+
+def test_diffusers_from_pretrained_quantizes_split_layers_like_quantize(tmp_path):
+    """``from_pretrained(quantization_config=HQConfig(...))`` on a model with padded widths (774 and 3096 columns:
+    the feed-forward layers split) gives the same buffers as ``quantize`` in memory, and saves / loads exactly."""
+    diffusers = pytest.importorskip("diffusers")
+    import hq_diffusion
+    from hq_diffusion import HQConfig
+
+    torch.manual_seed(0)
+    model = diffusers.LTXVideoTransformer3DModel(
+        in_channels=8, out_channels=8, patch_size=1, patch_size_t=1, num_attention_heads=3, attention_head_dim=258,
+        cross_attention_dim=774, num_layers=1, caption_channels=16)
+    model.save_pretrained(tmp_path / "float")
+    loaded = diffusers.LTXVideoTransformer3DModel.from_pretrained(tmp_path / "float",
+                                                                 quantization_config=HQConfig(bps=4.0))
+    ref = diffusers.LTXVideoTransformer3DModel.from_pretrained(tmp_path / "float")
+    hq_diffusion.quantize(ref, bps=4.0, progress=False)
+    split = {n for n, m in loaded.named_modules() if isinstance(m, HQLinear) and m.tail_encoded() is not None}
+    assert split == {"transformer_blocks.0.ff.net.0.proj", "transformer_blocks.0.ff.net.2"}
+    a, b = loaded.state_dict(), ref.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    hq_diffusion.save_quantized(ref, tmp_path / "hq")
+    back = hq_diffusion.load_quantized(tmp_path / "hq")
+    c = back.state_dict()
+    assert c.keys() == b.keys() and all(torch.equal(c[k], b[k]) for k in b)
+    for n in split:
+        x = torch.randn(2, back.get_submodule(n).in_features)
+        assert torch.equal(back.get_submodule(n)(x), ref.get_submodule(n)(x))
