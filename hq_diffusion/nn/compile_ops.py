@@ -95,16 +95,16 @@ def _(x, seed, key, tile, n_pad, gain, opset):
     return x.new_empty((x.shape[0], n_pad), dtype=torch.int8), x.new_empty((x.shape[0],), dtype=torch.float32)
 
 
-def weight_of(q: EncodedTensor, codes: torch.Tensor | None = None) -> torch.Tensor:
+def weight_of(q: EncodedTensor, codes: torch.Tensor | None = None, ops: OpSet = REFERENCE) -> torch.Tensor:
     """float32 (rows, n) weight of ``q`` in the original basis: ``p(Y) / α · scale`` (from ``codes`` when given,
-    else decoded from the streams), inverse-rotated and cropped to ``n`` columns (the decoder's arithmetic)."""
-    from ..codec.core import decode
+    else ``ops.decode(q, "rotated")`` of the streams), inverse-rotated and cropped to ``n`` columns (the
+    decoder's arithmetic)."""
     from ..codec.lattice import to_physical
     from ..codec.ops_ref import row_dequant_scale
     from ..codec.rht import inverse_rht
 
     if codes is None:
-        rot = decode(q, out="rotated").reshape(q.rows, q.n_pad)
+        rot = ops.decode(q, "rotated", torch.float32).reshape(q.rows, q.n_pad)
     else:
         rot = to_physical(q.lattice, codes.reshape(q.rows, q.n_pad)) * row_dequant_scale(q).unsqueeze(1)
     return inverse_rht(rot, q.seed, q.key, q.tile)[:, :q.n].contiguous()

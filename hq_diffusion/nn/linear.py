@@ -22,6 +22,13 @@ Buffers (registered, so ``.to()``, ``state_dict`` and accelerate/diffusers offlo
   ``s{i}_escapes`` int32 (E,). The precision of each stream is in ``hq_meta`` (metadata version 2).
 - storage ``"int8"``: ``codes`` int8 (N, K_pad), the lattice integers (int16 when some exceed ±127).
 - ``bias``: an ``nn.Parameter`` (N,) in the original dtype, when the linear had one.
+- a **split layer** (a width the tile plan would pad, :mod:`hq_diffusion.codec.split`): the buffers above hold the
+  main part, the first ``cols_main`` = K_main columns (K_pad = K_main then), and the transposed tail
+  ``W[:, K_main:]ᵀ`` (r, N), r = K − K_main, is stored in the same form with the prefix ``tail_``
+  (``tail_scales`` (r,), ``tail_s{i}_*`` or ``tail_codes`` (r, N_pad)); ``hq_meta`` has ``cols_main`` and a
+  ``"tail"`` dict (the tail's own layer metadata), and its ``bps`` / ``snr_db`` count both parts. Every path
+  runs on ``x[..., :K_main]`` and adds ``x[..., K_main:] @ T`` in float32, T (r, N) the tail decoded at every
+  call (also on the int8 and simulated low-precision paths: the tail is not rounded to their formats).
 
 Scalar metadata (shapes, α, tile, seed, key, lattice, block, stream lengths, mma, rate, SNR) are Python
 attributes and the JSON-safe :attr:`HQLinear.hq_meta` dict, from which :meth:`HQLinear.from_meta` rebuilds an
@@ -248,16 +255,16 @@ def _apply(module, x: torch.Tensor, mma: str, ops: OpSet) -> torch.Tensor:
     else:  # split layer: the main part's path on the first K_main columns, plus the tail in float32
         k_main = q.shape[1]
         out = MMA_PATHS[mma](module, x2[:, :k_main].contiguous(), ops)
-        out = (out.to(torch.float32) + x2[:, k_main:].to(torch.float32) @ _tail_weight(module, tq)).to(x.dtype)
+        out = (out.to(torch.float32) + x2[:, k_main:].to(torch.float32) @ _tail_weight(module, tq, ops)).to(x.dtype)
     return out.reshape(*x.shape[:-1], q.shape[0])
 
 
-def _tail_weight(m, tq: EncodedTensor) -> torch.Tensor:
+def _tail_weight(m, tq: EncodedTensor, ops: OpSet) -> torch.Tensor:
     """The decoded tail ``T`` (r, N) float32 of a split layer (``W[:, K_main:] ≈ Tᵀ``), decoded at every call:
-    from the tail's streams, or from ``tail_codes`` for storage ``"int8"`` (an opaque custom op while
-    ``torch.compile`` traces)."""
+    from the tail's streams (``ops.decode``), or from ``tail_codes`` for storage ``"int8"`` (one opaque custom op
+    with the reference decode while ``torch.compile`` traces)."""
     codes = getattr(m, "tail_codes", None)
-    return traced_weight_of(tq, codes) if torch.compiler.is_compiling() else weight_of(tq, codes)
+    return traced_weight_of(tq, codes) if torch.compiler.is_compiling() else weight_of(tq, codes, ops)
 
 
 def hq_linear(x: torch.Tensor, module, ops: OpSet = DISPATCHED) -> torch.Tensor:
