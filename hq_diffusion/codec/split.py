@@ -13,12 +13,13 @@ Rate: the tail is coded first at the target rate, then the main part gets the re
 (``bps · N · K`` minus every stored bit of the tail), so the combined rate (:func:`split_bits` over ``N · K``,
 both blobs' headers and scales included) lands in ``(bps − 0.001, bps]`` through the codec's own exact-rate
 search (a tail too small for its own share, e.g. one row of 400 with rANS tables, is coded anyway without a
-:class:`~.core.RateBudgetWarning`: the main part absorbs the difference). With an SNR target (``snr_db=``) both parts are coded at that target (the same α).
+:class:`~.core.RateBudgetWarning`: the main part absorbs the difference). With an SNR target (``snr_db=``)
+both parts are coded at that target (the same α).
 
 When to split (:func:`split_columns`): only when the plan pads, the remainder is at most
-:data:`MAX_TAIL_COLUMNS`, and the padding the split saves (``N · (K_pad − K)``
-coordinates) pays for the tail's own fixed cost (its header and ``r`` row scales, :data:`TAIL_FIXED_BITS`
-per tail plus ``r · 16``) at least twice over at 1 bit per coordinate. Widths the plan does not pad (multiples
+:data:`MAX_TAIL_COLUMNS`, and the padding the split saves (``N · (K_pad − K)`` coordinates) pays for the tail's
+own fixed cost (its header and ``r`` row scales, :data:`TAIL_FIXED_BITS` per tail plus ``r · 16``) at least
+twice over at 1 bit per coordinate. Widths the plan does not pad (multiples
 of 8 that fill their tiles: 64, 784, 1000, 4096, ...) are never split and code exactly as before.
 """
 from __future__ import annotations
@@ -38,8 +39,10 @@ from .rht import plan_tiles
 MAX_TAIL_COLUMNS = 64
 #: The main part's RHT tile is at least the padded plan's, up to this (a longer search would leave a long tail).
 MIN_MAIN_TILE = 32
-#: Stored bits a tail adds besides its payload and its r row scales (header, stream headers, block headers,
-#: checksum, rounded up over both coders), for the rule of :func:`split_columns`.
+#: Stored bits a tail adds besides its payload and its r row scales, for the rule of :func:`split_columns`: a Rice
+#: tail's header, stream and block headers and checksum (about 60–70 bytes) rounded up. A rANS tail also stores
+#: its frequency tables (up to 2 × 256 × 2 bytes), so the rule is optimistic for rANS on the smallest layers it
+#: splits; the rate stays exact either way (the main part absorbs the difference).
 TAIL_FIXED_BITS = 8 * 96
 
 
@@ -60,7 +63,7 @@ def split_columns(k: int, n: int, tile: int) -> tuple[int, int]:
     if k_pad == k:
         return k, 0
     k_main = _unpadded_below(k, tile, min(h, MIN_MAIN_TILE))
-    if k_main <= 0 or k - k_main > MAX_TAIL_COLUMNS:  # no such width near k (e.g. 9 → 16 at tile 16): any unpadded one
+    if k_main <= 0 or k - k_main > MAX_TAIL_COLUMNS:  # none near k (9 pads to 16 with tile 16): any tile
         k_main = _unpadded_below(k, tile, 8)
     r = k - k_main
     if k_main <= 0 or r > MAX_TAIL_COLUMNS or n * (k_pad - k) < 2 * (TAIL_FIXED_BITS + 16 * r):

@@ -303,11 +303,13 @@ def _register_weight_buffers(mod: nn.Module, meta: dict, prefix: str, device) ->
     if meta["storage"] == "rice":
         for i, st in enumerate(meta["streams"]):
             for part in STREAM_PARTS:
-                mod.register_buffer(f"{prefix}s{i}_{part}", torch.empty(st[part], dtype=_PART_DTYPES[part], device=device))
+                mod.register_buffer(f"{prefix}s{i}_{part}",
+                                    torch.empty(st[part], dtype=_PART_DTYPES[part], device=device))
     elif meta["storage"] == "rans":
         for i, st in enumerate(meta["streams"]):
             for part, shape in _rans_shapes(meta["lattice"], i, st, meta["block"]).items():
-                mod.register_buffer(f"{prefix}s{i}_{part}", torch.empty(shape, dtype=_RANS_DTYPES[part][0], device=device))
+                mod.register_buffer(f"{prefix}s{i}_{part}",
+                                    torch.empty(shape, dtype=_RANS_DTYPES[part][0], device=device))
     else:
         mod.register_buffer(f"{prefix}codes", torch.empty(rows, meta["n_pad"], dtype=_CODE_DTYPES[meta["codes_dtype"]],
                                                           device=device))
