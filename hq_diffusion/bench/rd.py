@@ -1,6 +1,7 @@
 """``hq-diffusion bench rd``: rate–distortion of the codec on iid N(0, 1) or real weights, against baselines.
 
-Every rate is the *total* stored rate (payload, side information, scales, headers). Table 1 gives SNR per
+Every rate is the *total* stored rate (payload, side information, scales, headers; both parts of a weight
+whose width is split into a main part and a transposed tail, :mod:`hq_diffusion.codec.split`). Table 1 gives SNR per
 lattice at 2, 3, 4, 5 bps with the Shannon bound (6.02·R dB), once per entropy coder (Rice and rANS, each
 at its own total rate). Table 2 puts RTN int-b (group 128), NF4
 (block 64, the real NF4 codebook) and a HIGGS-like 2-D Gaussian grid after the RHT (the converged grid asset)
@@ -17,7 +18,8 @@ import argparse
 import torch
 from tqdm import tqdm
 
-from hq_diffusion.codec import CodecConfig, decode, encode
+from hq_diffusion.codec import CodecConfig
+from hq_diffusion.codec.split import decode_split, encode_split, split_bits
 
 from . import baselines
 from ._common import emit, header, table
@@ -28,11 +30,12 @@ LATTICES = ("e8", "d4", "a2", "z")
 
 def ours(ws: dict, rate: float, lattice: str, coder: str) -> Tally:
     """Each weight of ``ws`` (name → float32 (R, C)) encoded on its own at ``rate`` total bps (its name is
-    the key of its signs); the totals over all of them."""
+    the key of its signs; a width the tile plan pads is split into a main part and a transposed tail,
+    :func:`~hq_diffusion.codec.split.encode_split`, both parts' bits counted); the totals over all of them."""
     t = Tally()
     for name, w in ws.items():
-        q = encode(w, CodecConfig(bps=rate, lattice=lattice, coder=coder), key=name)
-        t.add(w, decode(q), q.total_bits)
+        main, tail = encode_split(w, CodecConfig(bps=rate, lattice=lattice, coder=coder), key=name)
+        t.add(w, decode_split(main, tail), split_bits(main, tail))
     return t
 
 

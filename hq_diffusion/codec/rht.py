@@ -6,7 +6,9 @@ For a row ``x`` of length ``n_pad`` split into tiles of ``H`` consecutive coordi
 weight is stored rotated and the activations are rotated online.
 
 Rows are zero-padded to a multiple of the tile (:func:`plan_tiles`: at most ~0.8% beyond the multiple of 8
-the lattice needs); the padded coordinates are stored like any other and counted in the rate.
+the lattice needs); the padded coordinates are stored like any other and counted in the rate. A weight whose width
+the plan pads can instead be coded as an unpadded main part plus a transposed tail (:mod:`.split`), as
+``HQLinear`` and ``bench rd`` do.
 """
 from __future__ import annotations
 

@@ -95,6 +95,48 @@ def _(x, seed, key, tile, n_pad, gain, opset):
     return x.new_empty((x.shape[0], n_pad), dtype=torch.int8), x.new_empty((x.shape[0],), dtype=torch.float32)
 
 
+def weight_of(q: EncodedTensor, codes: torch.Tensor | None = None, ops: OpSet = REFERENCE) -> torch.Tensor:
+    """float32 (rows, n) weight of ``q`` in the original basis: ``p(Y) / α · scale`` (from ``codes`` when given,
+    else ``ops.decode(q, "rotated")`` of the streams), inverse-rotated and cropped to ``n`` columns (the
+    decoder's arithmetic)."""
+    from ..codec.lattice import to_physical
+    from ..codec.ops_ref import row_dequant_scale
+    from ..codec.rht import inverse_rht
+
+    if codes is None:
+        rot = ops.decode(q, "rotated", torch.float32).reshape(q.rows, q.n_pad)
+    else:
+        rot = to_physical(q.lattice, codes.reshape(q.rows, q.n_pad)) * row_dequant_scale(q).unsqueeze(1)
+    return inverse_rht(rot, q.seed, q.key, q.tile)[:, :q.n].contiguous()
+
+
+@torch.library.custom_op("hq_diffusion::compiled_weight", mutates_args=())
+def compiled_weight(scales: torch.Tensor, tensors: list[torch.Tensor], ns: list[int], shape: list[int],
+                    weight_dtype: torch.dtype, lattice: str, tile: int, block: int, seed: int, key: int, alpha: float,
+                    scale_dtype: str, fits_int8: bool, coder: str, codes: torch.Tensor | None) -> torch.Tensor:
+    """:func:`weight_of` of the encoded tensor given by its parts (as :func:`compiled_decode`): float32
+    (rows, shape[-1])."""
+    q = _unpack(scales, tensors, ns, shape, weight_dtype, lattice, tile, block, seed, key, alpha, scale_dtype,
+                fits_int8, coder)
+    return weight_of(q, codes)
+
+
+@compiled_weight.register_fake
+def _(scales, tensors, ns, shape, weight_dtype, lattice, tile, block, seed, key, alpha, scale_dtype, fits_int8, coder,
+      codes):
+    rows = 1
+    for d in shape[:-1]:
+        rows *= d
+    return scales.new_empty((rows, shape[-1]), dtype=torch.float32)
+
+
+def traced_weight_of(q: EncodedTensor, codes: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`weight_of` as the opaque custom op (for use while ``torch.compile`` traces)."""
+    tensors, ints = _stream_parts(q)
+    return compiled_weight(q.scales, tensors, ints, list(q.shape), q.dtype, q.lattice, q.tile, q.block, q.seed,
+                           q.key, float(q.alpha), q.scale_dtype, bool(q.fits_int8), q.coder, codes)
+
+
 _COMPILED: dict[str, OpSet] = {}
 
 

@@ -22,6 +22,13 @@ Buffers (registered, so ``.to()``, ``state_dict`` and accelerate/diffusers offlo
   ``s{i}_escapes`` int32 (E,). The precision of each stream is in ``hq_meta`` (metadata version 2).
 - storage ``"int8"``: ``codes`` int8 (N, K_pad), the lattice integers (int16 when some exceed ±127).
 - ``bias``: an ``nn.Parameter`` (N,) in the original dtype, when the linear had one.
+- a **split layer** (a width the tile plan would pad, :mod:`hq_diffusion.codec.split`): the buffers above hold the
+  main part, the first ``cols_main`` = K_main columns (K_pad = K_main then), and the transposed tail
+  ``W[:, K_main:]ᵀ`` (r, N), r = K − K_main, is stored in the same form with the prefix ``tail_``
+  (``tail_scales`` (r,), ``tail_s{i}_*`` or ``tail_codes`` (r, N_pad)); ``hq_meta`` has ``cols_main`` and a
+  ``"tail"`` dict (the tail's own layer metadata), and its ``bps`` / ``snr_db`` count both parts. Every path
+  runs on ``x[..., :K_main]`` and adds ``x[..., K_main:] @ T`` in float32, T (r, N) the tail decoded at every
+  call (also on the int8 and simulated low-precision paths: the tail is not rounded to their formats).
 
 Scalar metadata (shapes, α, tile, seed, key, lattice, block, stream lengths, mma, rate, SNR) are Python
 attributes and the JSON-safe :attr:`HQLinear.hq_meta` dict, from which :meth:`HQLinear.from_meta` rebuilds an
@@ -71,13 +78,14 @@ from ..codec.lattice import LATTICES, to_physical
 from ..codec.ops_ref import REFERENCE, OpSet, int8_operand_gain, row_dequant_scale
 from ..codec.scales import LOG8_GRID_BYTES, check_log8_grid, log8_grid, scale_count, scale_values
 from ..codec.rht import ALLOWED_TILES, inverse_rht, legacy_plan_tiles, pad_last, plan_tiles
+from ..codec.split import encode_split, split_columns, tail_key
 from ..codec import rans
 from ..codec.format import _SYMBOLS_PER_WORD, rans_contexts
 from ..codec.rice import RiceStream, _num_blocks
 from ..codec.strip import NUM_STREAMS, stream_lengths
 from ..kernels import DISPATCHED
 from .cpu_forward import codes_path_applies, mma_codes_cpu
-from .compile_ops import compiled_opset
+from .compile_ops import compiled_opset, traced_weight_of, weight_of
 from .lowp import FAKE_QUANT
 
 META_VERSION = 1  # layers that store Rice streams or int8 codes (unchanged since the first checkpoints)
@@ -233,15 +241,30 @@ def _apply(module, x: torch.Tensor, mma: str, ops: OpSet) -> torch.Tensor:
     """Run path ``mma`` of ``module`` on x (..., K) → (..., N) in x.dtype, composing ``ops`` (the reference set
     for a simulated path)."""
     q = module.encoded()
-    if len(q.shape) != 2 or x.shape[-1] != q.shape[1]:
-        raise ValueError(f"{_label(module)}: expected input (..., {q.shape[-1]}) for the weight of shape "
-                         f"{tuple(q.shape)}, got {tuple(x.shape)}")
+    k = getattr(module, "in_features", q.shape[-1])
+    if len(q.shape) != 2 or x.shape[-1] != k:
+        raise ValueError(f"{_label(module)}: expected input (..., {k}) for the weight of shape "
+                         f"({q.shape[0]}, {k}), got {tuple(x.shape)}")
     x2 = x.reshape(-1, x.shape[-1])
     ops = REFERENCE if mma in SIMULATED else ops
     if torch.compiler.is_compiling():  # one opaque custom op per host-reading operation: no graph break
         ops = compiled_opset(ops)
-    out = MMA_PATHS[mma](module, x2, ops)
+    tq = module.tail_encoded() if hasattr(module, "tail_encoded") else None
+    if tq is None:
+        out = MMA_PATHS[mma](module, x2, ops)
+    else:  # split layer: the main part's path on the first K_main columns, plus the tail in float32
+        k_main = q.shape[1]
+        out = MMA_PATHS[mma](module, x2[:, :k_main].contiguous(), ops)
+        out = (out.to(torch.float32) + x2[:, k_main:].to(torch.float32) @ _tail_weight(module, tq, ops)).to(x.dtype)
     return out.reshape(*x.shape[:-1], q.shape[0])
+
+
+def _tail_weight(m, tq: EncodedTensor, ops: OpSet) -> torch.Tensor:
+    """The decoded tail ``T`` (r, N) float32 of a split layer (``W[:, K_main:] ≈ Tᵀ``), decoded at every call:
+    from the tail's streams (``ops.decode``), or from ``tail_codes`` for storage ``"int8"`` (one opaque custom op
+    with the reference decode while ``torch.compile`` traces)."""
+    codes = getattr(m, "tail_codes", None)
+    return traced_weight_of(tq, codes) if torch.compiler.is_compiling() else weight_of(tq, codes, ops)
 
 
 def hq_linear(x: torch.Tensor, module, ops: OpSet = DISPATCHED) -> torch.Tensor:
@@ -266,6 +289,68 @@ def hq_linear(x: torch.Tensor, module, ops: OpSet = DISPATCHED) -> torch.Tensor:
 
 
 # ---- the module -----------------------------------------------------------------------------------------
+
+#: Buffer-name prefix of a split layer's tail (``tail_scales``, ``tail_s0_unary``, ..., ``tail_codes``).
+TAIL_PREFIX = "tail_"
+
+
+def _register_weight_buffers(mod: nn.Module, meta: dict, prefix: str, device) -> None:
+    """Register the empty stored-weight buffers a (validated) layer metadata ``meta`` describes, names prefixed by
+    ``prefix``: ``scales`` (the stored section: (rows,) raw bits, or log8 uint8 (8 + rows,)), then the streams
+    (``s{i}_{part}``) or ``codes`` (rows, n_pad)."""
+    rows, sdt = meta["out_features"], meta["scale_dtype"]
+    mod.register_buffer(f"{prefix}scales", torch.empty(scale_count(sdt, rows), dtype=_RAW_SCALE[sdt], device=device))
+    if meta["storage"] == "rice":
+        for i, st in enumerate(meta["streams"]):
+            for part in STREAM_PARTS:
+                mod.register_buffer(f"{prefix}s{i}_{part}",
+                                    torch.empty(st[part], dtype=_PART_DTYPES[part], device=device))
+    elif meta["storage"] == "rans":
+        for i, st in enumerate(meta["streams"]):
+            for part, shape in _rans_shapes(meta["lattice"], i, st, meta["block"]).items():
+                mod.register_buffer(f"{prefix}s{i}_{part}",
+                                    torch.empty(shape, dtype=_RANS_DTYPES[part][0], device=device))
+    else:
+        mod.register_buffer(f"{prefix}codes", torch.empty(rows, meta["n_pad"], dtype=_CODE_DTYPES[meta["codes_dtype"]],
+                                                          device=device))
+
+
+def _copy_weight_buffers(mod: nn.Module, q: EncodedTensor, codes: torch.Tensor | None, prefix: str) -> None:
+    """Fill the buffers of :func:`_register_weight_buffers` from the encoded ``q`` (or ``codes`` for int8)."""
+    scales = getattr(mod, f"{prefix}scales")
+    scales.copy_(q.scales.view(scales.dtype))
+    if codes is not None:
+        getattr(mod, f"{prefix}codes").copy_(codes)
+    elif q.coder == "rans":
+        for i, st in enumerate(q.streams):
+            for part, t in st.tensors().items():
+                getattr(mod, f"{prefix}s{i}_{part}").copy_(t.reshape(-1).view(_RANS_DTYPES[part][0]).reshape(t.shape))
+    else:
+        for i, st in enumerate(q.streams):
+            for part, t in st.tensors().items():
+                getattr(mod, f"{prefix}s{i}_{part}").copy_(t)
+
+
+def _encoded_from(mod: nn.Module, meta: dict, prefix: str, cols: int) -> EncodedTensor:
+    """The :class:`EncodedTensor` (``meta["out_features"]``, ``cols``) over the buffers of ``prefix`` (no copy;
+    empty ``streams`` for storage ``"int8"``)."""
+    storage, block = meta["storage"], meta["block"]
+    if storage == "rice":
+        streams = [RiceStream(st["n"], block, *(getattr(mod, f"{prefix}s{i}_{p}") for p in STREAM_PARTS))
+                   for i, st in enumerate(meta["streams"])]
+    elif storage == "rans":
+        streams = [rans.RansStream(st["n"], block, st["prec"],
+                                   *(_bits_view(getattr(mod, f"{prefix}s{i}_{p}"), _RANS_DTYPES[p][1])
+                                     for p in RANS_PARTS))
+                   for i, st in enumerate(meta["streams"])]
+    else:
+        streams = []
+    sdt = meta["scale_dtype"]
+    return EncodedTensor((meta["out_features"], cols), _DTYPES[meta["dtype"]], meta["lattice"], meta["tile"], block,
+                         meta["seed"], meta["key"], meta["alpha"], sdt,
+                         getattr(mod, f"{prefix}scales").view(SCALE_DTYPES[sdt]), streams, meta["fits_int8"],
+                         coder="rans" if storage == "rans" else "rice")
+
 
 class HQLinear(nn.Module):
     """``nn.Linear`` replacement holding a HyperQuant-encoded weight (see the module docstring).
@@ -296,22 +381,13 @@ class HQLinear(nn.Module):
         self.storage = meta["storage"]
         self.weight_dtype = _DTYPES[meta["dtype"]]
         self.backend = backend
-        n, kp = self.out_features, self.n_pad
-        # the stored scale section: (N,) values, or for log8 uint8 (8 + N,) grid and codes (codec.scales)
-        self.register_buffer("scales", torch.empty(scale_count(self.scale_dtype, n), dtype=_RAW_SCALE[self.scale_dtype],
-                                                   device=device))
-        if self.storage == "rice":
-            for i, st in enumerate(meta["streams"]):
-                for part in STREAM_PARTS:
-                    self.register_buffer(f"s{i}_{part}", torch.empty(st[part], dtype=_PART_DTYPES[part], device=device))
-        elif self.storage == "rans":
-            for i, st in enumerate(meta["streams"]):
-                for part, shape in _rans_shapes(meta["lattice"], i, st, self.block).items():
-                    self.register_buffer(f"s{i}_{part}", torch.empty(shape, dtype=_RANS_DTYPES[part][0], device=device))
-        else:
-            self.register_buffer("codes", torch.empty(n, kp, dtype=_CODE_DTYPES[meta["codes_dtype"]], device=device))
+        #: columns of the main part (``in_features`` unless the layer is split; codec/split.py)
+        self.cols_main = meta.get("cols_main", self.in_features)
+        _register_weight_buffers(self, meta, "", device)
+        if "tail" in meta:  # the transposed tail: (r, N) coded as its own tensor, buffers prefixed "tail_"
+            _register_weight_buffers(self, meta["tail"], TAIL_PREFIX, device)
         if meta["bias"] is not None:
-            self.bias = nn.Parameter(torch.empty(n, dtype=_DTYPES[meta["bias"]], device=device), requires_grad=False)
+            self.bias = nn.Parameter(torch.empty(self.out_features, dtype=_DTYPES[meta["bias"]], device=device), requires_grad=False)
         else:
             self.register_parameter("bias", None)
 
@@ -377,37 +453,35 @@ class HQLinear(nn.Module):
             raise ValueError(f"layer {name!r}: weight has {int(torch.isnan(w).sum())} NaN and "
                              f"{int(torch.isinf(w).sum())} Inf values; refusing to quantize it")
         cfg = codec_cfg or CodecConfig()
-        meter = _SnrMeter(w, cfg.lattice, cfg.seed, key, plan_tiles(w.shape[-1], cfg.tile)[0])
-        q = encode(w, cfg, key=key, observe=meter)
+        w2 = w.reshape(-1, w.shape[-1])
+        k_main, r = split_columns(w2.shape[1], w2.shape[0], cfg.tile) if w.dim() == 2 else (w.shape[-1], 0)
+        meter = _SnrMeter(w2[:, :k_main], cfg.lattice, cfg.seed, key, plan_tiles(k_main, cfg.tile)[0])
+        tail_meter = (_SnrMeter(w2[:, k_main:].T, cfg.lattice, cfg.seed, tail_key(key),
+                                plan_tiles(w2.shape[0], cfg.tile)[0]) if r else None)
+        q, tq = encode_split(w, cfg, key=key, observe=meter, tail_observe=tail_meter)
         if mma == "int8" and not q.fits_int8:
             warnings.warn(f"layer {name!r}: lattice integers reach {q.meta.get('max_abs_code')} > 127 at "
                           f"{cfg.bps} bps, so the int8 matmul cannot use them; this layer uses mma='bf16'",
                           stacklevel=2)
             mma = "bf16"
-        codes = None
         if storage == "rice":
             storage = q.coder  # the streams of the coder the codec used ("auto" resolved)
-        if storage == "int8":
-            codes = decode(q, out="codes")
-            if codes.dtype != torch.int8:
-                warnings.warn(f"layer {name!r}: lattice integers exceed ±127; storage='int8' keeps them as "
-                              f"{dtype_name(codes.dtype)}", stacklevel=2)
+        codes = _int8_codes(q, storage, name)
         meta = _meta_from_encoded(q, storage=storage, mma=mma, bias=linear.bias, codes=codes)
+        tail_codes = None
+        if tq is not None:
+            tail_codes = _int8_codes(tq, storage, name)
+            meta = _split_meta(meta, _meta_from_encoded(tq, storage=storage, mma="bf16", bias=None, codes=tail_codes),
+                               w2.shape[1])
         mod = cls(meta, device=w.device, backend=backend, name=name)
-        mod.scales.copy_(q.scales.view(mod.scales.dtype))
-        if mod.storage == "rice":
-            for i, st in enumerate(q.streams):
-                for part, t in st.tensors().items():
-                    getattr(mod, f"s{i}_{part}").copy_(t)
-        elif mod.storage == "rans":
-            for i, st in enumerate(q.streams):
-                for part, t in st.tensors().items():
-                    getattr(mod, f"s{i}_{part}").copy_(t.reshape(-1).view(_RANS_DTYPES[part][0]).reshape(t.shape))
-        else:
-            mod.codes.copy_(codes)
+        _copy_weight_buffers(mod, q, codes, "")
+        if tq is not None:
+            _copy_weight_buffers(mod, tq, tail_codes, TAIL_PREFIX)
         if linear.bias is not None:
             mod.bias.data.copy_(linear.bias.detach())
-        snr = meter.snr_db(q.alpha)  # measured while the encoder held the kept attempt's integers
+        # measured while the encoder held the kept attempt's integers (both parts of a split layer together)
+        sums = [meter.sums(q.alpha)] + ([tail_meter.sums(tq.alpha)] if tq is not None else [])
+        snr = _snr_of(sum(s[0] for s in sums), sum(s[1] for s in sums))
         mod.hq_meta["snr_db"] = snr if math.isfinite(snr) else None
         return mod
 
@@ -421,35 +495,38 @@ class HQLinear(nn.Module):
 
         For storage ``"int8"`` there is no bitstream: the result carries the metadata and the scales with an
         empty ``streams`` list (``decode`` of it raises :class:`HQFormatError`); the integers are ``self.codes``.
+        The shape is (N, ``cols_main``): for a split layer the main part only (:meth:`tail_encoded`).
         """
-        if self.storage == "rice":
-            streams = [RiceStream(st["n"], self.block, *(getattr(self, f"s{i}_{p}") for p in STREAM_PARTS))
-                       for i, st in enumerate(self.hq_meta["streams"])]
-        elif self.storage == "rans":
-            streams = [rans.RansStream(st["n"], self.block, st["prec"],
-                                       *(_bits_view(getattr(self, f"s{i}_{p}"), _RANS_DTYPES[p][1]) for p in RANS_PARTS))
-                       for i, st in enumerate(self.hq_meta["streams"])]
-        else:
-            streams = []
-        return EncodedTensor((self.out_features, self.in_features), self.weight_dtype, self.lattice, self.tile,
-                             self.block, self.seed, self.key, self.alpha, self.scale_dtype,
-                             self.scales.view(SCALE_DTYPES[self.scale_dtype]), streams, self.fits_int8,
-                             coder="rans" if self.storage == "rans" else "rice")
+        own = {"lattice": self.lattice, "tile": self.tile, "block": self.block, "seed": self.seed, "key": self.key,
+               "alpha": self.alpha, "scale_dtype": self.scale_dtype, "fits_int8": self.fits_int8}
+        return _encoded_from(self, {**self.hq_meta, **own}, "", self.cols_main)  # the attributes as they are now
+
+    def tail_encoded(self) -> EncodedTensor | None:
+        """The transposed tail of a split layer as an :class:`EncodedTensor` (r, N) over the ``tail_*`` buffers
+        (``W[:, K_main:] ≈ decode(tail)ᵀ``), or None for a layer that is not split."""
+        tail = self.hq_meta.get("tail")
+        return None if tail is None else _encoded_from(self, tail, TAIL_PREFIX, self.out_features)
 
     def lattice_codes(self) -> torch.Tensor:
         """Lattice integers ``Y`` (N, K_pad): int8 when they fit, else int16/int32 (the ``codes`` buffer for
-        storage ``"int8"``, decoded from the streams for ``"rice"``)."""
+        storage ``"int8"``, decoded from the streams for ``"rice"``). For a split layer: the main part's, (N,
+        K_pad) with K_pad the padded ``cols_main`` (the tail's are ``decode(tail_encoded(), out="codes")``)."""
         if self.storage == "int8":
             return self.codes
         return decode(self.encoded(), out="codes")
 
     def rotated_weight(self) -> torch.Tensor:
-        """float32 (N, K_pad): ``p(Y) / α · scale``, the weight in the rotated basis."""
+        """float32 (N, K_pad): ``p(Y) / α · scale``, the weight in the rotated basis (a split layer: its main part,
+        the first ``cols_main`` columns rotated; the tail is rotated along N, see :meth:`tail_encoded`)."""
         return _rotated_weight(self, self.encoded(), REFERENCE, torch.float32)
 
     def dequantize(self) -> torch.Tensor:
-        """The reconstructed weight (N, K) in the original basis and dtype (for inspection and tests)."""
-        w = inverse_rht(self.rotated_weight(), self.seed, self.key, self.tile)[:, : self.in_features]
+        """The reconstructed weight (N, K) in the original basis and dtype (for inspection and tests); a split
+        layer's main part and transposed tail side by side."""
+        w = inverse_rht(self.rotated_weight(), self.seed, self.key, self.tile)[:, : self.cols_main]
+        tq = self.tail_encoded()
+        if tq is not None:
+            w = torch.cat([w, weight_of(tq, getattr(self, "tail_codes", None)).T], dim=1)
         return to_weight_dtype(w, self.weight_dtype)
 
     @property
@@ -460,8 +537,12 @@ class HQLinear(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         """``nn.Module`` loading, then a log8 scale grid is checked as a blob's is (HQFormatError naming the layer)."""
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        if self.scale_dtype == "log8" and self.scales.device.type != "meta" and self.scales.numel() >= LOG8_GRID_BYTES:
-            check_log8_grid(*log8_grid(self.scales), f"layer {self.name or prefix.rstrip('.')!r}: log8 row scales")
+        name = self.name or prefix.rstrip('.')
+        for pre, meta in (("", self.hq_meta), (TAIL_PREFIX, self.hq_meta.get("tail"))):
+            scales = getattr(self, f"{pre}scales") if meta is not None else None
+            if (meta is not None and meta["scale_dtype"] == "log8" and scales.device.type != "meta"
+                    and scales.numel() >= LOG8_GRID_BYTES):
+                check_log8_grid(*log8_grid(scales), f"layer {name!r}: log8 {pre}row scales")
 
     # ---- forward ------------------------------------------------------------------------------------
     def resolved_mma(self, device: torch.device) -> str:
@@ -486,7 +567,8 @@ class HQLinear(nn.Module):
         m = self.hq_meta
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"bps={m['bps']:.3f}, lattice={self.lattice}, mma={self.mma}, storage={self.storage}, "
-                f"codes=({self.out_features}, {self.n_pad}), tile={self.tile}")
+                f"codes=({self.out_features}, {self.n_pad}), tile={self.tile}" + (
+                    f", tail=({self.in_features - self.cols_main}, {self.out_features})" if "tail" in m else ""))
 
 
 # ---- metadata -------------------------------------------------------------------------------------------
@@ -526,10 +608,14 @@ class _SnrMeter:
             acc[1] += float(rec.sub_(ref).square_().sum())
             del rot, rec, ref
 
+    def sums(self, alpha: float) -> tuple[float, float]:
+        """float64 sums (squared signal, squared error) of the attempt at ``alpha`` (the kept one)."""
+        sig, err = self._sums[alpha]
+        return sig, err
+
     def snr_db(self, alpha: float) -> float:
         """SNR in dB of the attempt at ``alpha`` (the kept one), rounded to :data:`SNR_DECIMALS` decimals."""
-        sig, err = self._sums[alpha]
-        return _snr_of(sig, err)
+        return _snr_of(*self.sums(alpha))
 
 
 def _snr_of(sig: float, err: float) -> float:
@@ -546,9 +632,10 @@ def _snr_db(w: torch.Tensor, m: HQLinear) -> float:
     storage ``"int8"`` reads its stored integers): each block of rows is unstripped to its lattice integers,
     made float32
     ``p(Y) / α · scale`` (the decoder's arithmetic), inverse-rotated and compared with the same rows of ``w``;
-    float64 accumulators of the squared error and the squared signal are divided once at the end."""
-    n, rows = m.in_features, m.out_features
-    ref_rows = w.reshape(-1, n)
+    float64 accumulators of the squared error and the squared signal are divided once at the end. A split
+    layer adds its tail's (decoded whole: r · N coordinates) to the same sums."""
+    n, rows = m.cols_main, m.out_features
+    ref_rows = w.reshape(-1, m.in_features)[:, :n]
     scale = row_dequant_scale(m.encoded())
     step = max(1, SNR_BLOCK_ELEMS // m.n_pad)
     if m.storage == "int8":
@@ -564,6 +651,12 @@ def _snr_db(w: torch.Tensor, m: HQLinear) -> float:
         sig += float(ref.square().sum())
         err += float(rec.sub_(ref).square_().sum())
         del rot, rec, ref, y
+    tq = m.tail_encoded()
+    if tq is not None:
+        ref = w.reshape(-1, m.in_features)[:, n:].T.to(torch.float32).double()
+        rec = weight_of(tq, getattr(m, "tail_codes", None)).double()
+        sig += float(ref.square().sum())
+        err += float(rec.sub_(ref).square_().sum())
     return _snr_of(sig, err)
 
 
@@ -592,6 +685,26 @@ def _meta_from_encoded(q: EncodedTensor, *, storage: str, mma: str, bias: torch.
         stored = codes.numel() * codes.element_size() + q.scales.numel() * q.scales.element_size()
         meta["bps"] = 8.0 * stored / q.numel
     return meta
+
+
+def _int8_codes(q: EncodedTensor, storage: str, name: str) -> torch.Tensor | None:
+    """The lattice integers of ``q`` for storage ``"int8"`` (a warning when they need more than int8), else None."""
+    if storage != "int8":
+        return None
+    codes = decode(q, out="codes")
+    if codes.dtype != torch.int8:
+        warnings.warn(f"layer {name!r}: lattice integers exceed ±127; storage='int8' keeps them as "
+                      f"{dtype_name(codes.dtype)}", stacklevel=3)
+    return codes
+
+
+def _split_meta(meta: dict, tail: dict, k: int) -> dict:
+    """The ``hq_meta`` of a split layer of ``k`` columns from its main part's (``in_features`` = K_main) and its
+    tail's: ``in_features`` K, ``cols_main`` K_main, the ``"tail"`` sub-dict (its ``snr_db`` left None) and
+    ``bps`` the combined rate (every stored bit of both parts over N · K)."""
+    k_main, n = meta["in_features"], meta["out_features"]
+    bits = meta["bps"] * n * k_main + tail["bps"] * tail["in_features"] * tail["out_features"]
+    return {**meta, "in_features": int(k), "cols_main": int(k_main), "tail": tail, "bps": float(bits / (n * k))}
 
 
 _REQUIRED = {"version": int, "in_features": int, "out_features": int, "dtype": str, "lattice": str, "tile": int,
@@ -636,6 +749,8 @@ def validate_meta(meta: dict, name: str = "") -> dict:
     n_in, n_out = meta["in_features"], meta["out_features"]
     if not (0 < n_in < 2**31 and 0 < n_out < 2**31):
         bad(f"bad shape ({n_out}, {n_in})")
+    if "cols_main" in meta or "tail" in meta:
+        n_in = _validate_split(meta, name, bad)
     # the stored tile is the one actually used, so planning with it as the maximum reproduces it (with the
     # current plan, or the legacy one of checkpoints written before it)
     if meta["tile"] not in ALLOWED_TILES or (meta["tile"], meta["n_pad"]) not in (
@@ -667,6 +782,32 @@ def validate_meta(meta: dict, name: str = "") -> dict:
         if meta.get("codes_dtype") not in _CODE_DTYPES:
             bad(f"invalid codes_dtype {meta.get('codes_dtype')!r}")
     return meta
+
+
+def _validate_split(meta: dict, name: str, bad) -> int:
+    """The split fields of a layer's metadata (``bad(msg)`` raises): ``cols_main`` a multiple of 8 in (0, K)
+    and a ``"tail"`` layer metadata (validated as one) of shape (K − cols_main, N) with the layer's storage,
+    lattice and dtype. Returns ``cols_main`` (the columns the main part's tile plan is checked against)."""
+    k_main, tail = meta.get("cols_main"), meta.get("tail")
+    n_in, n_out = meta["in_features"], meta["out_features"]
+    if isinstance(k_main, bool) or not isinstance(k_main, int) or not (0 < k_main < n_in) or k_main % 8:
+        bad(f"cols_main {k_main!r} must be a multiple of 8 in (0, in_features={n_in})")
+    if not isinstance(tail, dict):
+        bad(f"a split layer (cols_main {k_main}) needs a 'tail' metadata dict, got {tail!r}")
+    if "tail" in tail or "cols_main" in tail:
+        bad("a tail cannot be split again")
+    try:
+        validate_meta(tail, f"{name} (tail)" if name else "tail")
+    except HQFormatError as e:
+        bad(f"bad tail metadata: {e}")
+    if (tail["out_features"], tail["in_features"]) != (n_in - k_main, n_out):
+        bad(f"tail of shape ({tail['out_features']}, {tail['in_features']}) does not fit ({n_in - k_main}, {n_out})")
+    for f in ("storage", "lattice", "dtype", "seed", "block"):
+        if tail[f] != meta[f]:
+            bad(f"tail {f} {tail[f]!r} differs from the layer's {meta[f]!r}")
+    if tail.get("bias") is not None:
+        bad("a tail has no bias")
+    return k_main
 
 
 def _bits_view(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
