@@ -81,9 +81,14 @@ def test_generates_the_prompt_colour_and_direction(prompt):
     assert r.colour_ok and r.direction_ok, r
 
 
-def test_recipe_reproduces_the_first_losses_bit_for_bit():
+def test_recipe_reproduces_the_first_losses():
     """From the seed: the first VAE steps (fresh init), and the first transformer steps (fresh init, on the
-    shipped VAE, which is frozen in that stage) give exactly the recorded losses (1 CPU thread, as recorded)."""
+    shipped VAE, which is frozen in that stage) give the recorded losses (1 CPU thread, as recorded).
+
+    Bit for bit on the machine that recorded them; torch's float kernels sum in an order that depends on the
+    CPU's vector width, which moves a loss by about one float32 ulp on another CPU (2.5e-7 relative on an
+    AVX-512 machine, 2026-11-29), so the check allows 1e-5 relative: far below what a changed recipe, seed or
+    data moves."""
     from diffusers import AutoencoderKLLTXVideo
 
     from hq_diffusion.tiny import train
@@ -103,8 +108,8 @@ def test_recipe_reproduces_the_first_losses_bit_for_bit():
             dit = [loss for _, loss in train.transformer_stage_losses(comps, recipe, 2)]
     finally:
         torch.set_num_threads(threads)
-    assert vae == rec["first_losses"]["vae"][:2]
-    assert dit == rec["first_losses"]["dit"][:2]
+    assert vae == pytest.approx(rec["first_losses"]["vae"][:2], rel=1e-5, abs=0)
+    assert dit == pytest.approx(rec["first_losses"]["dit"][:2], rel=1e-5, abs=0)
 
 
 def test_vae_from_reuses_only_the_same_stage1_recipe(tmp_path, capsys):
