@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import hq_diffusion as hq
+from hq_diffusion.bench.convert import encode_figures
 from hq_diffusion.codec import HQFormatError
 from hq_diffusion.integrations import convert as conv
 from hq_diffusion.integrations.convert_cli import main as cli_main
@@ -376,6 +377,20 @@ def test_bench_convert_scales_only_the_blocks_to_the_full_depth(tmp_path):
     assert scale_to_full(240, 40, 2) == 200 + 48 * 20
 
 
+def test_bench_convert_reports_the_encode_speedup():
+    """`bench convert` reads each conversion's encode line and states the N-worker / 1-worker ratio."""
+    from hq_diffusion.bench.convert import encode_figures, speedup_note
+
+    one = encode_figures("x\nhq-diffusion quantize: encoded 432 MB of float weights in 36.0 s (12.0 MB/s, 1 worker)")
+    two = encode_figures("hq-diffusion quantize: encoded 432 MB of float weights in 20.0 s (21.6 MB/s, 2 workers)")
+    assert one == {"mb": 432.0, "s": 36.0, "mb_s": 12.0, "workers": 1} and two["workers"] == 2
+    note = speedup_note({"convert, 1 worker": {"encode": one}, "load_quantized": {"encode": None},
+                         "convert, 2 workers": {"encode": two}})
+    assert "1 worker 12.0 MB/s, 2 workers 21.6 MB/s: 1.80×" in note
+    assert speedup_note({"convert, 1 worker": {"encode": one}}) == ""
+    assert encode_figures("hq-diffusion quantize: wrote out") is None
+
+
 @pytest.mark.parametrize("shard", [None, "200KB"])
 def test_quantize_on_load_reads_each_tensor_only_when_loaded(src, reference, tmp_path, monkeypatch, shard):
     """Quantize-on-load replaces the shard diffusers read (views of one memory map of the whole file, kept
@@ -450,6 +465,8 @@ def test_cli_scale_dtype_log8(src, tmp_path, capsys):
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert re.fullmatch(r"hq-diffusion quantize: encoded \d+ MB of float weights in [\d.]+ s "
                         r"\([\d.]+ MB/s, 1 worker\)", last), last
+    enc = encode_figures(last)  # what `bench convert` reads from it
+    assert enc["workers"] == 1 and enc["s"] > 0 and enc["mb_s"] > 0
     model = hq.load_quantized(out)
     layers = [m for m in model.modules() if isinstance(m, HQLinear)]
     assert layers and all(m.scale_dtype == "log8" and m.scales.dtype == torch.uint8 for m in layers)
