@@ -6,6 +6,7 @@ from __future__ import annotations
 import filecmp
 import json
 import os
+import re
 import subprocess
 import sys
 import weakref
@@ -15,6 +16,7 @@ import pytest
 import torch
 
 import hq_diffusion as hq
+from hq_diffusion.bench.convert import encode_figures
 from hq_diffusion.codec import HQFormatError
 from hq_diffusion.integrations import convert as conv
 from hq_diffusion.integrations.convert_cli import main as cli_main
@@ -57,11 +59,72 @@ def _no_leftovers(parent: Path, name: str) -> list[str]:
 
 
 def test_model_dir_bit_identical_one_and_two_workers(src, reference, tmp_path):
+    header = conv.open_component(src / "transformer", "").header
     for workers in (1, 2):
-        out = tmp_path / f"w{workers}"
-        assert conv.convert(src / "transformer", out, bps=4.0, workers=workers, progress=False) == out
+        out, stats = tmp_path / f"w{workers}", {}
+        assert conv.convert(src / "transformer", out, bps=4.0, workers=workers, progress=False,
+                            stats=stats) == out
         assert _same_tree(reference, out) == [], workers
         assert _no_leftovers(tmp_path, out.name) == []
+        layers = json.loads((out / "config.json").read_text())["quantization_config"]["layers"]
+        assert stats["workers"] == workers and stats["encode_s"] > 0
+        assert stats["encoded_bytes"] == sum(conv.nbytes(*header[f"{n}.weight"]) for n in layers)
+        assert stats["encode_mb_s"] == pytest.approx(stats["encoded_bytes"] / 1e6 / stats["encode_s"])
+
+
+def test_next_job_admits_by_float_bytes_in_flight():
+    """Largest first; a layer starts only while the bytes in flight stay ≤ IN_FLIGHT × the largest layer, at
+    most one per worker; with nothing in flight the largest pending one always starts."""
+    big = 100
+    room = int(conv.IN_FLIGHT * big)
+    assert conv._next_job([big, 60, 10], [], big, 2) == 0
+    assert conv._next_job([big, 60, 10], [big], big, 2) == (1 if big + 60 <= room else 2)
+    assert conv._next_job([big, big], [big], big, 2) is None       # two of the largest would exceed the cap
+    assert conv._next_job([10], [big, 10], big, 2) is None          # every worker is busy
+    assert conv._next_job([10], [big, 10], big, 3) == 0
+    assert conv._next_job([], [], big, 2) is None
+    assert conv._next_job([room - 30, 30], [30], big, 2) == 0       # exactly at the cap is admitted
+    assert conv._next_job([room - 29, 30], [30], big, 2) == 1
+
+
+def test_warmed_parent_leaves_workers_nothing_to_compile():
+    """After ``codec.warm_compiled`` (what the parent runs before it forks), encoding real-shaped layers, a tall
+    one (its α search samples strided rows) and an odd-width one, adds no numba specialization: the workers
+    run the machine code the parent loaded and share its pages. Run in a fresh process: this one may have
+    compiled them already."""
+    script = """
+import importlib, warnings
+from types import SimpleNamespace
+import numba, torch
+from hq_diffusion.codec import warm_compiled
+from hq_diffusion.integrations.config import HQConfig
+from hq_diffusion.nn.linear import HQLinear
+
+def signatures():
+    out = {}
+    for name in ("lattice_jit", "rans_jit"):
+        mod = importlib.import_module("hq_diffusion.codec." + name)
+        for k, v in vars(mod).items():
+            if isinstance(v, numba.core.registry.CPUDispatcher):
+                out[name + "." + k] = set(map(str, v.signatures))
+    return out
+
+cfg = HQConfig(bps=4.0)
+torch.set_num_threads(1)
+warm_compiled(cfg.codec_config())
+before = signatures()
+assert sum(map(len, before.values())) >= 2, before
+for shape in [(1032, 1024), (1032, 1000), (64, 1000)]:
+    w = torch.randn(*shape, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        HQLinear.from_linear(SimpleNamespace(weight=w, bias=None), cfg.codec_config(), key="x", name="x")
+new = {k: v - before.get(k, set()) for k, v in signatures().items()}
+print({k: sorted(v) for k, v in new.items() if v})
+"""
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip().splitlines()[-1] == "{}", r.stdout
 
 
 def test_pipeline_converted_and_loadable(src, reference, tmp_path):
@@ -314,6 +377,20 @@ def test_bench_convert_scales_only_the_blocks_to_the_full_depth(tmp_path):
     assert scale_to_full(240, 40, 2) == 200 + 48 * 20
 
 
+def test_bench_convert_reports_the_encode_speedup():
+    """`bench convert` reads each conversion's encode line and states the N-worker / 1-worker ratio."""
+    from hq_diffusion.bench.convert import encode_figures, speedup_note
+
+    one = encode_figures("x\nhq-diffusion quantize: encoded 432 MB of float weights in 36.0 s (12.0 MB/s, 1 worker)")
+    two = encode_figures("hq-diffusion quantize: encoded 432 MB of float weights in 20.0 s (21.6 MB/s, 2 workers)")
+    assert one == {"mb": 432.0, "s": 36.0, "mb_s": 12.0, "workers": 1} and two["workers"] == 2
+    note = speedup_note({"convert, 1 worker": {"encode": one}, "load_quantized": {"encode": None},
+                         "convert, 2 workers": {"encode": two}})
+    assert "1 worker 12.0 MB/s, 2 workers 21.6 MB/s: 1.80×" in note
+    assert speedup_note({"convert, 1 worker": {"encode": one}}) == ""
+    assert encode_figures("hq-diffusion quantize: wrote out") is None
+
+
 @pytest.mark.parametrize("shard", [None, "200KB"])
 def test_quantize_on_load_reads_each_tensor_only_when_loaded(src, reference, tmp_path, monkeypatch, shard):
     """Quantize-on-load replaces the shard diffusers read (views of one memory map of the whole file, kept
@@ -378,13 +455,18 @@ def test_snr_db_is_row_blocked_and_independent_of_the_blocking(monkeypatch):
     assert abs(m.hq_meta["snr_db"] - ref) < 2e-3  # dequantize() rounds to bf16; the SNR uses float32
 
 
-def test_cli_scale_dtype_log8(src, tmp_path):
+def test_cli_scale_dtype_log8(src, tmp_path, capsys):
     """`hq-diffusion quantize --scale-dtype log8` reaches every layer (uint8 scale sections) and loads."""
     from hq_diffusion.nn.linear import HQLinear
 
     out = tmp_path / "log8"
     assert cli_main([str(src / "transformer"), "--out", str(out), "--workers", "1", "--no-progress",
                      "--scale-dtype", "log8"]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert re.fullmatch(r"hq-diffusion quantize: encoded \d+ MB of float weights in [\d.]+ s "
+                        r"\([\d.]+ MB/s, 1 worker\)", last), last
+    enc = encode_figures(last)  # what `bench convert` reads from it
+    assert enc["workers"] == 1 and enc["s"] > 0 and enc["mb_s"] > 0
     model = hq.load_quantized(out)
     layers = [m for m in model.modules() if isinstance(m, HQLinear)]
     assert layers and all(m.scale_dtype == "log8" and m.scales.dtype == torch.uint8 for m in layers)

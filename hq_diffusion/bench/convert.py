@@ -4,7 +4,9 @@ Builds the LTX-2 transformer at its released width with ``--blocks N`` of its 48
 trained-like bf16 weights: Gaussian rows with log-normal column scales, written one tensor at a time into
 safetensors shards), then measures, each in a fresh process (wall time of the work, imports excluded):
 
-- ``hq-diffusion quantize`` with 1 and ``--workers`` processes (encode MB/s = bf16 bytes of the slice / wall);
+- ``hq-diffusion quantize`` with 1 and ``--workers`` processes (MB/s = bf16 bytes of the slice / wall; encode
+  MB/s = the float bytes encoded / the encoding's own time, as the command's last line reports it, and the
+  N-worker / 1-worker ratio of it);
 - ``from_pretrained(d, quantization_config=HQConfig(bps))`` (quantize-on-load);
 - ``quantize(from_pretrained(d))`` + ``save_quantized``;
 - ``load_quantized`` of the converted directory.
@@ -34,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -247,7 +250,20 @@ def _measure(kind: str, timeout: float, **fmt) -> dict:
         raise RuntimeError(f"bench convert: {kind} failed (exit {p.returncode}): {err.strip()[-800:]}")
     r = json.loads(line[0].split(" ", 1)[1])
     workers = [{**w, "hwm": max(w["hwm"], sampler.hwm.get(w["pid"], 0))} for w in starts]
-    return {**r, "tree_pss": sampler.tree_pss, "tree_uss": sampler.tree_uss, "workers": workers}
+    return {**r, "tree_pss": sampler.tree_pss, "tree_uss": sampler.tree_uss, "workers": workers,
+            "encode": encode_figures(out)}
+
+
+_ENCODE_LINE = re.compile(r"encoded (\d+) MB of float weights in ([\d.]+) s \(([\d.]+) MB/s, (\d+) workers?\)")
+
+
+def encode_figures(stdout: str) -> dict | None:
+    """{"mb", "s", "mb_s", "workers"} of the encode line ``hq-diffusion quantize`` prints last (the encoding
+    alone: no start-up, planning or assembly), None when ``stdout`` has none."""
+    m = _ENCODE_LINE.search(stdout)
+    if m is None:
+        return None
+    return {"mb": float(m[1]), "s": float(m[2]), "mb_s": float(m[3]), "workers": int(m[4])}
 
 
 def bounds(r: dict, qbytes: int, largest: int, workers: int = 1) -> dict:
@@ -299,6 +315,18 @@ def scale_to_full(total: int, in_blocks: int, blocks: int, full_blocks: int = 48
     """Bytes of the full model from a slice of ``blocks`` blocks: the non-block part (``total - in_blocks``,
     kept as it is) plus ``full_blocks`` times one block's share of ``in_blocks``."""
     return total - in_blocks + full_blocks * in_blocks / blocks
+
+
+def speedup_note(runs: dict) -> str:
+    """One line: the encode MB/s of the 1-worker and N-worker conversions and their ratio ("" without both)."""
+    one = (runs.get("convert, 1 worker") or {}).get("encode")
+    many = [r["encode"] for k, r in runs.items() if k.startswith("convert, ") and k.endswith(" workers")
+            and r.get("encode")]
+    if not one or not many:
+        return ""
+    n = many[0]
+    return (f"Encode throughput (the encoding alone, from the CLI's last line): 1 worker {one['mb_s']:.1f} MB/s, "
+            f"{n['workers']} workers {n['mb_s']:.1f} MB/s: {n['mb_s'] / one['mb_s']:.2f}×.")
 
 
 def main(argv=None) -> int:
@@ -355,9 +383,11 @@ def main(argv=None) -> int:
                     f"{w['rss'] / GB:.2f} → {w['hwm'] / GB:.2f} GB" for w in r["workers"])
                     + f" (largest child peak from getrusage {r['child'] / GB:.2f} GB).")
             mbs = info["bytes"] / r["wall"] / 1e6 if name.startswith("convert") else None
+            enc = r.get("encode")
             rows.append([name, "tree PSS" if n > 1 else "RSS", f"{base / GB:.2f}", f"{b['measured'] / GB:.2f}",
                          f"{r['base']['pss'] / GB:.2f} → {r['tree_pss'] / GB:.2f}", f"{b['bound'] / GB:.2f}", ok,
-                         f"{r['wall']:.0f}", "-" if mbs is None else f"{mbs:.1f}"])
+                         f"{r['wall']:.0f}", "-" if mbs is None else f"{mbs:.1f}",
+                         "-" if enc is None else f"{enc['mb_s']:.1f}"])
         nb = info["params"] - args.blocks * info["block_params"]
         full_params = nb + 48 * info["block_params"]
         scale = full_params / info["params"]
@@ -370,7 +400,7 @@ def main(argv=None) -> int:
                  f"{info['bytes'] / GB:.2f} GB bf16 → {qbytes / GB:.3f} GB quantized; largest float tensor "
                  f"{info['largest'] / GB:.3f} GB. Base = each run's own memory right after its imports.\n",
                  table(["run", "measure", "base GB", "peak GB", "PSS base → tree peak GB", "bound GB", "within",
-                        "wall s", "MB/s (bf16 in)"], rows), "", *notes, "",
+                        "wall s", "MB/s (bf16 in)", "encode MB/s"], rows), "", *notes, speedup_note(runs), "",
                  f"Scaled to 48 blocks ({full_params / 1e9:.2f}B parameters, ×{scale:.1f} of this slice): bf16 "
                  f"{info['bytes'] * scale / GB:.1f} GB → about {q_full / GB:.1f} GB quantized; 1-worker conversion "
                  f"bound {(one['base']['rss'] + q_full + 2 * info['largest'] + 0.4 * GB) / GB:.1f} GB; "

@@ -513,6 +513,23 @@ def encode(w: torch.Tensor, cfg: CodecConfig | None = None, key: int | str = 0, 
     return et
 
 
+def warm_compiled(cfg: CodecConfig | None = None) -> None:
+    """Compile (or load from numba's cache) in this process every specialization of the codec's compiled loops
+    that encoding with ``cfg`` uses, so that processes forked afterwards share that machine code instead of
+    each compiling or loading a copy of their own. Encodes a small float32 (64, 1024) sample, then runs the
+    lattice pass on strided rows (numba's layout 'A', a separate specialization: the row subsample of
+    :func:`_refine_alpha` on a tensor of more rows than the sample). Nothing is compiled where the CPU
+    implementation is numpy (``_np.cpu_impl``)."""
+    cfg = cfg or CodecConfig()
+    x = torch.linspace(-1.0, 1.0, 64 * 1024).reshape(64, 1024)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        encode(x, cfg)
+    jit = _compiled_pass(x)
+    if jit is not None:
+        jit.symbol_counts(x.numpy()[::2], cfg.lattice, 1.0)
+
+
 def decode(q: EncodedTensor, out: str = "weight") -> torch.Tensor:
     """Decode an :class:`EncodedTensor`.
 

@@ -37,9 +37,10 @@ from types import SimpleNamespace
 
 import torch
 
-from ..codec import HQFormatError, encode
+from ..codec import HQFormatError, warm_compiled
 from ..nn.linear import HQLinear
 from .config import HQConfig, QuantMethod, resolve_config
+from .load_quantize import release_freed_memory
 from .quantize import NONFINITE, ON_INVALID, _plan, check_finite
 from .serialization import CONFIG_NAME, PIPELINE_INDEX, _atomic_dir, _skeleton
 from .shards import (INDEX_NAME, WEIGHTS_NAME, nbytes, plan_shards, shard_names, write_index,
@@ -263,14 +264,6 @@ def _worker_init():
     torch.set_num_threads(1)
 
 
-def _warm_compiled(cfg: HQConfig) -> None:
-    """Load the codec's compiled loops (numba: the lattice pass, the rANS coder) in this process before it
-    forks its workers, so that they share those code pages instead of each loading its own copy."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        encode(torch.linspace(-1.0, 1.0, 64 * 1024).reshape(64, 1024), cfg.codec_config())
-
-
 def _worker_run(args):
     job, cfg_dict, dtype_name, device, on_invalid = args
     try:
@@ -278,6 +271,8 @@ def _worker_run(args):
                                      on_invalid), None
     except (ConvertError, HQFormatError) as e:
         return job.index, 0, str(e)
+    finally:
+        release_freed_memory()  # the encoder's freed work space, else kept mapped until the next layer
 
 
 def read_piece(path: Path, key: str | None = None):
@@ -331,8 +326,68 @@ def _jobs(comp: Component, todo, work: Path) -> list[Job]:
     return jobs
 
 
-def _encode_all(jobs, cfg, dtype, device, on_invalid, workers, bar) -> None:
-    """Encode the jobs whose piece is missing (or unreadable), ``workers`` at a time."""
+#: admission control of the parallel encoding: float bytes of the layers being encoded at once, in units of the
+#: largest layer's (a worker's peak is its layer's float weight plus the encoder's work space, about 3 × its bf16
+#: bytes, so 1.5 keeps the workers' sum near two layers' worth whatever the mix of sizes)
+IN_FLIGHT = 1.5
+
+
+def _next_job(pending: list[int], in_flight: list[int], largest: int, workers: int) -> int | None:
+    """Which pending layer to start now, by float bytes: the position in ``pending`` (sizes, largest first) of
+    the first one that keeps the bytes in flight ≤ ``IN_FLIGHT × largest``; None to wait for a running one
+    (all ``workers`` are busy, nothing fits, or nothing is pending). With nothing in flight the first pending
+    layer always starts, so every layer is encoded eventually."""
+    if not pending or len(in_flight) >= workers:
+        return None
+    if not in_flight:
+        return 0
+    room = IN_FLIGHT * largest - sum(in_flight)
+    return next((i for i, size in enumerate(pending) if size <= room), None)
+
+
+def _encode_pool(todo: list[Job], cfg: HQConfig, dtype, device: str, on_invalid: str, workers: int, bar) -> int:
+    """Encode ``todo`` in ``workers`` forked processes, largest layers first, admitted by :func:`_next_job`;
+    returns the float bytes read. The first error terminates the pool and is raised (ConvertError)."""
+    import gc
+    import multiprocessing as mp
+    import queue
+
+    dname = next((k for k, v in DTYPES.items() if v == dtype), None)
+    pending = sorted(todo, key=lambda j: (-j.size, j.index))
+    largest = pending[0].size
+    running: dict[int, int] = {}                     # job index → float bytes
+    total = 0
+    done: queue.SimpleQueue = queue.SimpleQueue()    # (index, bytes read, error) or an exception
+    warm_compiled(cfg.codec_config())  # the workers share the parent's compiled code pages
+    gc.freeze()  # the parent's collections would otherwise touch (and so copy) the pages its workers share
+    try:
+        with mp.get_context("fork").Pool(workers, initializer=_worker_init) as pool:
+            while pending or running:
+                while (i := _next_job([j.size for j in pending], list(running.values()), largest,
+                                      workers)) is not None:
+                    job = pending.pop(i)
+                    running[job.index] = job.size
+                    pool.apply_async(_worker_run, ((job, cfg.to_dict(), dname, device, on_invalid),),
+                                     callback=done.put, error_callback=done.put)
+                result = done.get()
+                if isinstance(result, BaseException):
+                    pool.terminate()
+                    raise result
+                index, read, err = result
+                if err is not None:
+                    pool.terminate()
+                    raise ConvertError(err)
+                del running[index]
+                bar.update(read)
+                total += read
+    finally:
+        gc.unfreeze()
+    return total
+
+
+def _encode_all(jobs, cfg, dtype, device, on_invalid, workers, bar) -> int:
+    """Encode the jobs whose piece is missing (or unreadable), ``workers`` at a time; returns the float bytes
+    encoded (0 for the layers a previous run finished)."""
     todo = []
     for job in jobs:
         if Path(job.piece).is_file() and _piece_ok(Path(job.piece)):
@@ -340,26 +395,19 @@ def _encode_all(jobs, cfg, dtype, device, on_invalid, workers, bar) -> None:
             continue
         todo.append(job)
     if workers <= 1 or len(todo) <= 1:
+        total = 0
         for job in todo:
-            bar.update(encode_job(job, cfg, dtype, device, on_invalid))
-        return
-    import multiprocessing as mp
+            read = encode_job(job, cfg, dtype, device, on_invalid)
+            bar.update(read)
+            total += read
+        return total
+    return _encode_pool(todo, cfg, dtype, device, on_invalid, workers, bar)
 
-    dname = next((k for k, v in DTYPES.items() if v == dtype), None)
-    args = [(job, cfg.to_dict(), dname, device, on_invalid) for job in todo]
-    _warm_compiled(cfg)
-    import gc
 
-    gc.freeze()  # the parent's collections would otherwise touch (and so copy) the pages its workers share
-    try:
-        with mp.get_context("fork").Pool(workers, initializer=_worker_init) as pool:
-            for _, read, err in pool.imap_unordered(_worker_run, args):
-                if err is not None:
-                    pool.terminate()
-                    raise ConvertError(err)
-                bar.update(read)
-    finally:
-        gc.unfreeze()
+def _encode_stats(read: int, seconds: float, workers: int) -> dict:
+    """The encoding figures of a run: ``read`` float bytes (as encoded, after any ``dtype``) in ``seconds``."""
+    return {"encoded_bytes": read, "encode_s": seconds, "encode_mb_s": read / 1e6 / seconds if seconds > 0 else 0.0,
+            "workers": workers}
 
 
 def _wait_for(jobs, work: Path, timeout: float) -> None:
@@ -491,7 +539,7 @@ def convert(src, dst, config: HQConfig | None = None, *, components=("transforme
             device: str = "cpu", workers: int | None = None, max_shard_size="10GB", overwrite: bool = False,
             on_invalid: str = "raise", progress: bool = True, rank: int | None = None,
             world_size: int | None = None, wait_timeout: float = 86400.0, model_class: str | None = None,
-            model_config=None, **overrides) -> Path | None:
+            model_config=None, stats: dict | None = None, **overrides) -> Path | None:
     """Quantize the float diffusers checkpoint ``src`` into ``dst`` one tensor at a time (module docstring).
 
     Args:
@@ -510,6 +558,8 @@ def convert(src, dst, config: HQConfig | None = None, *, components=("transforme
         max_shard_size: bytes (or ``"5GB"``-style) per output shard.
         on_invalid: ``"raise"`` or ``"skip"`` for weights with NaN/Inf (as in ``quantize``).
         rank, world_size: this process's share (None: from the ``RANK`` / ``WORLD_SIZE`` environment, else 0/1).
+        stats: a dict to fill with this process's encoding figures (:func:`_encode_stats`: float bytes encoded,
+            seconds from the first layer's start to the last one's end, MB/s, workers).
 
     Returns:
         ``dst`` as a Path on the rank that wrote it (rank 0), None on the other ranks.
@@ -523,7 +573,7 @@ def convert(src, dst, config: HQConfig | None = None, *, components=("transforme
 
     cfg = resolve_config(config, overrides, caller="convert", other_keywords=(
         "components", "dtype", "device", "workers", "max_shard_size", "overwrite", "on_invalid", "progress",
-        "rank", "world_size", "model_class", "model_config"))
+        "rank", "world_size", "model_class", "model_config", "stats"))
     if on_invalid not in ON_INVALID:
         raise ValueError(f"on_invalid must be one of {list(ON_INVALID)}, got {on_invalid!r}")
     if dtype is not None and dtype not in DTYPES.values():
@@ -569,7 +619,10 @@ def convert(src, dst, config: HQConfig | None = None, *, components=("transforme
         total = sum(j.size for j in mine)
         with tqdm(total=total, desc="hq_diffusion: encoding", unit="B", unit_scale=True,
                   disable=not progress) as bar:
-            _encode_all(mine, cfg, dtype, str(dev), on_invalid, workers, bar)
+            t0 = time.perf_counter()
+            read = _encode_all(mine, cfg, dtype, str(dev), on_invalid, workers, bar)
+        if stats is not None:
+            stats.update(_encode_stats(read, time.perf_counter() - t0, workers))
         if rank != 0:
             keep = True
             return None

@@ -60,11 +60,12 @@ def main(argv=None) -> int:
     if args.skip is not None:
         overrides["skip"] = tuple(args.skip)
     previous = signal.signal(signal.SIGTERM, _sigterm)
+    stats: dict = {}
     try:
         out = convert(args.src, args.out, components=args.components, dtype=DTYPES.get(args.dtype),
                       device=args.device, workers=args.workers, max_shard_size=args.max_shard_size,
                       overwrite=args.overwrite, on_invalid=args.on_invalid, progress=not args.no_progress,
-                      model_class=args.model_class, model_config=args.config, **overrides)
+                      model_class=args.model_class, model_config=args.config, stats=stats, **overrides)
     except KeyboardInterrupt:
         print("hq-diffusion quantize: interrupted; run the same command again to resume from the finished layers",
               file=sys.stderr)
@@ -76,4 +77,8 @@ def main(argv=None) -> int:
         signal.signal(signal.SIGTERM, previous)
     if out is not None:
         print(f"hq-diffusion quantize: wrote {out}")
+    if stats:
+        w = stats["workers"]
+        print(f"hq-diffusion quantize: encoded {stats['encoded_bytes'] / 1e6:.0f} MB of float weights in "
+              f"{stats['encode_s']:.1f} s ({stats['encode_mb_s']:.1f} MB/s, {w} worker{'s' * (w != 1)})")
     return 0
