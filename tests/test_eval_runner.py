@@ -431,8 +431,11 @@ def test_accelerate_barrier_rank0_merges(tmp_path):
     procs = [_cli(args, {**common, "RANK": str(r), "LOCAL_RANK": str(r)}, tmp_path) for r in (0, 1)]
     outs = [p.communicate(timeout=600) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
-    assert re.search(r"3 results", outs[0][0]) and outs[1][0] == ""
-    assert _load(out / "report.json")["missing"] == []
+    # rank 0 waits for rank 1, merges and prints the summary of all three prompts; rank 1 prints nothing
+    assert re.search(r"3 prompt\(s\)", outs[0][0]) and re.search(r"^  report ", outs[0][0], re.M), outs[0][0]
+    assert outs[1][0] == ""
+    rep = _load(out / "report.json")
+    assert [e["index"] for e in rep["prompts"]] == [0, 1, 2] and rep["missing"] == []
 
 
 def _untimed(obj):
