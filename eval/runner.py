@@ -100,10 +100,23 @@ def _peak_memory(device: str) -> dict:
 
     if device.startswith("cuda"):
         return {"peak_memory_bytes": int(torch.cuda.max_memory_allocated(device)), "memory_kind": "cuda allocated"}
+    return {"peak_memory_bytes": int(_peak_rss()), "memory_kind": "process max resident set (cpu)"}
+
+
+def _peak_rss() -> int:
+    """This process's peak resident set in bytes: ``VmHWM`` where ``/proc`` has it (Linux; it starts afresh at
+    ``exec``), else ``getrusage`` (whose maximum on Linux survives ``exec``: a process launched by a large one
+    would report the launcher's peak)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     import resource
 
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
-    return {"peak_memory_bytes": int(rss), "memory_kind": "process max resident set (cpu)"}
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
 def _default_quantize(pipe, **kwargs):

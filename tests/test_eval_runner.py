@@ -446,3 +446,16 @@ def _untimed(obj):
     if isinstance(obj, list):
         return [_untimed(v) for v in obj]
     return obj
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs /proc (Linux)")
+def test_peak_rss_of_a_launched_process_is_its_own():
+    """getrusage's maximum survives exec, so a process launched by a large one would report the launcher's peak;
+    the eval report and bench convert read VmHWM, which starts afresh."""
+    ballast = b"\x01" * (1536 * 2**20)  # 1.5 GB resident in this process when it launches the child
+    code = ("import resource; from hq_diffusion.eval.runner import _peak_rss; "
+            "print(_peak_rss(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    del ballast
+    own, rusage = int(out[0]), int(out[1])
+    assert 0 < own < 1024 * 2**20 and own <= rusage

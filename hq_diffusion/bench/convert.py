@@ -216,8 +216,8 @@ def measure(kind: str, timeout: float, **fmt) -> dict:
 def _measure(kind: str, timeout: float, **fmt) -> dict:
     """Run one snippet in a fresh interpreter. The process imports torch, diffusers and hq_diffusion, reads its
     own memory (the base of its bounds: both base and peak count the same shared-library pages), then works.
-    Returns {"base": :func:`proc_memory` right after the imports, "rss": its peak RSS (``getrusage``, whole
-    life), "child": the largest peak RSS of its child processes, "tree_pss" / "tree_uss": peaks of the summed
+    Returns {"base": :func:`proc_memory` right after the imports, "rss": its peak RSS (``VmHWM``, whole life;
+    not ``getrusage``, whose maximum survives ``exec`` and so starts at the launching process's peak), "child": the largest peak RSS of its child processes, "tree_pss" / "tree_uss": peaks of the summed
     PSS / USS of it and its descendants (sampled every 0.2 s), "workers": per forked encoding worker
     {"pid", "rss", "pss", "uss" at its start, "hwm": its peak RSS}, "wall": seconds of the work (imports
     excluded), "imports_s": seconds of the imports} (RuntimeError on failure)."""
@@ -227,7 +227,7 @@ def _measure(kind: str, timeout: float, **fmt) -> dict:
             "base = proc_memory(); t = time.perf_counter()\n"
             + (WORKER_HOOK if kind == "convert" else "") + work + "\n"
             "print('HQRESULT', json.dumps({'base': base, "
-            "'rss': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "
+            "'rss': proc_memory()['hwm'], "
             "'child': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024, "
             "'wall': time.perf_counter() - t, 'imports_s': t - t0}))")
     with tempfile.TemporaryDirectory(prefix="hq-bench-mem-") as tmp:

@@ -40,7 +40,7 @@ import torch
 from ..codec import HQFormatError, warm_compiled
 from ..nn.linear import HQLinear
 from .config import HQConfig, QuantMethod, resolve_config
-from .load_quantize import release_freed_memory
+from .memory import release_freed_memory
 from .quantize import NONFINITE, ON_INVALID, _plan, check_finite
 from .serialization import CONFIG_NAME, PIPELINE_INDEX, _atomic_dir, _skeleton
 from .shards import (INDEX_NAME, WEIGHTS_NAME, nbytes, plan_shards, shard_names, write_index,

@@ -40,6 +40,7 @@ import torch
 
 from ..nn.linear import HQLinear
 from .config import HQConfig
+from .memory import release_freed_memory
 from .quantize import _plan
 from .shards import read_header, read_tensor
 from .state import STATE_ATTR, HQState, apply_kv, set_module
@@ -142,33 +143,6 @@ def encode_order(plan: OnLoad, table: dict) -> list[str]:
     space meets the smallest model)."""
     names = [f"{layer}.weight" for layer in plan.layers if f"{layer}.weight" in table]
     return sorted(names, key=lambda k: (-(table[k][3] - table[k][2]), k))
-
-
-def _libc_malloc_trim():
-    """glibc's ``malloc_trim`` (None where the C library has none: musl, macOS, Windows)."""
-    import ctypes
-
-    try:
-        return getattr(ctypes.CDLL(None), "malloc_trim", None)
-    except (OSError, TypeError):  # no C library to open by None (Windows)
-        return None
-
-
-_MALLOC_TRIM = _libc_malloc_trim()
-
-
-def release_freed_memory() -> bool:
-    """Give the C heap's free pages back to the system (glibc ``malloc_trim(0)``, all arenas); True if it ran.
-
-    The encoder of one layer allocates and frees several times the layer's float bytes, partly in the arenas of
-    torch's worker threads; glibc keeps such freed memory mapped (only the top of each heap is trimmed
-    automatically), so without this the process's RSS keeps every layer's left-over work space — measured on
-    the LTX-2 slice (BENCHMARKS.md §20b): +0.35 GB over the finished model. Where the C library has no
-    ``malloc_trim`` this does nothing and returns False (the encoding itself is unaffected)."""
-    if _MALLOC_TRIM is None:
-        return False
-    _MALLOC_TRIM(0)
-    return True
 
 
 def _split(name: str) -> tuple[str, str]:

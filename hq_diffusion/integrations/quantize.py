@@ -20,6 +20,7 @@ from torch import nn
 from ..nn.linear import HQLinear
 from . import presets
 from .config import HQConfig, resolve_config
+from .memory import release_freed_memory
 from .state import STATE_ATTR, HQState, apply_kv, kv_api, set_module
 
 ON_INVALID = ("raise", "skip")
@@ -158,6 +159,7 @@ def _quantize_module(model, cfg, todo, state, *, invalid, backend, bar):
         replaced[id(lin)] = hq
         set_module(model, name, hq)
         del lin
+        release_freed_memory()  # the float weight and the encoder's work space, else kept in glibc's arenas
         bar.update(1)
     # a Linear shared under several names is replaced everywhere by the same HQLinear
     for name, mod in list(model.named_modules(remove_duplicate=False)):
