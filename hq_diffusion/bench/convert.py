@@ -217,10 +217,12 @@ def _measure(kind: str, timeout: float, **fmt) -> dict:
     """Run one snippet in a fresh interpreter. The process imports torch, diffusers and hq_diffusion, reads its
     own memory (the base of its bounds: both base and peak count the same shared-library pages), then works.
     Returns {"base": :func:`proc_memory` right after the imports, "rss": its peak RSS (``VmHWM``, whole life;
-    not ``getrusage``, whose maximum survives ``exec`` and so starts at the launching process's peak), "child": the largest peak RSS of its child processes, "tree_pss" / "tree_uss": peaks of the summed
-    PSS / USS of it and its descendants (sampled every 0.2 s), "workers": per forked encoding worker
-    {"pid", "rss", "pss", "uss" at its start, "hwm": its peak RSS}, "wall": seconds of the work (imports
-    excluded), "imports_s": seconds of the imports} (RuntimeError on failure)."""
+    not ``getrusage``, whose maximum survives ``exec`` and so starts at the launching process's peak),
+    "child": the largest peak RSS of its child processes, "tree_pss" / "tree_uss": peaks of the summed PSS /
+    USS of it and its descendants (sampled every 0.2 s), "workers": per forked encoding worker {"pid", "rss",
+    "pss", "uss" at its start, "hwm": its peak RSS}, "wall": seconds of the work (imports excluded),
+    "imports_s": seconds of the imports, "encode": :func:`encode_figures` of its output} (RuntimeError on
+    failure)."""
     work = SNIPPETS[kind].format(**fmt)
     code = ("import os, resource, time, json, warnings; warnings.simplefilter('ignore'); t0 = time.perf_counter()\n"
             f"{IMPORTS}\nfrom hq_diffusion.bench.convert import proc_memory\n"

@@ -559,7 +559,8 @@ def convert(src, dst, config: HQConfig | None = None, *, components=("transforme
         on_invalid: ``"raise"`` or ``"skip"`` for weights with NaN/Inf (as in ``quantize``).
         rank, world_size: this process's share (None: from the ``RANK`` / ``WORLD_SIZE`` environment, else 0/1).
         stats: a dict to fill with this process's encoding figures (:func:`_encode_stats`: float bytes encoded,
-            seconds from the first layer's start to the last one's end, MB/s, workers).
+            seconds of the encoding — warm-up, pool start and every layer; no planning or assembly —, MB/s,
+            workers).
 
     Returns:
         ``dst`` as a Path on the rank that wrote it (rank 0), None on the other ranks.

@@ -653,7 +653,7 @@ def _snr_db(w: torch.Tensor, m: HQLinear) -> float:
         del rot, rec, ref, y
     tq = m.tail_encoded()
     if tq is not None:
-        ref = w.reshape(-1, m.in_features)[:, n:].T.to(torch.float32).double()
+        ref = w.reshape(-1, m.in_features)[:, n:].T.double()
         rec = weight_of(tq, getattr(m, "tail_codes", None)).double()
         sig += float(ref.square().sum())
         err += float(rec.sub_(ref).square_().sum())
