@@ -398,6 +398,7 @@ def _encode_all(jobs, cfg, dtype, device, on_invalid, workers, bar) -> int:
         total = 0
         for job in todo:
             read = encode_job(job, cfg, dtype, device, on_invalid)
+            release_freed_memory()  # as each worker does: the encoder's freed work space goes back to the system
             bar.update(read)
             total += read
         return total

@@ -573,7 +573,7 @@ class HQLinear(nn.Module):
 
 # ---- metadata -------------------------------------------------------------------------------------------
 
-SNR_BLOCK_ELEMS = 1 << 22  # coordinates per row block of :func:`_snr_db` (16 MiB of float32)
+SNR_BLOCK_ELEMS = 1 << 19  # coordinates per row block of :func:`_snr_db` (2 MiB of float32, cache-sized)
 SNR_DECIMALS = 6  # hq_meta["snr_db"] is rounded: the same value for any row blocking or worker split
 
 
