@@ -127,6 +127,21 @@ print({k: sorted(v) for k, v in new.items() if v})
     assert r.stdout.strip().splitlines()[-1] == "{}", r.stdout
 
 
+def test_pool_workers_die_on_sigterm_and_leave_ctrl_c_to_the_parent():
+    """The CLI's SIGTERM → KeyboardInterrupt handler is inherited by forked workers; Pool.terminate's SIGTERM
+    could then leave an idle worker blocked on the queue lock forever (a hang at the end of 1 run in 12).
+    The worker initializer restores the default action; checked in a fresh process with the CLI's handler."""
+    code = ("import signal\n"
+            "from hq_diffusion.integrations.convert_cli import _sigterm\n"
+            "from hq_diffusion.integrations.convert import _worker_init\n"
+            "signal.signal(signal.SIGTERM, _sigterm)\n"
+            "_worker_init()\n"
+            "print(signal.getsignal(signal.SIGTERM) is signal.SIG_DFL, signal.getsignal(signal.SIGINT) is signal.SIG_IGN)")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.split() == ["True", "True"]
+
+
 def test_pipeline_converted_and_loadable(src, reference, tmp_path):
     out = tmp_path / "pipe-hq"
     assert cli_main([str(src), "--out", str(out), "--workers", "1", "--no-progress"]) == 0

@@ -127,3 +127,12 @@ def test_lazy_shard_yields_planned_weights_largest_first(tmp_path):
     assert list(shard) == ["d.weight", "c.weight", "b.weight", "a.norm.weight", "b.bias", "e.weight"]
     assert all(torch.equal(v, tensors[k]) for k, v in shard.items())
     assert isinstance(release_freed_memory(), bool)
+
+
+def test_release_after_layer_trims_only_after_large_layers():
+    """Fast: the conversion trims the heap after a layer of at least TRIM_MIN_BYTES float bytes, never after a
+    smaller one (trimming there costs page faults and gives back little)."""
+    from hq_diffusion.integrations import memory
+
+    assert memory.release_after_layer(memory.TRIM_MIN_BYTES - 1) is False
+    assert memory.release_after_layer(memory.TRIM_MIN_BYTES) is (memory._MALLOC_TRIM is not None)

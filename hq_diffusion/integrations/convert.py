@@ -40,7 +40,7 @@ import torch
 from ..codec import HQFormatError, warm_compiled
 from ..nn.linear import HQLinear
 from .config import HQConfig, QuantMethod, resolve_config
-from .memory import release_freed_memory
+from .memory import release_after_layer
 from .quantize import NONFINITE, ON_INVALID, _plan, check_finite
 from .serialization import CONFIG_NAME, PIPELINE_INDEX, _atomic_dir, _skeleton
 from .shards import (INDEX_NAME, WEIGHTS_NAME, nbytes, plan_shards, shard_names, write_index,
@@ -261,6 +261,18 @@ def encode_job(job: Job, cfg: HQConfig, dtype, device: str, on_invalid: str) -> 
 
 
 def _worker_init():
+    """A forked worker: one torch thread; SIGTERM back to its default action and SIGINT ignored.
+
+    The CLI turns SIGTERM into KeyboardInterrupt in the parent (to report an interrupted run), and a forked
+    worker inherits that handler. ``Pool.terminate`` takes the task queue's lock and sends SIGTERM; an idle
+    worker whose signal arrived just before it blocked on that lock only runs a Python handler once the wait
+    returns, which it never does, and the parent waited for it forever (1 run in 12 of a 2-worker conversion
+    hung at its end; none in 24 since). With the default action the kernel ends the worker wherever it is.
+    Ctrl-C is the parent's to handle: it terminates the pool."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(1)
 
 
@@ -272,7 +284,7 @@ def _worker_run(args):
     except (ConvertError, HQFormatError) as e:
         return job.index, 0, str(e)
     finally:
-        release_freed_memory()  # the encoder's freed work space, else kept mapped until the next layer
+        release_after_layer(job.size)  # a large layer's freed work space, else kept mapped until the next one
 
 
 def read_piece(path: Path, key: str | None = None):
@@ -398,7 +410,7 @@ def _encode_all(jobs, cfg, dtype, device, on_invalid, workers, bar) -> int:
         total = 0
         for job in todo:
             read = encode_job(job, cfg, dtype, device, on_invalid)
-            release_freed_memory()  # as each worker does: the encoder's freed work space goes back to the system
+            release_after_layer(job.size)  # as each worker does
             bar.update(read)
             total += read
         return total
