@@ -22,9 +22,10 @@ def release_freed_memory() -> bool:
     The encoder of one layer allocates and frees several times the layer's float bytes, partly in the arenas of
     torch's worker threads; glibc keeps such freed memory mapped (only the top of each heap is trimmed
     automatically), so without this the process's RSS keeps every layer's left-over work space — measured on
-    the LTX-2 slice (BENCHMARKS.md §20b): +0.35 GB over the finished model. Called after each layer by the
-    conversion's workers, quantize-on-load and :func:`~.quantize.quantize`. Where the C library has no
-    ``malloc_trim`` this does nothing and returns False (the encoding itself is unaffected)."""
+    the LTX-2 slice (BENCHMARKS.md §20b): +0.35 GB over the finished model. Called after each layer by
+    quantize-on-load and :func:`~.quantize.quantize`, and by the conversion after large layers
+    (:func:`release_after_layer`). Where the C library has no ``malloc_trim`` this does nothing and returns
+    False (the encoding itself is unaffected)."""
     if _MALLOC_TRIM is None:
         return False
     _MALLOC_TRIM(0)
@@ -42,5 +43,5 @@ def release_after_layer(nbytes: int) -> bool:
     The encoder's work space is several times the layer's float bytes; what a small layer leaves in the heap
     is small and the next layer reuses it, while trimming after it costs the next layer the page faults of
     mapping it again: on a narrow LTX-2 slice whose layers are all under 16 MiB, trimming after every layer
-    cost 9 % of the 2-worker encode throughput and 15 % of one worker's (BENCHMARKS.md §27)."""
+    cost 8 % of the 2-worker encode throughput and 15 % of one worker's (BENCHMARKS.md §27)."""
     return release_freed_memory() if nbytes >= TRIM_MIN_BYTES else False
