@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 @dataclass(frozen=True)
 class Mutation:
     name: str
-    kind: str  # rate, kv, validation, resume, format, kernels
+    kind: str  # rate, kv, validation, resume, format, kernels, memory
     file: str
     find: str
     replace: str
@@ -94,6 +94,12 @@ MUTATIONS = [
     Mutation("format: stored α rounded to float16", "format", "hq_diffusion/codec/core.py",
              "return float(torch.tensor(a, dtype=torch.float32))",
              "return float(torch.tensor(a, dtype=torch.float16))", (GOLD, "tests/test_codec.py")),
+    Mutation("resume: conversion workers keep the CLI's SIGTERM handler", "resume", "hq_diffusion/integrations/convert.py",
+             "signal.signal(signal.SIGTERM, signal.SIG_DFL)", "pass",
+             ("tests/test_convert.py::test_pool_workers_die_on_sigterm_and_leave_ctrl_c_to_the_parent",)),
+    Mutation("memory: conversion trims after every layer, small ones too", "memory", "hq_diffusion/integrations/memory.py",
+             "if nbytes >= TRIM_MIN_BYTES else False", "if nbytes >= 0 else False",
+             ("tests/test_on_load_memory.py::test_release_after_layer_trims_only_after_large_layers",)),
 ]
 
 
