@@ -116,6 +116,21 @@ def test_tiny_tensor_still_warns_and_keeps_the_former_encode():
     assert q.bps > 3.0
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_too_small_sampled_tensor_keeps_its_payload_under_the_rate(seed):
+    """Below its fixed overhead a tensor spends bps on the payload alone (the warning says so). When α is refined
+    on a row sample -- a tall, narrow weight: 400000×3 pads to rows of 8, 3.2M coordinates -- it aims 0.004
+    under, so that the sample's error cannot carry the whole payload over bps: it lands in [bps − 0.008,
+    bps − 0.001] bits per padded coordinate (without the margin: 3.9994–4.0004 over six seeds)."""
+    w = _gauss((400000, 3), seed)
+    with pytest.warns(RateBudgetWarning, match="too small"):
+        q = encode(w, CodecConfig(bps=4.0, coder="rice"), key="tall")
+    fixed = core._fixed_bits(tuple(w.shape), w.shape[0], "e8", q.n_pad, q.block,
+                             q.scales.numel() * q.scales.element_size())
+    payload = (q.total_bits - fixed) / (w.shape[0] * q.n_pad)
+    assert 4.0 - 0.008 <= payload <= 4.0 - 0.001, payload
+
+
 def test_unmet_budget_warns(monkeypatch, weights):
     """When no attempt fits the budget the encoder says so (here: every coded size is forced over it)."""
     orig = core.EncodedTensor.total_bits
