@@ -121,7 +121,7 @@ def test_too_small_sampled_tensor_keeps_its_payload_under_the_rate(seed):
     """Below its fixed overhead a tensor spends bps on the payload alone (the warning says so). When α is refined
     on a row sample -- a tall, narrow weight: 400000×3 pads to rows of 8, 3.2M coordinates -- it aims 0.004
     under, so that the sample's error cannot carry the whole payload over bps: it lands in [bps − 0.008,
-    bps − 0.001] bits per padded coordinate (without the margin: 3.9994–4.0004 over six seeds)."""
+    bps − 0.001] bits per padded coordinate (3.9961–3.9967 here; without the margin 4.0010 and 3.9999)."""
     w = _gauss((400000, 3), seed)
     with pytest.warns(RateBudgetWarning, match="too small"):
         q = encode(w, CodecConfig(bps=4.0, coder="rice"), key="tall")
