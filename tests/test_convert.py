@@ -217,6 +217,26 @@ def test_two_process_split_identical(src, reference, tmp_path):
     assert _same_tree(reference, out) == [] and _no_leftovers(tmp_path, out.name) == []
 
 
+@pytest.mark.slow  # accelerate's launcher plus two interpreters importing torch + diffusers
+def test_accelerate_launch_two_cpu_processes_identical(src, reference, tmp_path):
+    """``accelerate launch`` itself, two processes on the CPU: one ``wrote`` line (rank 0), output identical to
+    the in-process path. On a machine without GPUs accelerate's ``--multi_gpu`` starts the processes (its
+    ``--cpu`` flag starts a single one)."""
+    pytest.importorskip("accelerate")
+    out = tmp_path / "launched"
+    launcher = Path(sys.executable).with_name("accelerate")
+    cmd = [str(launcher), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "hq_diffusion.cli", "quantize",
+           str(src / "transformer"), "--out", str(out), "--workers", "1", "--no-progress"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    r = subprocess.run(cmd, env={**env, "CUDA_VISIBLE_DEVICES": ""}, capture_output=True, text=True,
+                       timeout=400)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("hq-diffusion quantize: wrote") == 1, r.stdout
+    assert r.stdout.count("hq-diffusion quantize: encoded") == 2, r.stdout  # both ranks encoded a share
+    assert _same_tree(reference, out) == [] and _no_leftovers(tmp_path, out.name) == []
+
+
 # ---- bad input: exit 2, one line naming the file and tensor, nothing left --------------------------------------
 
 def _run_bad(argv, capsys, out: Path):

@@ -18,7 +18,9 @@ temporary output: nothing partial is left.
 Parallelism: ``workers`` processes encode layers concurrently (each a layer at a time, one torch thread); the
 bytes do not depend on the number of workers. Across processes/machines sharing the target's file system
 (``accelerate launch``, or any launcher that sets ``RANK`` and ``WORLD_SIZE``), rank ``r`` encodes the layers
-``i ≡ r (mod WORLD_SIZE)`` and rank 0, once every piece is present, assembles the output.
+``i ≡ r (mod WORLD_SIZE)`` and rank 0, once every piece is present, assembles the output. On machines without
+GPUs, ``accelerate launch --multi_gpu --num_processes N -m hq_diffusion.cli quantize ...`` starts N processes
+(accelerate's ``--cpu`` starts one).
 
 Not supported: hub ids (SRC is a local directory), pickle checkpoints (``.bin``/``.pt``: refused, never
 unpickled), single-file checkpoints in the original (non-diffusers) key layout.
