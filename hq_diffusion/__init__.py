@@ -1,4 +1,4 @@
-"""hq-diffusion: HyperQuant quantization (RHT + lattice + Rice coding) for diffusers DiT pipelines.
+"""hq-diffusion: HyperQuant quantization (RHT + lattice + rANS or Rice coding) for diffusers DiT pipelines.
 
 ```python
 pipe = hq_diffusion.quantize(LTXPipeline.from_pretrained(path), bps=4.0)

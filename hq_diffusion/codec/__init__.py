@@ -1,4 +1,4 @@
-"""The HyperQuant codec: RHT → lattice → bit-stripping → Rice coding (pure torch)."""
+"""The HyperQuant codec: RHT → lattice → bit-stripping → rANS or Rice coding (torch, numpy, numba loops)."""
 from .config import FORMAT_VERSION, CodecConfig
 from .core import RateBudgetWarning, decode, encode, rotated_rows, warm_compiled
 from .errors import HQFormatError, HQRangeError
