@@ -303,6 +303,21 @@ def test_bad_inputs_refused(src, tmp_path, capsys):
     assert not (out / "keep").exists() and (out / WEIGHTS_NAME).is_file()
 
 
+@pytest.mark.parametrize("where", ["piece", "output shard"])
+def test_disk_full_leaves_nothing_behind(src, tmp_path, capsys, monkeypatch, where):
+    """A full disk while a layer's piece or an output shard is written: exit 2, one line naming the error,
+    no DST, no temporary output and no resume directory."""
+    import errno
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(conv, "_write_piece" if where == "piece" else "_write_component", full)
+    line = _run_bad([str(src / "transformer")], capsys, tmp_path / "out")
+    assert "No space left on device" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
 def _copy_model_dir(a: Path, b: Path) -> Path:
     import shutil
 
