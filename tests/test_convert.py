@@ -428,7 +428,7 @@ def test_bench_convert_scales_only_the_blocks_to_the_full_depth(tmp_path):
 
 
 def test_bench_convert_reports_the_encode_speedup():
-    """`bench convert` reads each conversion's encode line and states the N-worker / 1-worker ratio."""
+    """`bench convert` reads each conversion's encode line and states the N-worker / 1-worker ratios."""
     from hq_diffusion.bench.convert import encode_figures, speedup_note
 
     one = encode_figures("x\nhq-diffusion quantize: encoded 432 MB of float weights in 36.0 s (12.0 MB/s, 1 worker)")
@@ -436,7 +436,12 @@ def test_bench_convert_reports_the_encode_speedup():
     assert one == {"mb": 432.0, "s": 36.0, "mb_s": 12.0, "workers": 1} and two["workers"] == 2
     note = speedup_note({"convert, 1 worker": {"encode": one}, "load_quantized": {"encode": None},
                          "convert, 2 workers": {"encode": two}})
-    assert "1 worker 12.0 MB/s, 2 workers 21.6 MB/s: 1.80×" in note
+    assert "1 worker 12.0 MB/s, 2 workers 21.6 MB/s: 1.80×" in note and "thread" not in note
+    single = encode_figures("hq-diffusion quantize: encoded 432 MB of float weights in 40.0 s (10.8 MB/s, 1 worker)")
+    note = speedup_note({"convert, 1 worker": {"encode": one}, "convert, 2 workers": {"encode": two},
+                         "convert, 1 worker, 1 thread": {"encode": single}})
+    assert "1.80×" in note
+    assert "one torch thread (as each of the 2 workers runs) 10.8 MB/s: 2 workers 2.00× that" in note
     assert speedup_note({"convert, 1 worker": {"encode": one}}) == ""
     assert encode_figures("hq-diffusion quantize: wrote out") is None
 

@@ -6,7 +6,8 @@ safetensors shards), then measures, each in a fresh process (wall time of the wo
 
 - ``hq-diffusion quantize`` with 1 and ``--workers`` processes (MB/s = bf16 bytes of the slice / wall; encode
   MB/s = the float bytes encoded / the encoding's own time, as the command's last line reports it, and the
-  N-worker / 1-worker ratio of it);
+  N-worker / 1-worker ratio of it), and with 1 worker on one torch thread, like each of the N workers (a lone
+  process spreads its torch operations over the cores; the ratio against it is the pool's own scaling);
 - ``from_pretrained(d, quantization_config=HQConfig(bps))`` (quantize-on-load);
 - ``quantize(from_pretrained(d))`` + ``save_quantized``;
 - ``load_quantized`` of the converted directory.
@@ -61,6 +62,9 @@ SNIPPETS = {
     "convert": "from hq_diffusion.integrations.convert_cli import main; "
                "assert main([{src!r}, '--out', {out!r}, '--bps', '{bps}', '--workers', '{workers}', "
                "'--no-progress', '--overwrite']) == 0",
+    "convert-1t": "torch.set_num_threads(1); from hq_diffusion.integrations.convert_cli import main; "
+                  "assert main([{src!r}, '--out', {out!r}, '--bps', '{bps}', '--workers', '1', "
+                  "'--no-progress', '--overwrite']) == 0",
     "on-load": "import torch, diffusers; from hq_diffusion import HQConfig; from hq_diffusion.integrations import "
                "diffusers_backend; m = diffusers.LTX2VideoTransformer3DModel.from_pretrained({src!r}, torch_dtype=torch.bfloat16, "
                "quantization_config=HQConfig(bps={bps}))",
@@ -319,16 +323,25 @@ def scale_to_full(total: int, in_blocks: int, blocks: int, full_blocks: int = 48
     return total - in_blocks + full_blocks * in_blocks / blocks
 
 
+ONE_THREAD = "convert, 1 worker, 1 thread"
+
+
 def speedup_note(runs: dict) -> str:
-    """One line: the encode MB/s of the 1-worker and N-worker conversions and their ratio ("" without both)."""
+    """One line: the encode MB/s of the 1-worker and N-worker conversions and their ratio ("" without both), and
+    the ratio against the 1-worker, 1-thread conversion where it ran."""
     one = (runs.get("convert, 1 worker") or {}).get("encode")
     many = [r["encode"] for k, r in runs.items() if k.startswith("convert, ") and k.endswith(" workers")
             and r.get("encode")]
     if not one or not many:
         return ""
     n = many[0]
-    return (f"Encode throughput (the encoding alone, from the CLI's last line): 1 worker {one['mb_s']:.1f} MB/s, "
+    note = (f"Encode throughput (the encoding alone, from the CLI's last line): 1 worker {one['mb_s']:.1f} MB/s, "
             f"{n['workers']} workers {n['mb_s']:.1f} MB/s: {n['mb_s'] / one['mb_s']:.2f}×.")
+    single = (runs.get(ONE_THREAD) or {}).get("encode")
+    if single:
+        note += (f" 1 worker on one torch thread (as each of the {n['workers']} workers runs) {single['mb_s']:.1f} "
+                 f"MB/s: {n['workers']} workers {n['mb_s'] / single['mb_s']:.2f}× that.")
+    return note
 
 
 def main(argv=None) -> int:
@@ -336,7 +349,7 @@ def main(argv=None) -> int:
     ap.add_argument("--blocks", type=int, default=4, help="LTX-2 blocks in the slice (of 48)")
     ap.add_argument("--bps", type=float, default=4.0)
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="N for the parallel conversion")
-    ap.add_argument("--skip", default="", help="comma-separated runs to skip: on-load, quantize, workers")
+    ap.add_argument("--skip", default="", help="comma-separated runs to skip: on-load, quantize, workers, 1thread")
     ap.add_argument("--timeout", type=float, default=7200.0, help="seconds per measured run")
     ap.add_argument("--out", default=None, help="also write the markdown table here")
     ap.add_argument("--keep", default=None, help="build the slice here and keep it (default: a temp dir)")
@@ -361,6 +374,8 @@ def main(argv=None) -> int:
         runs["load_quantized"] = measure("load", args.timeout, **fmt)
         if "workers" not in skip and args.workers > 1:
             runs[f"convert, {args.workers} workers"] = measure("convert", args.timeout, workers=args.workers, **fmt)
+        if "1thread" not in skip:
+            runs[ONE_THREAD] = measure("convert-1t", args.timeout, workers=1, **fmt)
         if "on-load" not in skip:
             runs["from_pretrained(quantization_config=HQConfig)"] = measure("on-load", args.timeout, **fmt)
         if "quantize" not in skip:
@@ -370,7 +385,7 @@ def main(argv=None) -> int:
               flush=True)
         rows, notes = [], []
         for name, r in runs.items():
-            n = args.workers if name.startswith("convert") and name != "convert, 1 worker" else 1
+            n = args.workers if name.startswith("convert") and name.endswith(" workers") else 1
             if name == "load_quantized":
                 b = load_bound(r, qbytes)
             elif name.startswith("quantize("):  # the issue: loaded model + one layer (read: + 2 × largest + 0.4 GB)
