@@ -26,10 +26,12 @@ from __future__ import annotations
 
 import functools
 import inspect
+import itertools
 import warnings
+import weakref
 import zlib
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +45,55 @@ __all__ = [
     "apply_kv_quantization", "remove_kv_quantization", "kv_summary", "reset_kv_state", "register_kv_processor",
     "HQKVProcessor", "HQKVLTXAttnProcessor", "HQKVLTX2AttnProcessor", "HQKVFluxAttnProcessor", "HQKVSDPAProcessor",
 ]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# torch.compile: the stateful steps as opaque custom ops
+# ----------------------------------------------------------------------------------------------------------
+# K/V quantization keeps state on the host: the dither step of each processor (from the transformer call's
+# timestep, read on the host), the call and bit counters, the coded size of every K/V tensor. Traced by Dynamo
+# those would break the graph, or be baked into it as constants and recompile it at every call. While
+# ``torch.compile`` traces, the clock's tick and each processor's quantization run instead as two custom ops
+# whose implementations are the eager code: the graph holds them as opaque calls and they do their host work
+# when the graph runs. A processor and a clock are named to the ops by an int (constant in the graph); the
+# clock's int64 tick counter (``token``) is mutated by the tick and read by every quantization, so that the
+# compiled graph runs the tick first, as the eager forward pre-hook does. Eager forwards never go through here.
+
+_UIDS = itertools.count(1)
+_PROCS: "weakref.WeakValueDictionary[int, HQKVProcessor]" = weakref.WeakValueDictionary()
+_CLOCKS: "weakref.WeakValueDictionary[int, _DitherClock]" = weakref.WeakValueDictionary()
+_NO_CLOCK = torch.zeros(1, dtype=torch.int64)  # the token of a processor installed outside a transformer
+
+
+@torch.library.custom_op("hq_diffusion::kv_clock", mutates_args=("token",))
+def _kv_clock_op(token: torch.Tensor, t: Optional[torch.Tensor], t_float: Optional[float], clock: int) -> None:
+    """The tick of clock ``clock`` for a transformer call with timestep ``t`` (a tensor) or ``t_float`` (a
+    number; both None: no timestep); ``token`` (int64 (1,)) counts the ticks."""
+    _CLOCKS[clock].tick(t if t is not None else t_float)
+    token.add_(1)
+
+
+@_kv_clock_op.register_fake
+def _(token, t, t_float, clock):
+    return None
+
+
+@torch.library.custom_op("hq_diffusion::kv_quantize", mutates_args=())
+def _kv_quantize_op(key: torch.Tensor, value: torch.Tensor, token: torch.Tensor, proc: int,
+                    counts_call: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``HQKVProcessor.quantize(key, value)`` of processor ``proc`` (K, V (..., D) float; new contiguous
+    tensors of the same shapes and dtypes), its call counted when ``counts_call``; ``token``: its clock's tick
+    counter, read so that the tick runs first."""
+    p = _PROCS[proc]
+    if counts_call:
+        p.stats.calls += 1
+    k, v = p.quantize(key, value)  # the inputs themselves when the processor's cfg is None
+    return (k.clone() if k is key else k).contiguous(), (v.clone() if v is value else v).contiguous()
+
+
+@_kv_quantize_op.register_fake
+def _(key, value, token, proc, counts_call):
+    return key.new_empty(key.shape), value.new_empty(value.shape)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -75,6 +126,27 @@ class HQKVProcessor:
         self.cfg = cfg
         self.stats = _ModuleStats()
         self.step = 0
+        self._uid = next(_UIDS)  # names this processor to the compiled path's custom ops
+        self._token = _NO_CLOCK  # its dither clock's tick counter (set by the clock's installation)
+        _PROCS[self._uid] = self
+
+    def __setstate__(self, state: dict) -> None:  # a copy (deepcopy, pickle) is named to the ops by its own int
+        self.__dict__.update(state)
+        self._uid = next(_UIDS)
+        _PROCS[self._uid] = self
+
+    def _count_call(self) -> None:
+        """One processor call, in the statistics (under ``torch.compile`` the custom op counts it when it runs)."""
+        if not torch.compiler.is_compiling():
+            self.stats.calls += 1
+
+    def _quantize_call(self, key: torch.Tensor, value: torch.Tensor, counts_call: bool = True
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`quantize`, or under ``torch.compile`` the opaque op that runs it (and counts the call when
+        ``counts_call``) when the graph runs, after this forward's clock tick."""
+        if torch.compiler.is_compiling():
+            return torch.ops.hq_diffusion.kv_quantize(key, value, self._token, self._uid, counts_call)
+        return self.quantize(key, value)
 
     @classmethod
     def unsupported_reason(cls, original: Any) -> str | None:
@@ -110,7 +182,7 @@ class _DispatchProcessor(HQKVProcessor):
         """(B, S, H, D) query/key/value → (B, S, H, D) through diffusers' dispatcher, after quantizing K/V."""
         from diffusers.models.attention_dispatch import dispatch_attention_fn
 
-        key, value = self.quantize(key, value)
+        key, value = self._quantize_call(key, value)
         return dispatch_attention_fn(query, key, value, attn_mask=attention_mask, backend=self._attention_backend,
                                      parallel_config=self._parallel_config, **kwargs)
 
@@ -131,7 +203,7 @@ class HQKVLTXAttnProcessor(_DispatchProcessor):
                  attention_mask: torch.Tensor | None = None, image_rotary_emb=None) -> torch.Tensor:
         from diffusers.models.transformers.transformer_ltx import apply_rotary_emb
 
-        self.stats.calls += 1
+        self._count_call()
         context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
         attention_mask = _prepare_mask(attn, attention_mask, context)
         query = attn.norm_q(attn.to_q(hidden_states))
@@ -160,7 +232,7 @@ class HQKVLTX2AttnProcessor(_DispatchProcessor):
             apply_split_rotary_emb,
         )
 
-        self.stats.calls += 1
+        self._count_call()
         context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
         attention_mask = _prepare_mask(attn, attention_mask, context)
         gate_proj = getattr(attn, "to_gate_logits", None)
@@ -193,7 +265,7 @@ class HQKVFluxAttnProcessor(_DispatchProcessor):
                  attention_mask: torch.Tensor | None = None, image_rotary_emb=None):
         from diffusers.models.embeddings import apply_rotary_emb
 
-        self.stats.calls += 1
+        self._count_call()
         context = None
         if attn.fused_projections:
             query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
@@ -242,7 +314,8 @@ class _SDPAInterceptor(TorchFunctionMode):
         self.kernel_calls += 1
         params = dict(zip(_SDPA_PARAMS, args), **kwargs)
         q, k, v = params.pop("query"), params.pop("key"), params.pop("value")
-        k, v = self.proc.quantize(k, v)  # (B, H, S, D): vectors along the last axis
+        # (B, H, S, D): vectors along the last axis; compiled, the first kernel call counts the processor call
+        k, v = self.proc._quantize_call(k, v, counts_call=self.kernel_calls == 1)
         return func(q, k, v, **params)
 
 
@@ -253,15 +326,15 @@ class HQKVSDPAProcessor(HQKVProcessor):
     ``dispatch_attention_fn`` with a torch-SDPA backend (``WanAttnProcessor``, ``LTX2PerturbedAttnProcessor``).
     """
 
-    def __init__(self, original: Any, name: str, cfg: KVConfig | None):
-        super().__init__(original, name, cfg)
-
-        def call(*args, **kwargs):
-            return self._call(*args, **kwargs)
-
-        # diffusers drops attention kwargs that are not parameters of ``processor.__call__``: present the
-        # original processor's signature (inspect.signature follows __wrapped__).
-        self.__call__ = functools.wraps(original.__call__)(call)
+    def __new__(cls, *args, **kwargs):
+        # diffusers drops attention kwargs that are not parameters of ``processor.__call__``: an instance is of a
+        # subclass per wrapped processor class whose ``__call__`` presents the original's signature (a class
+        # attribute, which torch.compile traces; an instance attribute would stop it). A copy (no arguments) is
+        # already of its subclass.
+        if cls is HQKVSDPAProcessor:
+            original = args[0] if args else kwargs["original"]
+            cls = _sdpa_class(type(original))
+        return super().__new__(cls)
 
     # The attention backend lives on the wrapped processor (``set_attention_backend`` reaches it through here).
     @property
@@ -281,16 +354,29 @@ class HQKVSDPAProcessor(HQKVProcessor):
         return None
 
     def _call(self, attn, *args, **kwargs):
-        self.stats.calls += 1
+        self._count_call()
         mode = _SDPAInterceptor(self)
         with mode:
             out = self.original(attn, *args, **kwargs)
-        if mode.kernel_calls == 0:
+        if mode.kernel_calls == 0 and not torch.compiler.is_compiling():
             self.stats.calls_without_kernel += 1
         return out
 
-    def __call__(self, attn, *args, **kwargs):  # the instance attribute set in __init__ carries the signature
+    def __call__(self, attn, *args, **kwargs):
         return self._call(attn, *args, **kwargs)
+
+
+@functools.lru_cache(maxsize=None)
+def _sdpa_class(original_cls: type) -> type:
+    """The :class:`HQKVSDPAProcessor` subclass for processors of class ``original_cls``: its ``__call__`` has the
+    original's signature (``inspect.signature`` follows ``__wrapped__``)."""
+
+    def __call__(self, attn, *args, **kwargs):
+        return self._call(attn, *args, **kwargs)
+
+    __call__.__wrapped__ = original_cls.__call__
+    name = f"HQKVSDPAProcessor[{original_cls.__name__}]"
+    return type(name, (HQKVSDPAProcessor,), {"__call__": __call__, "__module__": __name__, "__qualname__": name})
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -328,8 +414,13 @@ def _class_path(obj: Any) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
+def _unwrapped(module: torch.nn.Module) -> torch.nn.Module:
+    """The module itself, or the module a ``torch.compile`` wrapper (``OptimizedModule``) holds."""
+    return getattr(module, "_orig_mod", module)
+
+
 def _attention_modules(transformer: torch.nn.Module):
-    for name, module in transformer.named_modules():
+    for name, module in _unwrapped(transformer).named_modules():
         if hasattr(module, "processor") and callable(getattr(module, "set_processor", None)):
             yield name, module
 
@@ -385,11 +476,19 @@ class _DitherClock:
         self.procs: list[HQKVProcessor] = []
         self.last: int | None = None
         self.repeat = 0
+        self.uid = next(_UIDS)
+        self.token = torch.zeros(1, dtype=torch.int64)  # ticks so far (the compiled path orders its ops by it)
+        _CLOCKS[self.uid] = self
         try:
             self.params = list(inspect.signature(transformer.forward).parameters)
         except (TypeError, ValueError):
             self.params = []
         self.handle = transformer.register_forward_pre_hook(self, with_kwargs=True)
+
+    def __setstate__(self, state: dict) -> None:  # a copy is named to the ops by its own int
+        self.__dict__.update(state)
+        self.uid = next(_UIDS)
+        _CLOCKS[self.uid] = self
 
     def _timestep(self, args, kwargs):
         t = kwargs.get("timestep")
@@ -399,6 +498,17 @@ class _DitherClock:
 
     def __call__(self, module, args, kwargs):
         t = self._timestep(args, kwargs)
+        if torch.compiler.is_compiling():  # the tick runs when the compiled graph runs
+            if isinstance(t, torch.Tensor):
+                torch.ops.hq_diffusion.kv_clock(self.token, t, None, self.uid)
+            else:
+                torch.ops.hq_diffusion.kv_clock(self.token, None, None if t is None else float(t), self.uid)
+            return
+        self.tick(t)
+        self.token.add_(1)
+
+    def tick(self, t) -> None:
+        """Set every processor's dither step for a transformer call with timestep ``t`` (tensor, number or None)."""
         if t is None:
             fp = 0
         elif isinstance(t, torch.Tensor):
@@ -416,6 +526,7 @@ class _DitherClock:
 
 
 def _install_clock(transformer: torch.nn.Module) -> None:
+    transformer = _unwrapped(transformer)
     old = transformer.__dict__.pop(_CLOCK_ATTR, None)
     if old is not None:
         old.handle.remove()
@@ -423,6 +534,8 @@ def _install_clock(transformer: torch.nn.Module) -> None:
     if procs:
         clock = _DitherClock(transformer)
         clock.procs = procs
+        for proc in procs:
+            proc._token = clock.token
         transformer.__dict__[_CLOCK_ATTR] = clock
 
 
@@ -448,7 +561,7 @@ def reset_kv_state(obj) -> None:
         modules = [obj]
     else:
         modules = [m for m in (getattr(obj, "components", None) or {}).values() if isinstance(m, torch.nn.Module)]
-    for module in modules:
+    for module in map(_unwrapped, modules):
         for _, _, proc in _installed(module):
             proc.reset()
         clock = module.__dict__.get(_CLOCK_ATTR)

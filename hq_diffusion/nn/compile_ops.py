@@ -168,3 +168,9 @@ def compiled_opset(ops: OpSet) -> OpSet:
         _COMPILED[name] = OpSet(f"compiled-{name}", rht, rht_quant_int8, ops.int8_gemm_dequant, decode,
                                 fused_decode_gemm)
     return _COMPILED[name]
+
+
+# Built now rather than at the first trace: a set added while Dynamo traces changes ``_COMPILED`` under the guard
+# that the trace installed on it, and the model's first compiled call would be followed by a recompile.
+for _ops in (REFERENCE, DISPATCHED):
+    compiled_opset(_ops)
