@@ -56,6 +56,17 @@ def test_whole_transformer_is_one_graph_and_recompiles_once_on_a_new_shape(sana,
                 m.mma = "auto"
 
 
+def test_second_call_reuses_the_first_graph(sana):
+    """The compiled op sets exist before the first trace, so that the trace does not change what its own guards
+    read: a second call of the same shape runs the first graph (before, every model recompiled once here)."""
+    counter = CompileCounterWithBackend("eager")
+    compiled = torch.compile(sana, backend=counter, fullgraph=True)
+    kw = example_inputs("sana", sana, batch=2, seed=1)
+    for _ in range(3):
+        _run(compiled, **kw)
+    assert counter.frame_count == 1
+
+
 def test_rans_layers_are_one_graph_too():
     """Layers that store rANS streams (the default coder, ``auto``, picks rANS for weights of 32768 scalars and
     more) compile into one graph with the eager backend and match eager."""
