@@ -107,6 +107,10 @@ MUTATIONS = [
     Mutation("kv: compiled processor calls not counted", "kv", "hq_diffusion/integrations/kv_processors.py",
              "    if counts_call:\n        p.stats.calls += 1\n", "    if counts_call:\n        pass\n",
              ("tests/test_compile_kv.py",)),
+    Mutation("compile: layers traced per operation (their metadata constants of the graph)", "kernels",
+             "hq_diffusion/nn/linear.py", "    return compiled_layer(x, m._hq_handle, m.out_features)\n",
+             "    return _apply(m, x, m.resolved_mma(x.device), OP_SETS[m.backend])\n",
+             ("tests/test_compile.py",)),
 ]
 
 

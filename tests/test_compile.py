@@ -80,10 +80,13 @@ def test_rans_layers_are_one_graph_too():
 
 
 def test_without_the_custom_ops_the_graph_breaks(sana, monkeypatch):
-    """The check above can fail: with the host-reading operations traced (the reference op set instead of the
-    custom ops), ``fullgraph=True`` refuses the model."""
+    """The check above can fail: with the host-reading operations traced (the layer's forward traced instead of
+    its whole-layer op, and the reference op set instead of the per-operation ops), ``fullgraph=True`` refuses
+    the model."""
     import hq_diffusion.nn.linear as linear
 
+    monkeypatch.setattr(linear, "_compiled_forward",
+                        lambda m, x: linear._apply(m, x, m.resolved_mma(x.device), linear.OP_SETS[m.backend]))
     monkeypatch.setattr(linear, "compiled_opset", lambda ops: ops)
     compiled = torch.compile(sana, backend="eager", fullgraph=True)
     with pytest.raises(Exception, match="(?i)graph break|unsupported|data.dependent"):
@@ -125,3 +128,44 @@ def test_whole_tiny_transformer_through_inductor(sana):
     compiled = torch.compile(sana, fullgraph=True)
     kw = example_inputs("sana", sana, batch=2)
     torch.testing.assert_close(_run(compiled, **kw), _run(sana, **kw), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kv_bps", [None, 4.0])
+def test_regional_compilation_is_one_graph_for_every_block(kv_bps):
+    """diffusers' ``compile_repeated_blocks(fullgraph=True)`` on a 12-block tiny LTX (more blocks than Dynamo's
+    recompile limit of 8): one graph serves every block, since no layer's or processor's metadata is a constant
+    of the graph (each is named by a handle tensor); the output and the K/V accounting equal eager."""
+    diffusers = pytest.importorskip("diffusers")
+    from hq_diffusion.bench.compile_step import capture_step
+    from hq_diffusion.integrations.kv_processors import kv_summary, reset_kv_state
+    from hq_diffusion.models import tiny_pipeline
+
+    pipe = tiny_pipeline("ltx", 0)
+    config = dict(pipe.transformer.config, num_layers=12)
+    pipe.transformer = t = diffusers.LTXVideoTransformer3DModel.from_config(config)
+    hq_diffusion.quantize(pipe, bps=4.0, kv_bps=kv_bps, progress=False)
+    kw = capture_step(pipe, "ltx")
+    with torch.no_grad():
+        reset_kv_state(t)
+        ref, ref_kv = t(**kw)[0], kv_summary(t)
+        counter = CompileCounterWithBackend("eager")
+        t.compile_repeated_blocks(backend=counter, fullgraph=True)
+        reset_kv_state(t)
+        out, kv = t(**kw)[0], kv_summary(t)
+    assert counter.frame_count == 1
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
+    assert kv == ref_kv
+
+
+@pytest.mark.parametrize("storage", ["rice", "rans", "int8"])
+def test_per_operation_ops_of_hq_linear(storage):
+    """``hq_linear`` / ``forward_native`` traced directly (not through ``HQLinear.forward``'s whole-layer op)
+    compose the per-operation custom ops: one graph, the eager output."""
+    net = _stack(storage)
+    for layer in (net[0], net[2]):
+        counter = CompileCounterWithBackend("eager")
+        compiled = torch.compile(layer.forward_native, backend=counter, fullgraph=True)
+        x = torch.randn(5, layer.in_features)
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x), layer.forward_native(x), rtol=1e-5, atol=1e-5)
+        assert counter.frame_count == 1

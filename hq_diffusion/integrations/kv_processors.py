@@ -55,14 +55,15 @@ __all__ = [
 # those would break the graph, or be baked into it as constants and recompile it at every call. While
 # ``torch.compile`` traces, the clock's tick and each processor's quantization run instead as two custom ops
 # whose implementations are the eager code: the graph holds them as opaque calls and they do their host work
-# when the graph runs. A processor and a clock are named to the ops by an int (constant in the graph); the
-# clock's int64 tick counter (``token``) is mutated by the tick and read by every quantization, so that the
+# when the graph runs. A clock is named to its op by an int (constant in the graph), a processor by an int64
+# handle tensor (a graph input, so that one graph serves the processors of every block of a regionally compiled
+# model); the clock's int64 tick counter (``token``) is mutated by the tick and read by every quantization, so that the
 # compiled graph runs the tick first, as the eager forward pre-hook does. Eager forwards never go through here.
 
 _UIDS = itertools.count(1)
 _PROCS: "weakref.WeakValueDictionary[int, HQKVProcessor]" = weakref.WeakValueDictionary()
 _CLOCKS: "weakref.WeakValueDictionary[int, _DitherClock]" = weakref.WeakValueDictionary()
-_NO_CLOCK = torch.zeros(1, dtype=torch.int64)  # the token of a processor installed outside a transformer
+_NO_CLOCK = torch.zeros(1, dtype=torch.int64, device="cpu")  # the token of a processor installed outside a transformer
 
 
 @torch.library.custom_op("hq_diffusion::kv_clock", mutates_args=("token",))
@@ -79,12 +80,12 @@ def _(token, t, t_float, clock):
 
 
 @torch.library.custom_op("hq_diffusion::kv_quantize", mutates_args=())
-def _kv_quantize_op(key: torch.Tensor, value: torch.Tensor, token: torch.Tensor, proc: int,
+def _kv_quantize_op(key: torch.Tensor, value: torch.Tensor, token: torch.Tensor, proc: torch.Tensor,
                     counts_call: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """``HQKVProcessor.quantize(key, value)`` of processor ``proc`` (K, V (..., D) float; new contiguous
-    tensors of the same shapes and dtypes), its call counted when ``counts_call``; ``token``: its clock's tick
-    counter, read so that the tick runs first."""
-    p = _PROCS[proc]
+    """``HQKVProcessor.quantize(key, value)`` of the processor whose handle is ``proc`` (int64 0-d; K, V (..., D)
+    float; new contiguous tensors of the same shapes and dtypes), its call counted when ``counts_call``;
+    ``token``: its clock's tick counter, read so that the tick runs first."""
+    p = _PROCS[int(proc)]
     if counts_call:
         p.stats.calls += 1
     k, v = p.quantize(key, value)  # the inputs themselves when the processor's cfg is None
@@ -126,14 +127,18 @@ class HQKVProcessor:
         self.cfg = cfg
         self.stats = _ModuleStats()
         self.step = 0
-        self._uid = next(_UIDS)  # names this processor to the compiled path's custom ops
         self._token = _NO_CLOCK  # its dither clock's tick counter (set by the clock's installation)
-        _PROCS[self._uid] = self
+        self._register()
 
-    def __setstate__(self, state: dict) -> None:  # a copy (deepcopy, pickle) is named to the ops by its own int
+    def _register(self) -> None:
+        """A handle naming this processor to the compiled path's op: an int64 0-d CPU tensor."""
+        uid = next(_UIDS)
+        _PROCS[uid] = self
+        self._handle = torch.tensor(uid, dtype=torch.int64, device="cpu")
+
+    def __setstate__(self, state: dict) -> None:  # a copy (deepcopy, pickle) gets a handle of its own
         self.__dict__.update(state)
-        self._uid = next(_UIDS)
-        _PROCS[self._uid] = self
+        self._register()
 
     def _count_call(self) -> None:
         """One processor call, in the statistics (under ``torch.compile`` the custom op counts it when it runs)."""
@@ -145,7 +150,7 @@ class HQKVProcessor:
         """:meth:`quantize`, or under ``torch.compile`` the opaque op that runs it (and counts the call when
         ``counts_call``) when the graph runs, after this forward's clock tick."""
         if torch.compiler.is_compiling():
-            return torch.ops.hq_diffusion.kv_quantize(key, value, self._token, self._uid, counts_call)
+            return torch.ops.hq_diffusion.kv_quantize(key, value, self._token, self._handle, counts_call)
         return self.quantize(key, value)
 
     @classmethod
@@ -477,7 +482,7 @@ class _DitherClock:
         self.last: int | None = None
         self.repeat = 0
         self.uid = next(_UIDS)
-        self.token = torch.zeros(1, dtype=torch.int64)  # ticks so far (the compiled path orders its ops by it)
+        self.token = torch.zeros(1, dtype=torch.int64, device="cpu")  # ticks so far (orders the compiled ops)
         _CLOCKS[self.uid] = self
         try:
             self.params = list(inspect.signature(transformer.forward).parameters)

@@ -1,15 +1,27 @@
-"""What ``torch.compile`` sees of a quantized linear layer: each operation of an :class:`OpSet` as one opaque
-``torch.library`` custom op, so that a whole quantized transformer is captured in a single graph.
+"""What ``torch.compile`` sees of a quantized linear layer: opaque ``torch.library`` custom ops, so that a whole
+quantized transformer is captured in a single graph.
 
-The operations of :data:`~hq_diffusion.codec.ops_ref.REFERENCE` read the host (the Rice decode walks its
-bitstreams, checks are made on values, the RHT signs are cached per key): traced by Dynamo they break the graph,
-and each layer's integer key (a Python attribute) becomes a guard, so that every ``HQLinear`` compiles (and
-recompiles) its own frame. Here they run as custom ops whose arguments are the tensors and the layer's metadata
-(ints, floats and strings passed as op arguments, constant in the graph); their fake implementations give the
-output shapes and dtypes without running anything. :func:`compiled_opset` wraps an OpSet; ``HQLinear`` uses it
-while ``torch.compiler.is_compiling()``. Eager forwards never go through here.
+The forward of a quantized layer reads the host (the Rice and rANS decoders walk their bitstreams, checks are
+made on values, the RHT signs are cached per key): traced by Dynamo it would break the graph, and each layer's
+metadata (its RHT key, α, stream lengths: Python values) would become guards, so that every layer compiled (and
+recompiled) its own frame. Two granularities:
+
+- :func:`compiled_layer`: the whole forward of an ``HQLinear`` as one op, whose arguments are the activations, an
+  int64 handle tensor naming the layer (:func:`register_layer`) and ``out_features``; at run time it calls the
+  layer's eager forward. Nothing of the layer's metadata is a constant of the graph, so one graph serves every
+  layer of the same shape: with diffusers' regional compilation (``compile_repeated_blocks``) one block graph
+  serves every block. ``HQLinear.forward`` uses it while ``torch.compiler.is_compiling()``.
+- :func:`compiled_opset`: each operation of an :class:`OpSet` as one op whose arguments are the tensors and the
+  layer's metadata (ints, floats and strings, constant in the graph), for :func:`~.linear.hq_linear` called on
+  any module that provides ``encoded()``.
+
+Their fake implementations give the output shapes and dtypes without running anything. Eager forwards never go
+through here.
 """
 from __future__ import annotations
+
+import itertools
+import weakref
 
 import torch
 
@@ -20,6 +32,35 @@ from ..codec.rice import RiceStream
 from ..kernels import DISPATCHED
 
 _SETS = {"torch": REFERENCE, "dispatch": DISPATCHED}
+
+# ---- the whole layer --------------------------------------------------------------------------------------
+
+_LAYERS: "weakref.WeakValueDictionary[int, torch.nn.Module]" = weakref.WeakValueDictionary()
+_LAYER_IDS = itertools.count(1)
+
+
+def register_layer(layer: torch.nn.Module) -> torch.Tensor:
+    """A new handle naming ``layer`` to :func:`compiled_layer`: an int64 0-d CPU tensor (a tensor, so that Dynamo
+    takes it as a graph input, not as a constant to guard on)."""
+    uid = next(_LAYER_IDS)
+    _LAYERS[uid] = layer
+    return torch.tensor(uid, dtype=torch.int64, device="cpu")
+
+
+@torch.library.custom_op("hq_diffusion::layer_forward", mutates_args=())
+def compiled_layer(x: torch.Tensor, handle: torch.Tensor, out_features: int) -> torch.Tensor:
+    """The eager forward of the layer ``handle`` names: x (..., K) → (..., ``out_features``) in x.dtype (its
+    ``forward`` itself: the module's hooks already ran where the graph called the layer)."""
+    layer = _LAYERS.get(int(handle))
+    if layer is None:
+        raise RuntimeError(f"hq_diffusion::layer_forward: no quantized layer has handle {int(handle)}")
+    return layer.forward(x)
+
+
+@compiled_layer.register_fake
+def _(x, handle, out_features):
+    return x.new_empty((*x.shape[:-1], out_features))
+
 _PARTS = 5  # tensors per stream: Rice ks, offsets, unary, rem, escapes; rANS freqs, states, offsets, words, escapes
 _INTS = {"rice": 1, "rans": 3}  # ints per stream: Rice n; rANS n, block, prec
 

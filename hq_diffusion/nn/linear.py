@@ -85,7 +85,7 @@ from ..codec.rice import RiceStream, _num_blocks
 from ..codec.strip import NUM_STREAMS, stream_lengths
 from ..kernels import DISPATCHED
 from .cpu_forward import codes_path_applies, mma_codes_cpu
-from .compile_ops import compiled_opset, traced_weight_of, weight_of
+from .compile_ops import compiled_layer, compiled_opset, register_layer, traced_weight_of, weight_of
 from .lowp import FAKE_QUANT
 
 META_VERSION = 1  # layers that store Rice streams or int8 codes (unchanged since the first checkpoints)
@@ -259,6 +259,12 @@ def _apply(module, x: torch.Tensor, mma: str, ops: OpSet) -> torch.Tensor:
     return out.reshape(*x.shape[:-1], q.shape[0])
 
 
+def _compiled_forward(m, x: torch.Tensor) -> torch.Tensor:
+    """``HQLinear.forward`` while Dynamo traces: :func:`~.compile_ops.compiled_layer` of the layer's handle (its
+    metadata stays out of the graph, so one graph serves every layer of a shape)."""
+    return compiled_layer(x, m._hq_handle, m.out_features)
+
+
 def _tail_weight(m, tq: EncodedTensor, ops: OpSet) -> torch.Tensor:
     """The decoded tail ``T`` (r, N) float32 of a split layer (``W[:, K_main:] ≈ Tᵀ``), decoded at every call:
     from the tail's streams (``ops.decode``), or from ``tail_codes`` for storage ``"int8"`` (one opaque custom op
@@ -390,6 +396,11 @@ class HQLinear(nn.Module):
             self.bias = nn.Parameter(torch.empty(self.out_features, dtype=_DTYPES[meta["bias"]], device=device), requires_grad=False)
         else:
             self.register_parameter("bias", None)
+        self._hq_handle = register_layer(self)  # names the layer to its compiled forward (compile_ops)
+
+    def __setstate__(self, state: dict) -> None:  # a copy (deepcopy, pickle) gets a handle of its own
+        super().__setstate__(state)
+        self._hq_handle = register_layer(self)
 
     @property
     def mma(self) -> str:
@@ -551,7 +562,10 @@ class HQLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., K) bf16/fp16/fp32 → (..., N) in x.dtype: the resolved path composed of this layer's
-        backend's op set (:data:`OP_SETS`)."""
+        backend's op set (:data:`OP_SETS`). While ``torch.compile`` traces: one opaque op that runs this forward
+        when the graph runs (:func:`_compiled_forward`)."""
+        if torch.compiler.is_compiling():
+            return _compiled_forward(self, x)
         return _apply(self, x, self.resolved_mma(x.device), OP_SETS[self.backend])
 
     def forward_native(self, x: torch.Tensor) -> torch.Tensor:
