@@ -57,13 +57,14 @@ __all__ = [
 # whose implementations are the eager code: the graph holds them as opaque calls and they do their host work
 # when the graph runs. A clock is named to its op by an int (constant in the graph), a processor by an int64
 # handle tensor (a graph input, so that one graph serves the processors of every block of a regionally compiled
-# model); the clock's int64 tick counter (``token``) is mutated by the tick and read by every quantization, so that the
-# compiled graph runs the tick first, as the eager forward pre-hook does. Eager forwards never go through here.
+# model); the clock's int64 tick counter (``token``) is mutated by the tick and read by every quantization, so
+# that the compiled graph runs the tick first, as the eager forward pre-hook does. Eager forwards never go
+# through here.
 
 _UIDS = itertools.count(1)
 _PROCS: "weakref.WeakValueDictionary[int, HQKVProcessor]" = weakref.WeakValueDictionary()
 _CLOCKS: "weakref.WeakValueDictionary[int, _DitherClock]" = weakref.WeakValueDictionary()
-_NO_CLOCK = torch.zeros(1, dtype=torch.int64, device="cpu")  # the token of a processor installed outside a transformer
+_NO_CLOCK = torch.zeros(1, dtype=torch.int64, device="cpu")  # the token of a processor outside a transformer
 
 
 @torch.library.custom_op("hq_diffusion::kv_clock", mutates_args=("token",))
