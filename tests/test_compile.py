@@ -57,13 +57,21 @@ def test_whole_transformer_is_one_graph_and_recompiles_once_on_a_new_shape(sana,
 
 
 def test_second_call_reuses_the_first_graph(sana):
-    """The compiled op sets exist before the first trace, so that the trace does not change what its own guards
-    read: a second call of the same shape runs the first graph (before, every model recompiled once here)."""
+    """Calls of the same shape run the first graph: the whole model (whole-layer ops), and a layer traced per
+    operation, whose op sets exist before the first trace (built while tracing, they changed what the trace's own
+    guards read, and the second call recompiled)."""
     counter = CompileCounterWithBackend("eager")
     compiled = torch.compile(sana, backend=counter, fullgraph=True)
     kw = example_inputs("sana", sana, batch=2, seed=1)
     for _ in range(3):
         _run(compiled, **kw)
+    assert counter.frame_count == 1
+    layer = _stack("rice")[0]
+    counter = CompileCounterWithBackend("eager")
+    per_op = torch.compile(layer.forward_native, backend=counter, fullgraph=True)
+    with torch.no_grad():
+        for _ in range(3):
+            per_op(torch.randn(4, layer.in_features))
     assert counter.frame_count == 1
 
 

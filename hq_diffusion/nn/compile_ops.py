@@ -212,6 +212,7 @@ def compiled_opset(ops: OpSet) -> OpSet:
 
 
 # Built now rather than at the first trace: a set added while Dynamo traces changes ``_COMPILED`` under the guard
-# that the trace installed on it, and the model's first compiled call would be followed by a recompile.
+# that the trace installed on it, and the first compiled call of a per-operation path would be followed by a
+# recompile.
 for _ops in (REFERENCE, DISPATCHED):
     compiled_opset(_ops)
