@@ -102,7 +102,7 @@ MUTATIONS = [
              "if nbytes >= TRIM_MIN_BYTES else False", "if nbytes >= 0 else False",
              ("tests/test_on_load_memory.py::test_release_after_layer_trims_only_after_large_layers",)),
     Mutation("kv: compiled forward skips the dither clock's tick", "kv", "hq_diffusion/integrations/kv_processors.py",
-             "                torch.ops.hq_diffusion.kv_clock(self.token, t, None, self.uid)\n",
+             "                torch.ops.hq_diffusion.kv_clock(self.token, t, None, self.op_handle)\n",
              "                pass\n", ("tests/test_compile_kv.py",)),
     Mutation("kv: compiled processor calls not counted", "kv", "hq_diffusion/integrations/kv_processors.py",
              "    if counts_call:\n        p.stats.calls += 1\n", "    if counts_call:\n        pass\n",

@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-import itertools
 import warnings
-import weakref
 import zlib
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -37,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from hq_diffusion.nn.compile_ops import Handles
 from hq_diffusion.nn.kv import KVConfig, KVStats, quantize_kv
 
 from . import families
@@ -55,23 +54,23 @@ __all__ = [
 # those would break the graph, or be baked into it as constants and recompile it at every call. While
 # ``torch.compile`` traces, the clock's tick and each processor's quantization run instead as two custom ops
 # whose implementations are the eager code: the graph holds them as opaque calls and they do their host work
-# when the graph runs. A clock is named to its op by an int (constant in the graph), a processor by an int64
-# handle tensor (a graph input, so that one graph serves the processors of every block of a regionally compiled
-# model); the clock's int64 tick counter (``token``) is mutated by the tick and read by every quantization, so
+# when the graph runs. A clock and a processor are named to their ops by handle tensors (graph inputs, so that
+# one graph serves the processors of every block of a regionally compiled model: ``nn.compile_ops.Handles``);
+# the clock's int64 tick counter (``token``) is mutated by the tick and read by every quantization, so
 # that the compiled graph runs the tick first, as the eager forward pre-hook does. Eager forwards never go
 # through here.
 
-_UIDS = itertools.count(1)
-_PROCS: "weakref.WeakValueDictionary[int, HQKVProcessor]" = weakref.WeakValueDictionary()
-_CLOCKS: "weakref.WeakValueDictionary[int, _DitherClock]" = weakref.WeakValueDictionary()
+_PROCS = Handles("K/V processor")
+_CLOCKS = Handles("dither clock")
 _NO_CLOCK = torch.zeros(1, dtype=torch.int64, device="cpu")  # the token of a processor outside a transformer
 
 
 @torch.library.custom_op("hq_diffusion::kv_clock", mutates_args=("token",))
-def _kv_clock_op(token: torch.Tensor, t: Optional[torch.Tensor], t_float: Optional[float], clock: int) -> None:
-    """The tick of clock ``clock`` for a transformer call with timestep ``t`` (a tensor) or ``t_float`` (a
-    number; both None: no timestep); ``token`` (int64 (1,)) counts the ticks."""
-    _CLOCKS[clock].tick(t if t is not None else t_float)
+def _kv_clock_op(token: torch.Tensor, t: Optional[torch.Tensor], t_float: Optional[float],
+                 clock: torch.Tensor) -> None:
+    """The tick of the clock whose handle is ``clock`` for a transformer call with timestep ``t`` (a tensor) or
+    ``t_float`` (a number; both None: no timestep); ``token`` (int64 (1,)) counts the ticks."""
+    _CLOCKS.get(clock).tick(t if t is not None else t_float)
     token.add_(1)
 
 
@@ -86,7 +85,7 @@ def _kv_quantize_op(key: torch.Tensor, value: torch.Tensor, token: torch.Tensor,
     """``HQKVProcessor.quantize(key, value)`` of the processor whose handle is ``proc`` (int64 0-d; K, V (..., D)
     float; new contiguous tensors of the same shapes and dtypes), its call counted when ``counts_call``;
     ``token``: its clock's tick counter, read so that the tick runs first."""
-    p = _PROCS[int(proc)]
+    p = _PROCS.get(proc)
     if counts_call:
         p.stats.calls += 1
     k, v = p.quantize(key, value)  # the inputs themselves when the processor's cfg is None
@@ -129,17 +128,11 @@ class HQKVProcessor:
         self.stats = _ModuleStats()
         self.step = 0
         self._token = _NO_CLOCK  # its dither clock's tick counter (set by the clock's installation)
-        self._register()
-
-    def _register(self) -> None:
-        """A handle naming this processor to the compiled path's op: an int64 0-d CPU tensor."""
-        uid = next(_UIDS)
-        _PROCS[uid] = self
-        self._handle = torch.tensor(uid, dtype=torch.int64, device="cpu")
+        self._handle = _PROCS.register(self)  # names this processor to the compiled path's op
 
     def __setstate__(self, state: dict) -> None:  # a copy (deepcopy, pickle) gets a handle of its own
         self.__dict__.update(state)
-        self._register()
+        self._handle = _PROCS.register(self)
 
     def _count_call(self) -> None:
         """One processor call, in the statistics (under ``torch.compile`` the custom op counts it when it runs)."""
@@ -482,19 +475,17 @@ class _DitherClock:
         self.procs: list[HQKVProcessor] = []
         self.last: int | None = None
         self.repeat = 0
-        self.uid = next(_UIDS)
+        self.op_handle = _CLOCKS.register(self)  # names this clock to the compiled path's op
         self.token = torch.zeros(1, dtype=torch.int64, device="cpu")  # ticks so far (orders the compiled ops)
-        _CLOCKS[self.uid] = self
         try:
             self.params = list(inspect.signature(transformer.forward).parameters)
         except (TypeError, ValueError):
             self.params = []
         self.handle = transformer.register_forward_pre_hook(self, with_kwargs=True)
 
-    def __setstate__(self, state: dict) -> None:  # a copy is named to the ops by its own int
+    def __setstate__(self, state: dict) -> None:  # a copy gets a handle of its own
         self.__dict__.update(state)
-        self.uid = next(_UIDS)
-        _CLOCKS[self.uid] = self
+        self.op_handle = _CLOCKS.register(self)
 
     def _timestep(self, args, kwargs):
         t = kwargs.get("timestep")
@@ -506,9 +497,9 @@ class _DitherClock:
         t = self._timestep(args, kwargs)
         if torch.compiler.is_compiling():  # the tick runs when the compiled graph runs
             if isinstance(t, torch.Tensor):
-                torch.ops.hq_diffusion.kv_clock(self.token, t, None, self.uid)
+                torch.ops.hq_diffusion.kv_clock(self.token, t, None, self.op_handle)
             else:
-                torch.ops.hq_diffusion.kv_clock(self.token, None, None if t is None else float(t), self.uid)
+                torch.ops.hq_diffusion.kv_clock(self.token, None, None if t is None else float(t), self.op_handle)
             return
         self.tick(t)
         self.token.add_(1)

@@ -7,7 +7,7 @@ metadata (its RHT key, α, stream lengths: Python values) would become guards, s
 recompiled) its own frame. Two granularities:
 
 - :func:`compiled_layer`: the whole forward of an ``HQLinear`` as one op, whose arguments are the activations, an
-  int64 handle tensor naming the layer (:func:`register_layer`) and ``out_features``; at run time it calls the
+  int64 handle tensor naming the layer (:data:`LAYERS`) and ``out_features``; at run time it calls the
   layer's eager forward. Nothing of the layer's metadata is a constant of the graph, so one graph serves every
   layer of the same shape: with diffusers' regional compilation (``compile_repeated_blocks``) one block graph
   serves every block. ``HQLinear.forward`` uses it while ``torch.compiler.is_compiling()``.
@@ -35,31 +35,45 @@ _SETS = {"torch": REFERENCE, "dispatch": DISPATCHED}
 
 # ---- the whole layer --------------------------------------------------------------------------------------
 
-_LAYERS: "weakref.WeakValueDictionary[int, torch.nn.Module]" = weakref.WeakValueDictionary()
-_LAYER_IDS = itertools.count(1)
+class Handles:
+    """Objects named to custom ops by handles: int64 0-d CPU tensors, so that Dynamo takes a handle as a graph
+    input rather than as a constant to guard on (one graph then serves every object of the same kind and shape).
+    Objects are held weakly; a copy registers itself again (its ``__setstate__``)."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self._objects: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+        self._ids = itertools.count(1)
+
+    def register(self, obj) -> torch.Tensor:
+        """A new handle naming ``obj``."""
+        uid = next(self._ids)
+        self._objects[uid] = obj
+        return torch.tensor(uid, dtype=torch.int64, device="cpu")
+
+    def get(self, handle: torch.Tensor):
+        """The object ``handle`` names (RuntimeError when it is gone)."""
+        obj = self._objects.get(int(handle))
+        if obj is None:
+            raise RuntimeError(f"no {self.kind} has handle {int(handle)}")
+        return obj
 
 
-def register_layer(layer: torch.nn.Module) -> torch.Tensor:
-    """A new handle naming ``layer`` to :func:`compiled_layer`: an int64 0-d CPU tensor (a tensor, so that Dynamo
-    takes it as a graph input, not as a constant to guard on)."""
-    uid = next(_LAYER_IDS)
-    _LAYERS[uid] = layer
-    return torch.tensor(uid, dtype=torch.int64, device="cpu")
+#: The quantized layers, named to :func:`compiled_layer`.
+LAYERS = Handles("quantized layer")
 
 
 @torch.library.custom_op("hq_diffusion::layer_forward", mutates_args=())
 def compiled_layer(x: torch.Tensor, handle: torch.Tensor, out_features: int) -> torch.Tensor:
     """The eager forward of the layer ``handle`` names: x (..., K) → (..., ``out_features``) in x.dtype (its
     ``forward`` itself: the module's hooks already ran where the graph called the layer)."""
-    layer = _LAYERS.get(int(handle))
-    if layer is None:
-        raise RuntimeError(f"hq_diffusion::layer_forward: no quantized layer has handle {int(handle)}")
-    return layer.forward(x)
+    return LAYERS.get(handle).forward(x)
 
 
 @compiled_layer.register_fake
 def _(x, handle, out_features):
     return x.new_empty((*x.shape[:-1], out_features))
+
 
 _PARTS = 5  # tensors per stream: Rice ks, offsets, unary, rem, escapes; rANS freqs, states, offsets, words, escapes
 _INTS = {"rice": 1, "rans": 3}  # ints per stream: Rice n; rANS n, block, prec

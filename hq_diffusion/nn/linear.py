@@ -85,7 +85,7 @@ from ..codec.rice import RiceStream, _num_blocks
 from ..codec.strip import NUM_STREAMS, stream_lengths
 from ..kernels import DISPATCHED
 from .cpu_forward import codes_path_applies, mma_codes_cpu
-from .compile_ops import compiled_layer, compiled_opset, register_layer, traced_weight_of, weight_of
+from .compile_ops import LAYERS, compiled_layer, compiled_opset, traced_weight_of, weight_of
 from .lowp import FAKE_QUANT
 
 META_VERSION = 1  # layers that store Rice streams or int8 codes (unchanged since the first checkpoints)
@@ -396,11 +396,11 @@ class HQLinear(nn.Module):
             self.bias = nn.Parameter(torch.empty(self.out_features, dtype=_DTYPES[meta["bias"]], device=device), requires_grad=False)
         else:
             self.register_parameter("bias", None)
-        self._hq_handle = register_layer(self)  # names the layer to its compiled forward (compile_ops)
+        self._hq_handle = LAYERS.register(self)  # names the layer to its compiled forward (compile_ops)
 
     def __setstate__(self, state: dict) -> None:  # a copy (deepcopy, pickle) gets a handle of its own
         super().__setstate__(state)
-        self._hq_handle = register_layer(self)
+        self._hq_handle = LAYERS.register(self)
 
     @property
     def mma(self) -> str:
